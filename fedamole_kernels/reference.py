@@ -1,0 +1,214 @@
+"""Pure-PyTorch reference backend of `mole_lora`: the oracle every other backend is tested against, and the fallback.
+
+Semantics per segment s (tokens ``lo:hi = seg_offsets[s]:seg_offsets[s+1]``), in PyTorch pseudo-code::
+
+    h = einsum("td,erd->ter", x, A[s])                 # expert embeddings A_i x        (embedding router)
+    z = (h * (x @ W_t[s].T)[:, None]).sum(-1) / sqrt(r)  # or  z = x @ R[s].T           (linear router)
+    p = softmax(z.masked_fill(~mask[s], -inf), -1)     # 0 on masked slots
+    idx = topk(p, min(k, active slots)), padded with -1
+    w = p[idx] / p[idx].sum(-1)                        # renormalised gates
+    u = einsum("td,erd->ter", x_e, A[s])               # x_e = expert_input (x' = dropout(x)) or x
+    delta = scaling * sum_{i in idx} w_i * u_i @ B[s, i].T + scaling * (x_e @ A_s[s].T) @ B_s[s].T
+
+Everything is vectorised over a segment's slots; the only Python loop is over segments (clients). Math runs in
+float32 (float64 for float64 inputs) whatever the input dtype, so the oracle is as exact as it can be; results are
+cast back to the input dtypes. The backward is analytic (no autograd inside), so it doubles as the specification of
+the routing backward that the fused kernels implement.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+NAME = "reference"
+
+
+def is_available(device: torch.device) -> bool:
+    """The reference runs wherever PyTorch runs."""
+    return True
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def route_segment(
+    x: Tensor, lora_a: Tensor, router: Tensor, mask: Tensor, top_k: int, router_type: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Routing for one segment in the compute dtype.
+
+    x [n, d_in]; lora_a [E, r, d_in]; router [r, d_in] or [E, d_in]; mask bool [E].
+    Returns probs [n, E] (0 on masked slots), topk_idx [n, top_k] (-1 padded), gates [n, top_k] (renormalised,
+    0 where idx = -1), and for the embedding router the expert embeddings h [n, E, r] and token embedding t [n, r].
+    """
+    n, num_slots = x.shape[0], lora_a.shape[0]
+    if router_type == "embedding":
+        h = torch.einsum("td,erd->ter", x, lora_a)
+        t = x @ router.T
+        z = (h * t[:, None, :]).sum(-1) / math.sqrt(lora_a.shape[1])
+    else:
+        h = t = None
+        z = x @ router.T
+    if bool(mask.any()):
+        probs = torch.softmax(z.masked_fill(~mask, float("-inf")), dim=-1).masked_fill(~mask, 0.0)
+    else:
+        probs = z.new_zeros(n, num_slots)
+    kk = min(top_k, num_slots)
+    vals, idx = probs.masked_fill(~mask, -1.0).topk(kk, dim=-1)
+    idx = torch.where(vals < 0, torch.full_like(idx, -1), idx)
+    if kk < top_k:
+        idx = torch.cat([idx, idx.new_full((n, top_k - kk), -1)], dim=-1)
+    selected = idx >= 0
+    picked = probs.gather(1, idx.clamp(min=0)) * selected
+    gates = picked / picked.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+    return probs, idx, gates, h, t
+
+
+def _dense_gates(idx: Tensor, gates: Tensor, num_slots: int) -> Tensor:
+    """[n, top_k] sparse gates -> [n, E] dense (0 for unselected slots)."""
+    selected = idx >= 0
+    dense = gates.new_zeros(idx.shape[0], num_slots)
+    return dense.scatter_add(1, idx.clamp(min=0), gates * selected)
+
+
+def _segments(seg_offsets: Tensor) -> list[tuple[int, int, int]]:
+    bounds = seg_offsets.tolist()
+    return [(s, bounds[s], bounds[s + 1]) for s in range(len(bounds) - 1) if bounds[s + 1] > bounds[s]]
+
+
+def mole_lora_forward(
+    x: Tensor,
+    expert_input: Tensor | None,
+    seg_offsets: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    router: Tensor,
+    shared_a: Tensor | None,
+    shared_b: Tensor | None,
+    expert_mask: Tensor,
+    top_k: int,
+    scaling: float,
+    router_type: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward of `mole_lora` on validated inputs. Returns (delta [T, d_out] x.dtype, probs [T, E] f32, idx [T, k])."""
+    cd = _compute_dtype(x)
+    num_tokens, num_slots, d_out = x.shape[0], lora_a.shape[1], lora_b.shape[2]
+    delta = x.new_zeros(num_tokens, d_out, dtype=cd)
+    probs = x.new_zeros(num_tokens, num_slots, dtype=torch.float32 if cd == torch.float32 else cd)
+    topk_idx = torch.full((num_tokens, top_k), -1, dtype=torch.int64, device=x.device)
+    for s, lo, hi in _segments(seg_offsets):
+        xs = x[lo:hi].to(cd)
+        xe = xs if expert_input is None else expert_input[lo:hi].to(cd)
+        a, b = lora_a[s].to(cd), lora_b[s].to(cd)
+        p, idx, gates, h, _ = route_segment(xs, a, router[s].to(cd), expert_mask[s], top_k, router_type)
+        u = h if (expert_input is None and h is not None) else torch.einsum("td,erd->ter", xe, a)
+        c = _dense_gates(idx, gates, num_slots) * scaling
+        out = torch.einsum("ter,eor->to", u * c[..., None], b)
+        if shared_a is not None:
+            out += scaling * (xe @ shared_a[s].to(cd).T) @ shared_b[s].to(cd).T
+        delta[lo:hi] = out
+        probs[lo:hi] = p.to(probs.dtype)
+        topk_idx[lo:hi] = idx
+    return delta.to(x.dtype), probs.to(torch.float32) if cd == torch.float32 else probs, topk_idx
+
+
+def mole_lora_backward(
+    grad_delta: Tensor,
+    grad_probs: Tensor | None,
+    x: Tensor,
+    expert_input: Tensor | None,
+    seg_offsets: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    router: Tensor,
+    shared_a: Tensor | None,
+    shared_b: Tensor | None,
+    expert_mask: Tensor,
+    probs: Tensor,
+    topk_idx: Tensor,
+    top_k: int,
+    scaling: float,
+    router_type: str,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Analytic backward. Returns grads for (x, expert_input, lora_a, lora_b, router, shared_a, shared_b).
+
+    `probs` and `topk_idx` are the forward outputs (routing is not recomputed, so the backward sees exactly the
+    top-k choice the forward made). `grad_probs` may be None (no loss on the probabilities). The grad of
+    `expert_input` is None when it was None (its contribution then lands in the grad of x).
+    """
+    cd = _compute_dtype(x)
+    num_slots, rank = lora_a.shape[1], lora_a.shape[2]
+    inv_sqrt_r = 1.0 / math.sqrt(rank)
+    gx = torch.zeros(x.shape, dtype=cd, device=x.device)
+    gxe = None if expert_input is None else torch.zeros(x.shape, dtype=cd, device=x.device)
+    ga = torch.zeros(lora_a.shape, dtype=cd, device=x.device)
+    gb = torch.zeros(lora_b.shape, dtype=cd, device=x.device)
+    gr = torch.zeros(router.shape, dtype=cd, device=x.device)
+    gsa = None if shared_a is None else torch.zeros(shared_a.shape, dtype=cd, device=x.device)
+    gsb = None if shared_b is None else torch.zeros(shared_b.shape, dtype=cd, device=x.device)
+    for s, lo, hi in _segments(seg_offsets):
+        xs = x[lo:hi].to(cd)
+        xe = xs if expert_input is None else expert_input[lo:hi].to(cd)
+        g = grad_delta[lo:hi].to(cd)
+        a, b, w_r = lora_a[s].to(cd), lora_b[s].to(cd), router[s].to(cd)
+        p = probs[lo:hi].to(cd)
+        idx = topk_idx[lo:hi]
+        selected = idx >= 0
+        picked = p.gather(1, idx.clamp(min=0)) * selected
+        norm = picked.sum(-1, keepdim=True).clamp_min(torch.finfo(cd).tiny)
+        gates = picked / norm
+        c = _dense_gates(idx, gates, num_slots) * scaling
+
+        u = torch.einsum("td,erd->ter", xe, a)
+        g_rank = torch.einsum("to,eor->ter", g, b)  # dL/d(gated u) per slot
+        gb[s] = torch.einsum("to,ter->eor", g, u * c[..., None])
+        du = g_rank * c[..., None]
+        ga[s] = torch.einsum("ter,td->erd", du, xe)
+        gxe_seg = torch.einsum("ter,erd->td", du, a)
+        if shared_a is not None:
+            v = xe @ shared_a[s].to(cd).T
+            gsb[s] = scaling * g.T @ v
+            dv = scaling * g @ shared_b[s].to(cd)
+            gsa[s] = dv.T @ xe
+            gxe_seg += dv @ shared_a[s].to(cd)
+
+        # gates w = p[idx] / sum p[idx]  ->  dp on the selected slots; then the masked softmax backward.
+        d_gate = scaling * (g_rank * u).sum(-1).gather(1, idx.clamp(min=0)) * selected
+        d_picked = (d_gate - (d_gate * gates).sum(-1, keepdim=True)) / norm * selected
+        dp = p.new_zeros(p.shape).scatter_add(1, idx.clamp(min=0), d_picked)
+        if grad_probs is not None:
+            dp = dp + grad_probs[lo:hi].to(cd)
+        dz = p * (dp - (p * dp).sum(-1, keepdim=True))
+
+        if router_type == "embedding":
+            h = torch.einsum("td,erd->ter", xs, a)
+            t = xs @ w_r.T
+            dh = dz[..., None] * t[:, None, :] * inv_sqrt_r
+            dt = (dz[..., None] * h).sum(1) * inv_sqrt_r
+            ga[s] += torch.einsum("ter,td->erd", dh, xs)
+            gr[s] = dt.T @ xs
+            gx_seg = torch.einsum("ter,erd->td", dh, a) + dt @ w_r
+        else:
+            gr[s] = dz.T @ xs
+            gx_seg = dz @ w_r
+        if expert_input is None:
+            gx[lo:hi] = gx_seg + gxe_seg
+        else:
+            gx[lo:hi] = gx_seg
+            gxe[lo:hi] = gxe_seg
+
+    def cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+        return None if grad is None else grad.to(like.dtype)
+
+    return (
+        cast(gx, x),
+        cast(gxe, expert_input),
+        cast(ga, lora_a),
+        cast(gb, lora_b),
+        cast(gr, router),
+        cast(gsa, shared_a),
+        cast(gsb, shared_b),
+    )
