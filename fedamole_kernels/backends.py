@@ -75,6 +75,8 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return names
 
 
+# Evaluated once at trace time under torch.compile (the answer depends only on constants and the environment).
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend name to run on `device`: explicit `backend`, else $FEDAMOLE_BACKEND, else the fastest."""
     requested = backend if backend is not None else (os.environ.get(BACKEND_ENV_VAR) or None)

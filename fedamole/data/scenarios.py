@@ -1,0 +1,183 @@
+"""Federated scenarios: non-IID partitions and per-client splits (SPEC §3).
+
+* ``dirichlet_partition``: label (or category) skew, one Dirichlet(alpha) draw over clients per label, redrawn
+  until every client has at least ``min_samples`` examples.
+* ``task_partition``: one distinct task per client (the largest tasks first).
+* ``split_client``: 76 % train / 4 % embedding / 10 % eval / 10 % test, with caps on the three small sets.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "Example",
+    "ClientData",
+    "Scenario",
+    "dirichlet_partition",
+    "task_partition",
+    "split_client",
+    "build_scenario",
+    "SPLIT_FRACTIONS",
+]
+
+SPLIT_FRACTIONS = (0.76, 0.04, 0.10, 0.10)
+
+
+@dataclass
+class Example:
+    """One example. Causal LM: ``text`` is the prompt, ``target`` the response. Sequence classification: ``text``
+    is the input and ``label`` the class. ``group`` is what partitions use (label name, category or task)."""
+
+    text: str
+    target: str = ""
+    label: int = -1
+    group: str = ""
+
+
+@dataclass
+class ClientData:
+    """A client's four splits."""
+
+    train: list[Example]
+    embed: list[Example]
+    eval: list[Example]
+    test: list[Example]
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(getattr(self, k)) for k in ("train", "embed", "eval", "test")}
+
+
+@dataclass
+class Scenario:
+    """A federated data set: per-client splits plus how to score them.
+
+    kind: "classification" (``choices`` = candidate answers, or ``num_labels`` for sequence classifiers) or
+    "generation" (ROUGE-L).
+    """
+
+    name: str
+    kind: str
+    clients: list[ClientData]
+    choices: list[str] | None = None
+    num_labels: int = 0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        return "accuracy" if self.kind == "classification" else "rouge_l"
+
+
+def _check_pos_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def dirichlet_partition(labels: Sequence, num_clients: int, alpha: float, min_samples: int = 10, seed: int = 0,
+                        max_tries: int = 1000) -> list[np.ndarray]:
+    """Split example indices over clients with Dirichlet(alpha) label skew.
+
+    For every label, its examples are shuffled and cut according to proportions drawn from Dirichlet(alpha * 1_C).
+    Small alpha (0.1) gives few labels per client; large alpha (100) is close to IID. Draws repeat until each
+    client holds at least ``min_samples`` examples.
+
+    Returns a list of ``num_clients`` sorted index arrays that together cover every index once.
+    """
+    num_clients = _check_pos_int("num_clients", num_clients)
+    min_samples = _check_pos_int("min_samples", min_samples, 0)
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    labels = np.asarray(labels)
+    n = len(labels)
+    if n < num_clients * min_samples:
+        raise ValueError(f"cannot give {num_clients} clients >= {min_samples} samples each from {n} examples "
+                         f"({num_clients} x {min_samples} = {num_clients * min_samples} > {n})")
+    rng = np.random.default_rng(seed)
+    by_label = [np.flatnonzero(labels == lab) for lab in np.unique(labels)]
+    for _ in range(max_tries):
+        parts: list[list[int]] = [[] for _ in range(num_clients)]
+        for idx in by_label:
+            idx = rng.permutation(idx)
+            q = rng.dirichlet(np.full(num_clients, float(alpha)))
+            cuts = (np.cumsum(q)[:-1] * len(idx)).astype(int)
+            for c, chunk in enumerate(np.split(idx, cuts)):
+                parts[c].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_samples:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    raise ValueError(f"no Dirichlet(alpha={alpha}) draw in {max_tries} tries gave every one of {num_clients} clients "
+                     f">= {min_samples} samples; raise alpha or lower num_clients / min_samples")
+
+
+def task_partition(tasks: Sequence[str], num_clients: int, seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """One distinct task per client: the ``num_clients`` largest tasks (ties by name), assigned in random order.
+
+    Returns (index arrays, task names) aligned by client.
+    """
+    num_clients = _check_pos_int("num_clients", num_clients)
+    tasks = np.asarray(tasks)
+    counts = Counter(tasks.tolist())
+    if len(counts) < num_clients:
+        raise ValueError(f"one task per client needs >= num_clients ({num_clients}) distinct tasks, got {len(counts)}")
+    chosen = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:num_clients]]
+    chosen = [chosen[i] for i in np.random.default_rng(seed).permutation(num_clients)]
+    return [np.flatnonzero(tasks == t) for t in chosen], chosen
+
+
+def split_client(examples: Sequence, fractions: Sequence[float] = SPLIT_FRACTIONS, embed_cap: int | None = 200,
+                 eval_cap: int | None = 200, test_cap: int | None = 200, seed: int = 0) -> ClientData:
+    """Shuffle and split one client's examples into train / embedding / eval / test.
+
+    The three small sets get ``max(1, round(f * n))`` examples each (then capped; examples beyond a cap are dropped,
+    so the train set stays its own share); train gets the rest of the uncapped split. Needs at least 4 examples.
+    """
+    if len(fractions) != 4 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"fractions must be 4 non-negative numbers summing to 1, got {tuple(fractions)}")
+    n = len(examples)
+    if n < 4:
+        raise ValueError(f"examples: a client needs >= 4 examples to split, got {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    small = [max(1, int(round(f * n))) for f in fractions[1:]]
+    n_train = n - sum(small)
+    if n_train < 1:
+        raise ValueError(f"examples: {n} examples leave no training data after the small splits {small}")
+    bounds = np.cumsum([n_train, *small])[:-1]
+    train, emb, ev, te = (list(part) for part in np.split(order, bounds))
+    caps = (embed_cap, eval_cap, test_cap)
+    emb, ev, te = (s if cap is None else s[:cap] for s, cap in zip((emb, ev, te), caps))
+    pick = lambda ids: [examples[i] for i in ids]
+    return ClientData(pick(train), pick(emb), pick(ev), pick(te))
+
+
+def build_scenario(name: str, examples: Sequence[Example], num_clients: int, partition: str = "dirichlet",
+                   alpha: float = 1.0, kind: str = "classification", choices: list[str] | None = None,
+                   num_labels: int = 0, min_samples: int = 10, test_cap: int | None = None, seed: int = 0,
+                   max_per_client: int | None = None) -> Scenario:
+    """Partition ``examples`` over clients (``partition`` = "dirichlet" on ``group`` or "task": one group per
+    client) and split each client. ``test_cap`` defaults to 200 (classification) or 50 (generation);
+    ``max_per_client`` subsamples large clients before splitting."""
+    if kind not in ("classification", "generation"):
+        raise ValueError(f"kind must be 'classification' or 'generation', got {kind!r}")
+    groups = [ex.group for ex in examples]
+    info: dict = {"partition": partition}
+    if partition == "dirichlet":
+        parts = dirichlet_partition(groups, num_clients, alpha, min_samples=min_samples, seed=seed)
+        info["alpha"] = alpha
+    elif partition == "task":
+        parts, names = task_partition(groups, num_clients, seed=seed)
+        info["tasks"] = names
+    else:
+        raise ValueError(f"partition must be 'dirichlet' or 'task', got {partition!r}")
+    if test_cap is None:
+        test_cap = 200 if kind == "classification" else 50
+    rng = np.random.default_rng(seed + 1)
+    clients = []
+    for c, idx in enumerate(parts):
+        if max_per_client is not None and len(idx) > max_per_client:
+            idx = np.sort(rng.choice(idx, size=max_per_client, replace=False))
+        clients.append(split_client([examples[i] for i in idx], test_cap=test_cap, seed=seed + 7919 * (c + 1)))
+    return Scenario(name, kind, clients, choices=choices, num_labels=num_labels, info=info)
