@@ -61,7 +61,8 @@ def inject_mole(model: nn.Module, config: MoLEConfig, extra_trainable: Sequence[
     for name in matched:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, MoLELinear(getattr(parent, leaf), resolved))
+        base = getattr(parent, leaf)
+        setattr(parent, leaf, MoLELinear(base, resolved).train(base.training))
     extra_names = []
     for wanted in extra_trainable:
         hits = [n for n, m in model.named_modules() if n and (n == wanted or n.rsplit(".", 1)[-1] == wanted)

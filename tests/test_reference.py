@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fedamole_kernels import available_backends, mole_lora
+
 from mole_cases import all_problems, make_problem, naive_mole_lora
 
 PROBLEMS = all_problems()
