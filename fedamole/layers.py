@@ -12,19 +12,25 @@ from fedamole_kernels import mole_lora
 
 
 def load_balance_from_routing(probs: Tensor, topk_idx: Tensor, active: Tensor) -> Tensor:
-    """SPEC §1 load-balance loss of one module and client: ``|S_c| * sum_i P_i f_i``.
+    """SPEC §1 load-balance loss of one module: ``|S_c| * sum_i P_i f_i`` per client, summed over clients.
 
-    P_i = mean over tokens of probs[:, i]; f_i = share of the (valid) top-k slots routed to expert i.
-    probs [T, E] (differentiable), topk_idx [T, k] (-1 = empty slot), active bool [E]. 0 when T = 0.
+    P_i = mean over the client's tokens of probs[:, i]; f_i = share of its (valid) top-k slots routed to expert i.
+    probs [T, E] (differentiable), topk_idx [T, k] (-1 = empty slot), active bool [E] (one client) or [S, E]
+    (S clients whose tokens are S equal consecutive blocks of T). 0 when T = 0.
     """
+    active = active.reshape(-1, active.shape[-1])
+    num_clients, num_slots = active.shape
+    tokens_per_client = probs.shape[0] // num_clients
+    probs = probs.reshape(num_clients, tokens_per_client, num_slots)
+    topk_idx = topk_idx.reshape(num_clients, tokens_per_client, topk_idx.shape[-1])
     valid = topk_idx >= 0
-    num_tokens, num_slots = probs.shape
     # Written without data-dependent branches so it costs no host sync and traces under torch.compile.
-    counts = torch.zeros(num_slots, dtype=probs.dtype, device=probs.device)
-    counts = counts.scatter_add(0, topk_idx.clamp(min=0).reshape(-1), valid.reshape(-1).to(probs.dtype))
-    share = counts / valid.sum().clamp(min=1).to(probs.dtype)
-    mean_probs = probs.sum(0) / max(num_tokens, 1)
-    return active.sum().to(probs.dtype) * (mean_probs * share).sum()
+    counts = torch.zeros(num_clients, num_slots, dtype=probs.dtype, device=probs.device)
+    counts = counts.scatter_add(1, topk_idx.clamp(min=0).reshape(num_clients, -1),
+                                valid.reshape(num_clients, -1).to(probs.dtype))
+    share = counts / valid.reshape(num_clients, -1).sum(1, keepdim=True).clamp(min=1).to(probs.dtype)
+    mean_probs = probs.sum(1) / max(probs.shape[1], 1)
+    return (active.sum(1).to(probs.dtype) * (mean_probs * share).sum(1)).sum()
 
 
 class MoLELinear(nn.Module):
@@ -96,7 +102,15 @@ class MoLELinear(nn.Module):
             )
         self.active_experts.copy_(mask)
 
+    @property
+    def num_clients(self) -> int | None:
+        """None for the usual single-client layer; S when the expert tensors are stacked for S clients."""
+        return self.lora_a.shape[0] if self.lora_a.dim() == 4 else None
+
     def forward(self, x: Tensor) -> Tensor:
+        """y = base(x) + routed experts. With client-stacked experts (lora_a [S, E, r, d_in], active_experts
+        [S, E], as the cohort engine sets them), x's leading dimension is split into S equal blocks, block s
+        being client s's micro-batch: one `mole_lora` call serves every client."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension {self.in_features} (in_features), got {tuple(x.shape)}")
         out = self.base(x)
@@ -105,13 +119,25 @@ class MoLELinear(nn.Module):
         if self.training and self.config.dropout > 0:
             expert_input = self.dropout(flat)
         dtype = flat.dtype
+        num_clients = self.num_clients
+        if num_clients is None:
+            seg_offsets, mask = None, self.active_experts[None]
 
-        def cast(p: Tensor | None) -> Tensor | None:
-            return None if p is None else p.to(dtype)[None]
+            def cast(p: Tensor | None) -> Tensor | None:
+                return None if p is None else p.to(dtype)[None]
+        else:
+            if x.dim() < 2 or x.shape[0] % num_clients:
+                raise ValueError(f"x's leading dimension must split into {num_clients} client blocks, got shape "
+                                 f"{tuple(x.shape)}")
+            seg_offsets = torch.arange(num_clients + 1, device=x.device) * (flat.shape[0] // num_clients)
+            mask = self.active_experts
+
+            def cast(p: Tensor | None) -> Tensor | None:
+                return None if p is None else p.to(dtype)
 
         delta, probs, topk_idx = mole_lora(
-            flat, None, cast(self.lora_a), cast(self.lora_b), cast(self.router), cast(self.shared_a),
-            cast(self.shared_b), self.active_experts[None], expert_input,
+            flat, seg_offsets, cast(self.lora_a), cast(self.lora_b), cast(self.router), cast(self.shared_a),
+            cast(self.shared_b), mask, expert_input,
             top_k=self.config.top_k, scaling=self.config.scaling, router_type=self.config.router,
             backend=self.config.backend,
         )
