@@ -10,6 +10,8 @@ from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ROUTER_TYPES = ("embedding", "linear")
+# top_k above E only adds -1 padding to topk_idx [T, top_k]; past this it is surely a mistake (and memory).
+MAX_PADDED_TOP_K = 64
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ def validate_mole_args(
     x = _require_tensor("x", x, 2)
     _require_float("x", x)
     num_tokens, d_in = x.shape
+    if d_in < 1:
+        raise ValueError(f"x must have d_in >= 1 features, got shape {tuple(x.shape)}")
     lora_a = _require_tensor("lora_a", lora_a, 4)
     _require_float("lora_a", lora_a, x.dtype)
     num_segments, num_slots, rank, a_din = lora_a.shape
@@ -114,6 +118,9 @@ def validate_mole_args(
         raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_k > max(num_slots, MAX_PADDED_TOP_K):
+        raise ValueError(f"top_k must be <= max(E, {MAX_PADDED_TOP_K}) (E = {num_slots} slots), got {top_k}: "
+                         "topk_idx is [T, top_k], so a huge top_k only allocates padding")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
     if not math.isfinite(scaling):

@@ -51,6 +51,8 @@ BAD = [
     (lambda p: dict(top_k=0), ValueError, "top_k"),
     (lambda p: dict(top_k=-3), ValueError, "top_k"),
     (lambda p: dict(top_k=2.0), TypeError, "top_k"),
+    (lambda p: dict(top_k=10**12), ValueError, "top_k"),
+    (lambda p: dict(x=p.x[:, :0], lora_a=p.lora_a[..., :0]), ValueError, "d_in"),
     (lambda p: dict(top_k=True), TypeError, "top_k"),
     (lambda p: dict(scaling=math.nan), ValueError, "scaling"),
     (lambda p: dict(scaling=math.inf), ValueError, "scaling"),
