@@ -139,7 +139,7 @@ class MoLELinear(nn.Module):
             flat, seg_offsets, cast(self.lora_a), cast(self.lora_b), cast(self.router), cast(self.shared_a),
             cast(self.shared_b), mask, expert_input,
             top_k=self.config.top_k, scaling=self.config.scaling, router_type=self.config.router,
-            backend=self.config.backend,
+            backend=self.config.backend, check_offsets=False,
         )
         self.last_probs, self.last_topk_idx = probs, topk_idx
         self.last_load_balance_loss = load_balance_from_routing(probs, topk_idx, self.active_experts)

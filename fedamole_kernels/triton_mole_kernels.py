@@ -1,0 +1,473 @@
+"""Triton kernels of the `mole_lora` Triton backend (launchers live in `triton_mole_lora`).
+
+Four kernels, all grouped over segments (clients) without host syncs:
+
+  route_shrink_fwd  per (segment, token tile): H = x @ [A_1..A_E | W_t]^T, scores, masked softmax, top-k, gates;
+                    writes probs, topk_idx and the gated rank activations UV = [s*w_i*u_i ... | s*v] (one row/token)
+  seg_gemm          per (segment, token tile, N tile): out = D @ W_cat with W_cat gathered from up to three stacked
+                    weight tensors (forward expand: UV @ [B | B_s]^T; backward input grads: D @ [A | A_s | W_t])
+  route_bwd         per (segment, token tile): recomputes u, h, t, v, G = g @ [B | B_s] and runs the fused routing
+                    backward; writes the rank-space gradients (UG for dB, Dx / Dxe for dA, dW_t, dx)
+  seg_wgrad         per (segment, K tile, N tile): W_grad = D_seg^T @ X_seg (+ D2_seg^T @ X2_seg), scattered into
+                    the stacked gradient tensors; every element is written once, no atomics, so results are
+                    deterministic
+
+Segment -> tile mapping: the grid has cdiv(T, BM) + S programs along tokens (an upper bound on the number of
+per-segment tiles known without reading seg_offsets on the host); each program finds its (segment, tile) from a
+cumsum over seg_offsets in registers and returns early when it is past the last tile.
+
+Rank-space layouts. Inside a routing program the rank is padded to R = max(16, next_pow2(r)) and the slots to
+EP = max(2, next_pow2(E)) so that tl.dot sees dims >= 16 and the per-slot epilogue can reshape [BM, EP*R] to
+[BM, EP, R]. Buffers in global memory are compact: column e*r + j for slot e, rank row j, then r shared columns,
+then the router columns (r for the embedding router, E for the linear one).
+
+This module is (re)imported by `triton_mole_lora._kernels()` so that whether the kernels run in the interpreter
+follows $TRITON_INTERPRET at launch time, whatever imported the package first.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(float32).tiny, as the reference clamps
+
+
+# Reductions through tl.reduce / tl.associative_scan with triton's own combine functions, and tl.full instead of
+# tl.zeros: tl.sum, tl.max, tl.zeros & co are @jit functions of triton.language.standard, decorated once when
+# triton is imported, so they raise under an interpreter switched on after `import triton`. The builtins are
+# patched per launch, and the interpreter runs numpy reductions for these combine functions.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _maxc(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _minc(a, b):
+    return tl.minimum(a, b)
+
+
+_SUM_COMBINE = getattr(tl.standard, "_sum_combine", _add)
+_MAX_COMBINE = getattr(tl.standard, "_elementwise_max", _maxc)
+_MIN_COMBINE = getattr(tl.standard, "_elementwise_min", _minc)
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _SUM_COMBINE)
+
+
+@triton.jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _MAX_COMBINE)
+
+
+@triton.jit
+def _min(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _MIN_COMBINE)
+
+
+@triton.jit
+def _cumsum(x, axis: tl.constexpr):
+    return tl.associative_scan(x, axis, _SUM_COMBINE)
+
+
+@triton.jit
+def _tile_map(pid, seg_ptr, S, SP: tl.constexpr, BM: tl.constexpr):
+    """Program pid -> (segment, first row, segment end); first row >= end means no work (past the last tile)."""
+    s = tl.arange(0, SP)
+    lo = tl.load(seg_ptr + s, mask=s < S, other=0).to(tl.int32)
+    hi = tl.load(seg_ptr + s + 1, mask=s < S, other=0).to(tl.int32)
+    n_tiles = (hi - lo + BM - 1) // BM
+    ends = _cumsum(n_tiles, 0)
+    seg = _sum((ends <= pid).to(tl.int32), 0)  # empty segments have n_tiles = 0 and are skipped
+    pick = s == seg
+    first_tile = _sum(tl.where(pick, ends - n_tiles, 0), 0)
+    row0 = _sum(tl.where(pick, lo, 0), 0) + (pid - first_tile) * BM
+    row_end = _sum(tl.where(pick, hi, 0), 0)
+    return seg, row0, row_end
+
+
+@triton.jit
+def _col_offsets(cols, rows_per_slot, valid_rows, n_slots, stride_slot, stride_row):
+    """Column c of a slot-stacked operand -> (offset of (slot c // rows_per_slot, row c % rows_per_slot), ok)."""
+    slot = cols // rows_per_slot
+    row = cols % rows_per_slot
+    ok = (cols >= 0) & (slot < n_slots) & (row < valid_rows)
+    off = tl.where(ok, slot.to(tl.int64) * stride_slot + row.to(tl.int64) * stride_row, 0)
+    return off, ok
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    # The interpreter multiplies raw bf16 bits in tl.dot: UPCAST (set only there) routes bf16 through fp32.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _route_shrink_fwd(
+    x_ptr, xe_ptr, seg_ptr, a_ptr, rt_ptr, sa_ptr, mask_ptr, probs_ptr, idx_ptr, uv_ptr,
+    S, E, r, d_in, KU, scaling, inv_sqrt_r,
+    SP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, ZP: tl.constexpr, TOPK: tl.constexpr,
+    EMBED: tl.constexpr, HAS_XE: tl.constexpr, HAS_SHARED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
+):
+    seg, row0, row_end = _tile_map(tl.program_id(0), seg_ptr, S, SP, BM)
+    if row0 >= row_end:
+        return
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    seg64 = seg.to(tl.int64)
+    ks = tl.arange(0, BK)
+    # Expert columns in the padded [EP, R] layout; router / shared rows as R (or ZP) padded columns.
+    cols = tl.arange(0, EP * R)
+    a_off, a_ok = _col_offsets(cols, R, r, E, r * d_in, d_in)
+    a_base = a_ptr + seg64 * E * r * d_in + a_off
+    rcols = tl.arange(0, R)
+    r_ok = rcols < r
+    if EMBED:
+        t_base = rt_ptr + seg64 * r * d_in + rcols * d_in
+        t = tl.full([BM, R], 0, tl.float32)
+    else:
+        zcols = tl.arange(0, ZP)
+        z_base = rt_ptr + seg64 * E * d_in + zcols * d_in
+        z_ok = zcols < E
+        zl = tl.full([BM, ZP], 0, tl.float32)
+    if HAS_SHARED:
+        s_base = sa_ptr + seg64 * r * d_in + rcols * d_in
+        v = tl.full([BM, R], 0, tl.float32)
+    u = tl.full([BM, EP * R], 0, tl.float32)
+    if HAS_XE and EMBED:
+        h = tl.full([BM, EP * R], 0, tl.float32)
+
+    for k0 in range(0, d_in, BK):
+        kk = k0 + ks
+        kmask = kk < d_in
+        xmask = rmask[:, None] & kmask[None, :]
+        xt = tl.load(x_ptr + rows64[:, None] * d_in + kk[None, :], mask=xmask, other=0.0)
+        at = tl.load(a_base[None, :] + kk[:, None], mask=a_ok[None, :] & kmask[:, None], other=0.0)
+        if HAS_XE:
+            xet = tl.load(xe_ptr + rows64[:, None] * d_in + kk[None, :], mask=xmask, other=0.0)
+            u = _dot(xet, at, u, UPCAST, PREC)
+            if EMBED:
+                h = _dot(xt, at, h, UPCAST, PREC)
+        else:
+            xet = xt
+            u = _dot(xt, at, u, UPCAST, PREC)
+        if EMBED:
+            wt = tl.load(t_base[None, :] + kk[:, None], mask=r_ok[None, :] & kmask[:, None], other=0.0)
+            t = _dot(xt, wt, t, UPCAST, PREC)
+        else:
+            wz = tl.load(z_base[None, :] + kk[:, None], mask=z_ok[None, :] & kmask[:, None], other=0.0)
+            zl = _dot(xt, wz, zl, UPCAST, PREC)
+        if HAS_SHARED:
+            ws = tl.load(s_base[None, :] + kk[:, None], mask=r_ok[None, :] & kmask[:, None], other=0.0)
+            v = _dot(xet, ws, v, UPCAST, PREC)
+
+    # Scores over the padded slots, then the masked softmax (a segment with no active slot gets all-zero probs).
+    ecols = tl.arange(0, EP)
+    active = tl.load(mask_ptr + seg64 * E + ecols, mask=ecols < E, other=0) != 0
+    if EMBED:
+        if HAS_XE:
+            h3 = tl.reshape(h, [BM, EP, R])
+        else:
+            h3 = tl.reshape(u, [BM, EP, R])
+        z = _sum(h3 * t[:, None, :], 2) * inv_sqrt_r
+    else:
+        if ZP > EP:  # the router tile was padded to 16 columns for tl.dot: fold the all-zero tail back
+            z = _sum(tl.reshape(zl, [BM, ZP // EP, EP]), 1)
+        else:
+            z = tl.reshape(zl, [BM, EP])
+    z = tl.where(active[None, :], z, float("-inf"))
+    zmax = _max(z, 1)
+    zmax = tl.where(zmax == float("-inf"), 0.0, zmax)
+    ez = tl.where(active[None, :], tl.exp(z - zmax[:, None]), 0.0)
+    den = _sum(ez, 1)
+    p = ez / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(probs_ptr + rows64[:, None] * E + ecols[None, :], p, mask=rmask[:, None] & (ecols < E)[None, :])
+
+    # Top-k by iterated argmax; ties go to the lowest slot; masked slots are never picked (-1 when none left).
+    taken = tl.full([BM, EP], 0, tl.int32)
+    for i in range(TOPK):
+        cand = tl.where(active[None, :] & (taken == 0), p, -1.0)
+        best = _max(cand, 1)
+        found = best >= 0.0
+        first = _min(tl.where((cand == best[:, None]) & found[:, None], ecols[None, :], EP), 1)
+        taken = tl.where(ecols[None, :] == first[:, None], 1, taken)
+        tl.store(idx_ptr + rows64 * TOPK + i, tl.where(found, first, -1).to(tl.int64), mask=rmask)
+    picked = tl.where(taken != 0, p, 0.0)
+    norm = tl.maximum(_sum(picked, 1), FP32_TINY)
+    gate = picked / norm[:, None] * scaling
+    gated = tl.reshape(tl.reshape(u, [BM, EP, R]) * gate[:, :, None], [BM, EP * R])
+    dst = (cols // R) * r + cols % R
+    tl.store(uv_ptr + rows64[:, None] * KU + dst[None, :], gated.to(uv_ptr.dtype.element_ty),
+             mask=rmask[:, None] & a_ok[None, :])
+    if HAS_SHARED:
+        tl.store(uv_ptr + rows64[:, None] * KU + E * r + rcols[None, :], (v * scaling).to(uv_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & (rcols < r)[None, :])
+
+
+@triton.jit
+def _seg_gemm(
+    d_ptr, seg_ptr, out_ptr,
+    w1_ptr, w1_s, w1_slot, w1_row, w1_n, rows1, slots1,
+    w2_ptr, w2_s, w2_row, w2_n, rows2,
+    w3_ptr, w3_s, w3_row, w3_n, rows3,
+    S, KD, N,
+    SP: tl.constexpr, HAS_W2: tl.constexpr, HAS_W3: tl.constexpr, ACC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BKD: tl.constexpr, BN: tl.constexpr,
+):
+    """out[rows of segment s] (+)= D[rows] @ W_cat[s]; W_cat rows: slots of w1, then w2 rows, then w3 rows."""
+    seg, row0, row_end = _tile_map(tl.program_id(0), seg_ptr, S, SP, BM)
+    if row0 >= row_end:
+        return
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    seg64 = seg.to(tl.int64)
+    ns = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = ns < N
+    k1 = rows1 * slots1
+    acc = tl.full([BM, BN], 0, tl.float32)
+    for k0 in range(0, KD, BKD):
+        cols = k0 + tl.arange(0, BKD)
+        d = tl.load(d_ptr + rows64[:, None] * KD + cols[None, :], mask=rmask[:, None] & (cols < KD)[None, :],
+                    other=0.0)
+        off, ok = _col_offsets(cols, rows1, rows1, slots1, w1_slot, w1_row)
+        w = tl.load(w1_ptr + seg64 * w1_s + off[:, None] + ns[None, :] * w1_n, mask=ok[:, None] & nmask[None, :],
+                    other=0.0)
+        if HAS_W2:
+            off, ok = _col_offsets(cols - k1, rows2, rows2, 1, 0, w2_row)
+            w += tl.load(w2_ptr + seg64 * w2_s + off[:, None] + ns[None, :] * w2_n,
+                         mask=ok[:, None] & nmask[None, :], other=0.0)
+        if HAS_W3:
+            off, ok = _col_offsets(cols - k1 - rows2, rows3, rows3, 1, 0, w3_row)
+            w += tl.load(w3_ptr + seg64 * w3_s + off[:, None] + ns[None, :] * w3_n,
+                         mask=ok[:, None] & nmask[None, :], other=0.0)
+        acc = _dot(d, w, acc, UPCAST, PREC)
+    optr = out_ptr + rows64[:, None] * N + ns[None, :]
+    omask = rmask[:, None] & nmask[None, :]
+    if ACC:
+        acc += tl.load(optr, mask=omask, other=0.0).to(tl.float32)
+    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _route_bwd(
+    g_ptr, gp_ptr, x_ptr, xe_ptr, seg_ptr, a_ptr, b_ptr, rt_ptr, sa_ptr, sb_ptr, probs_ptr, idx_ptr,
+    ug_ptr, dx_ptr, dxe_ptr,
+    S, E, r, d_in, d_out, KU, KX, scaling, inv_sqrt_r,
+    SP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr,
+    EMBED: tl.constexpr, HAS_XE: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_GP: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    """Routing + rank-space backward for one token tile (see reference.mole_lora_backward for the math)."""
+    seg, row0, row_end = _tile_map(tl.program_id(0), seg_ptr, S, SP, BM)
+    if row0 >= row_end:
+        return
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    seg64 = seg.to(tl.int64)
+    ks = tl.arange(0, BK)
+    cols = tl.arange(0, EP * R)
+    rcols = tl.arange(0, R)
+    r_ok = rcols < r
+    a_off, a_ok = _col_offsets(cols, R, r, E, r * d_in, d_in)
+    a_base = a_ptr + seg64 * E * r * d_in + a_off
+    b_off, _ = _col_offsets(cols, R, r, E, d_out * r, 1)
+    b_base = b_ptr + seg64 * E * d_out * r + b_off
+    u = tl.full([BM, EP * R], 0, tl.float32)
+    if EMBED:
+        t = tl.full([BM, R], 0, tl.float32)
+        if HAS_XE:
+            h = tl.full([BM, EP * R], 0, tl.float32)
+    if HAS_SHARED:
+        v = tl.full([BM, R], 0, tl.float32)
+        gs = tl.full([BM, R], 0, tl.float32)
+    gr = tl.full([BM, EP * R], 0, tl.float32)
+
+    for k0 in range(0, d_in, BK):  # recompute u = x_e A^T, h = x A^T, t = x W_t^T, v = x_e A_s^T
+        kk = k0 + ks
+        kmask = kk < d_in
+        xmask = rmask[:, None] & kmask[None, :]
+        xt = tl.load(x_ptr + rows64[:, None] * d_in + kk[None, :], mask=xmask, other=0.0)
+        at = tl.load(a_base[None, :] + kk[:, None], mask=a_ok[None, :] & kmask[:, None], other=0.0)
+        if HAS_XE:
+            xet = tl.load(xe_ptr + rows64[:, None] * d_in + kk[None, :], mask=xmask, other=0.0)
+            if EMBED:
+                h = _dot(xt, at, h, UPCAST, PREC)
+        else:
+            xet = xt
+        u = _dot(xet, at, u, UPCAST, PREC)
+        if EMBED:
+            wt = tl.load(rt_ptr + seg64 * r * d_in + rcols[None, :] * d_in + kk[:, None],
+                         mask=r_ok[None, :] & kmask[:, None], other=0.0)
+            t = _dot(xt, wt, t, UPCAST, PREC)
+        if HAS_SHARED:
+            ws = tl.load(sa_ptr + seg64 * r * d_in + rcols[None, :] * d_in + kk[:, None],
+                         mask=r_ok[None, :] & kmask[:, None], other=0.0)
+            v = _dot(xet, ws, v, UPCAST, PREC)
+    for n0 in range(0, d_out, BK):  # G = g [B_1 .. B_E], G_s = g B_s
+        nn = n0 + ks
+        nmask = nn < d_out
+        gt = tl.load(g_ptr + rows64[:, None] * d_out + nn[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
+        bt = tl.load(b_base[None, :] + nn[:, None] * r, mask=a_ok[None, :] & nmask[:, None], other=0.0)
+        gr = _dot(gt, bt, gr, UPCAST, PREC)
+        if HAS_SHARED:
+            bs = tl.load(sb_ptr + seg64 * d_out * r + nn[:, None] * r + rcols[None, :],
+                         mask=r_ok[None, :] & nmask[:, None], other=0.0)
+            gs = _dot(gt, bs, gs, UPCAST, PREC)
+
+    # Gates w = p[idx] / sum p[idx] from the forward's probs and top-k choice.
+    ecols = tl.arange(0, EP)
+    emask = rmask[:, None] & (ecols < E)[None, :]
+    p = tl.load(probs_ptr + rows64[:, None] * E + ecols[None, :], mask=emask, other=0.0)
+    sel = tl.full([BM, EP], 0, tl.int32)
+    for i in range(TOPK):
+        ix = tl.load(idx_ptr + rows64 * TOPK + i, mask=rmask, other=-1).to(tl.int32)
+        sel = tl.where(ecols[None, :] == ix[:, None], 1, sel)
+    picked = tl.where(sel != 0, p, 0.0)
+    norm = tl.maximum(_sum(picked, 1), FP32_TINY)
+    w = picked / norm[:, None]
+    u3 = tl.reshape(u, [BM, EP, R])
+    g3 = tl.reshape(gr, [BM, EP, R])
+    du = g3 * (w * scaling)[:, :, None]
+    # dL/dw_i = s * <G_i, u_i>; through the renormalisation, then the masked softmax (p = 0 on masked slots).
+    d_gate = tl.where(sel != 0, _sum(g3 * u3, 2) * scaling, 0.0)
+    d_picked = tl.where(sel != 0, (d_gate - _sum(d_gate * w, 1)[:, None]) / norm[:, None], 0.0)
+    dp = d_picked
+    if HAS_GP:
+        dp += tl.load(gp_ptr + rows64[:, None] * E + ecols[None, :], mask=emask, other=0.0).to(tl.float32)
+    dz = p * (dp - _sum(p * dp, 1)[:, None])
+
+    dst = (cols // R) * r + cols % R
+    row_ptr = rows64[:, None] * KX
+    emask2 = rmask[:, None] & a_ok[None, :]
+    ty = dx_ptr.dtype.element_ty
+    tl.store(ug_ptr + rows64[:, None] * KU + dst[None, :],
+             tl.reshape(u3 * (w * scaling)[:, :, None], [BM, EP * R]).to(ty), mask=emask2)
+    du2 = tl.reshape(du, [BM, EP * R])
+    if EMBED:  # z = <h_i, t> / sqrt(r): dh_i = dz_i t / sqrt(r), dt = sum_i dz_i h_i / sqrt(r)
+        if HAS_XE:
+            h3 = tl.reshape(h, [BM, EP, R])
+        else:
+            h3 = u3
+        dh2 = tl.reshape(dz[:, :, None] * t[:, None, :] * inv_sqrt_r, [BM, EP * R])
+        dt = _sum(dz[:, :, None] * h3, 1) * inv_sqrt_r
+        rt_col = E * r + r * HAS_SHARED
+        if HAS_XE:
+            tl.store(dxe_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
+            tl.store(dx_ptr + row_ptr + dst[None, :], dh2.to(ty), mask=emask2)
+        else:
+            tl.store(dx_ptr + row_ptr + dst[None, :], (du2 + dh2).to(ty), mask=emask2)
+        tl.store(dx_ptr + row_ptr + rt_col + rcols[None, :], dt.to(ty), mask=rmask[:, None] & r_ok[None, :])
+        if HAS_XE:
+            tl.store(dxe_ptr + row_ptr + rt_col + rcols[None, :], tl.full([BM, R], 0, ty),
+                     mask=rmask[:, None] & r_ok[None, :])
+    else:  # linear router: z = R x, the router columns of Dx are dz itself
+        rt_col = E * r + r * HAS_SHARED
+        if HAS_XE:
+            tl.store(dxe_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
+            tl.store(dx_ptr + row_ptr + dst[None, :], tl.full([BM, EP * R], 0, ty), mask=emask2)
+            tl.store(dxe_ptr + row_ptr + rt_col + ecols[None, :], tl.full([BM, EP], 0, ty), mask=emask)
+        else:
+            tl.store(dx_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
+        tl.store(dx_ptr + row_ptr + rt_col + ecols[None, :], dz.to(ty), mask=emask)
+    if HAS_SHARED:
+        smask = rmask[:, None] & r_ok[None, :]
+        tl.store(ug_ptr + rows64[:, None] * KU + E * r + rcols[None, :], (v * scaling).to(ty), mask=smask)
+        if HAS_XE:
+            tl.store(dxe_ptr + row_ptr + E * r + rcols[None, :], (gs * scaling).to(ty), mask=smask)
+            tl.store(dx_ptr + row_ptr + E * r + rcols[None, :], tl.full([BM, R], 0, ty), mask=smask)
+        else:
+            tl.store(dx_ptr + row_ptr + E * r + rcols[None, :], (gs * scaling).to(ty), mask=smask)
+
+
+@triton.jit
+def _seg_wgrad(
+    d_ptr, x_ptr, d2_ptr, x2_ptr, seg_ptr,
+    o1_ptr, o1_s, o1_slot, o1_row, o1_n, rows1, slots1,
+    o2_ptr, o2_s, o2_row, o2_n, rows2,
+    o3_ptr, o3_s, o3_row, o3_n, rows3,
+    KD, N,
+    HAS_D2: tl.constexpr, HAS_O2: tl.constexpr, HAS_O3: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BKD: tl.constexpr, BN: tl.constexpr,
+):
+    """O_cat[s] = D[seg s]^T @ X[seg s] (+ D2^T @ X2), O_cat rows scattered to o1 slots, o2 rows, o3 rows."""
+    seg = tl.program_id(0)
+    seg64 = seg.to(tl.int64)
+    lo = tl.load(seg_ptr + seg).to(tl.int32)
+    hi = tl.load(seg_ptr + seg + 1).to(tl.int32)
+    cols = tl.program_id(1) * BKD + tl.arange(0, BKD)
+    cmask = cols < KD
+    ns = tl.program_id(2) * BN + tl.arange(0, BN)
+    nmask = ns < N
+    acc = tl.full([BKD, BN], 0, tl.float32)
+    for m0 in range(lo, hi, BM):  # empty segments run no iteration and store zeros
+        ms = (m0 + tl.arange(0, BM)).to(tl.int64)
+        mm = ms < hi
+        dmask = cmask[:, None] & mm[None, :]
+        xmask = mm[:, None] & nmask[None, :]
+        dt = tl.load(d_ptr + ms[None, :] * KD + cols[:, None], mask=dmask, other=0.0)
+        xt = tl.load(x_ptr + ms[:, None] * N + ns[None, :], mask=xmask, other=0.0)
+        acc = _dot(dt, xt, acc, UPCAST, PREC)
+        if HAS_D2:
+            dt = tl.load(d2_ptr + ms[None, :] * KD + cols[:, None], mask=dmask, other=0.0)
+            xt = tl.load(x2_ptr + ms[:, None] * N + ns[None, :], mask=xmask, other=0.0)
+            acc = _dot(dt, xt, acc, UPCAST, PREC)
+    k1 = rows1 * slots1
+    off, ok = _col_offsets(cols, rows1, rows1, slots1, o1_slot, o1_row)
+    tl.store(o1_ptr + seg64 * o1_s + off[:, None] + ns[None, :] * o1_n, acc.to(o1_ptr.dtype.element_ty),
+             mask=ok[:, None] & nmask[None, :])
+    if HAS_O2:
+        off, ok = _col_offsets(cols - k1, rows2, rows2, 1, 0, o2_row)
+        tl.store(o2_ptr + seg64 * o2_s + off[:, None] + ns[None, :] * o2_n, acc.to(o2_ptr.dtype.element_ty),
+                 mask=ok[:, None] & nmask[None, :])
+    if HAS_O3:
+        off, ok = _col_offsets(cols - k1 - rows2, rows3, rows3, 1, 0, o3_row)
+        tl.store(o3_ptr + seg64 * o3_s + off[:, None] + ns[None, :] * o3_n, acc.to(o3_ptr.dtype.element_ty),
+                 mask=ok[:, None] & nmask[None, :])
+
+
+# GPU: autotune the tile sizes (keyed on the problem dims); few configs, since each costs a compile per key. The
+# interpreter runs one fixed, large-tile config because its cost is per program and per op.
+def _route_configs():
+    return [triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=3)
+            for bm, bk, w in ((32, 64, 4), (64, 32, 4), (64, 64, 8), (32, 128, 8))]
+
+
+def _gemm_configs():
+    return [triton.Config({"BM": bm, "BKD": bkd, "BN": bn}, num_warps=w, num_stages=3)
+            for bm, bkd, bn, w in ((64, 32, 64, 4), (128, 32, 64, 4), (128, 64, 128, 8), (64, 64, 128, 4))]
+
+
+def _wgrad_configs():
+    return [triton.Config({"BM": bm, "BKD": bkd, "BN": bn}, num_warps=w, num_stages=3)
+            for bm, bkd, bn, w in ((32, 64, 64, 4), (64, 64, 128, 8), (32, 128, 64, 4), (64, 128, 128, 8))]
+
+
+INTERPRET_META = {
+    "route": {"BM": 32, "BK": 64},
+    "gemm": {"BM": 32, "BKD": 64, "BN": 64},
+    "wgrad": {"BM": 32, "BKD": 64, "BN": 64},
+}
+
+if INTERPRETED:
+    route_shrink_fwd, route_bwd, seg_gemm, seg_wgrad = _route_shrink_fwd, _route_bwd, _seg_gemm, _seg_wgrad
+else:
+    route_shrink_fwd = triton.autotune(_route_configs(), key=["E", "r", "d_in", "KU"])(_route_shrink_fwd)
+    route_bwd = triton.autotune(_route_configs(), key=["E", "r", "d_in", "d_out", "KX"])(_route_bwd)
+    # seg_gemm may accumulate into its output (ACC): restore it between autotuning runs.
+    seg_gemm = triton.autotune(_gemm_configs(), key=["KD", "N"], restore_value=["out_ptr"])(_seg_gemm)
+    seg_wgrad = triton.autotune(_wgrad_configs(), key=["KD", "N"])(_seg_wgrad)
