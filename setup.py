@@ -47,7 +47,9 @@ def _extensions():
     if not cpp_sources:
         _say("csrc/ has no C++ sources yet: skipping the C++ extension.")
         return [], {}
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # torch >= 2.10 headers use C++20 features (bit-field initialisers); C++17 only draws warnings there.
+    cxx_std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 10) else "-std=c++17"
+    cxx_flags = ["-O3", cxx_std, "-fopenmp"]
     define_macros = []
     link_args = ["-fopenmp"]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import torch  # noqa: F401  (loads libc10/libtorch, which the extension links against)
+
 EXT_IMPORT_ERROR: str | None = None
 _C = None
 

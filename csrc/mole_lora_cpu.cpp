@@ -1,0 +1,653 @@
+// CPU backend of `mole_lora`: forward and analytic backward (semantics: fedamole_kernels/reference.py).
+//
+// Per segment s the down-projections are stacked into one matrix Wc[s] = [router rows | A_1..A_E | A_shared]
+// ([Kc, d_in]) and the up-projections into Bc[s] = [B_1..B_E | B_shared] ([d_out, Ke]), so that
+//   forward:  H = x Wc^T (one GEMM gives router embedding t, expert embeddings h = u and shared v),
+//             fused routing loop -> probs, top-k, gated rank activations G = [c_i u_i | s v],  delta = G Bc^T;
+//   backward: H recomputed, GR = g Bc, fused routing-backward loop -> dH (same column layout as H),
+//             grad_x = dH Wc, grad_Wc = dH^T x, grad_Bc = g^T G.
+// All GEMMs go through ATen (MKL/oneDNN); math runs in float32 (float64 for float64 inputs).
+//
+// Determinism: token-wise work runs over (segment, fixed token block) items; reductions over tokens (weight grads)
+// run over (segment, fixed column block) items, each reducing its whole segment in one GEMM. The partition never
+// depends on the thread count, and inside at::parallel_for every GEMM is single-threaded, so 1 and N threads give
+// bitwise-identical results.
+
+#include "mole_lora_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace fedamole {
+namespace {
+
+// Token rows per work item: large enough for efficient GEMMs, small enough to spread 2k tokens over many threads.
+constexpr int64_t kTokenBlock = 128;
+// Output columns per weight-gradient work item.
+constexpr int64_t kColBlock = 256;
+
+struct Problem {
+  int64_t T = 0, S = 0, E = 0, r = 0, D = 0, O = 0, k = 0;
+  int64_t R = 0;   // router rows at the top of Wc: r (embedding router) or E (linear router)
+  int64_t Kr = 0;  // rows of Wc the routing needs on x: R + E*r (embedding) or R (linear)
+  int64_t Ke = 0;  // expert rows of Wc, applied to x_e: E*r (+ r with a shared expert); also the columns of Bc
+  int64_t Kc = 0;  // all rows: R + Ke
+  bool embedding = true, shared = false, has_xe = false;
+  at::ScalarType cd = at::kFloat;  // compute dtype
+  double scaling = 1.0;
+  std::vector<int64_t> offsets;  // S + 1 segment bounds
+};
+
+struct Item {
+  int64_t s, t0, t1;
+};
+
+void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.defined(), "mole_lora (cpu): ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), "mole_lora (cpu): ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == dim, "mole_lora (cpu): ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+void check_float(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype) {
+  check_tensor(t, name, dim);
+  TORCH_CHECK(t.scalar_type() == dtype, "mole_lora (cpu): ", name, " has dtype ", t.scalar_type(),
+              " but x has dtype ", dtype, "; all float inputs must match x");
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.sizes() == shape, "mole_lora (cpu): ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+Problem make_problem(const at::Tensor& x, const std::optional<at::Tensor>& expert_input, const at::Tensor& seg_offsets,
+                     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& router,
+                     const std::optional<at::Tensor>& shared_a, const std::optional<at::Tensor>& shared_b,
+                     const at::Tensor& expert_mask, int64_t top_k, double scaling, c10::string_view router_type) {
+  Problem P;
+  check_tensor(x, "x", 2);
+  const auto dtype = x.scalar_type();
+  switch (dtype) {
+    case at::kFloat:
+    case at::kBFloat16:
+    case at::kHalf:
+      P.cd = at::kFloat;
+      break;
+    case at::kDouble:
+      P.cd = at::kDouble;
+      break;
+    default:
+      TORCH_CHECK(false, "mole_lora (cpu): x has unsupported dtype ", dtype,
+                  "; expected float32, bfloat16, float16 or float64");
+  }
+  P.T = x.size(0);
+  P.D = x.size(1);
+  check_float(lora_a, "lora_a", 4, dtype);
+  P.S = lora_a.size(0);
+  P.E = lora_a.size(1);
+  P.r = lora_a.size(2);
+  TORCH_CHECK(P.S >= 1 && P.E >= 1 && P.r >= 1, "mole_lora (cpu): lora_a must have S, E, r >= 1, got shape ",
+              lora_a.sizes());
+  check_shape(lora_a, "lora_a", {P.S, P.E, P.r, P.D});
+  check_float(lora_b, "lora_b", 4, dtype);
+  P.O = lora_b.size(2);
+  check_shape(lora_b, "lora_b", {P.S, P.E, P.O, P.r});
+  TORCH_CHECK(router_type == "embedding" || router_type == "linear",
+              "mole_lora (cpu): router_type must be 'embedding' or 'linear', got '", std::string(router_type), "'");
+  P.embedding = router_type == "embedding";
+  P.R = P.embedding ? P.r : P.E;
+  check_float(router, "router", 3, dtype);
+  check_shape(router, "router", {P.S, P.R, P.D});
+  TORCH_CHECK(shared_a.has_value() == shared_b.has_value(),
+              "mole_lora (cpu): shared_a and shared_b must be given together");
+  P.shared = shared_a.has_value();
+  if (P.shared) {
+    check_float(*shared_a, "shared_a", 3, dtype);
+    check_shape(*shared_a, "shared_a", {P.S, P.r, P.D});
+    check_float(*shared_b, "shared_b", 3, dtype);
+    check_shape(*shared_b, "shared_b", {P.S, P.O, P.r});
+  }
+  P.has_xe = expert_input.has_value();
+  if (P.has_xe) {
+    check_float(*expert_input, "expert_input", 2, dtype);
+    check_shape(*expert_input, "expert_input", {P.T, P.D});
+  }
+  check_tensor(expert_mask, "expert_mask", 2);
+  TORCH_CHECK(expert_mask.scalar_type() == at::kBool, "mole_lora (cpu): expert_mask must be bool, got ",
+              expert_mask.scalar_type());
+  check_shape(expert_mask, "expert_mask", {P.S, P.E});
+  check_tensor(seg_offsets, "seg_offsets", 1);
+  TORCH_CHECK(seg_offsets.scalar_type() == at::kLong || seg_offsets.scalar_type() == at::kInt,
+              "mole_lora (cpu): seg_offsets must be int32 or int64, got ", seg_offsets.scalar_type());
+  check_shape(seg_offsets, "seg_offsets", {P.S + 1});
+  TORCH_CHECK(top_k >= 1, "mole_lora (cpu): top_k must be >= 1, got ", top_k);
+  TORCH_CHECK(std::isfinite(scaling), "mole_lora (cpu): scaling must be finite, got ", scaling);
+  P.k = top_k;
+  P.scaling = scaling;
+  P.Kr = P.embedding ? P.R + P.E * P.r : P.R;
+  P.Ke = P.E * P.r + (P.shared ? P.r : 0);
+  P.Kc = P.R + P.Ke;
+
+  const at::Tensor offs = seg_offsets.to(at::kLong).contiguous();
+  const int64_t* o = offs.data_ptr<int64_t>();
+  P.offsets.assign(o, o + P.S + 1);
+  TORCH_CHECK(P.offsets[0] == 0, "mole_lora (cpu): seg_offsets must start at 0, got ", P.offsets[0]);
+  TORCH_CHECK(P.offsets[P.S] == P.T, "mole_lora (cpu): seg_offsets must end at T = ", P.T, ", got ", P.offsets[P.S]);
+  for (int64_t s = 0; s < P.S; ++s) {
+    TORCH_CHECK(P.offsets[s] <= P.offsets[s + 1], "mole_lora (cpu): seg_offsets must be non-decreasing, got ",
+                P.offsets[s], " > ", P.offsets[s + 1], " at segment ", s);
+  }
+  return P;
+}
+
+std::vector<Item> token_items(const Problem& P) {
+  std::vector<Item> items;
+  for (int64_t s = 0; s < P.S; ++s) {
+    for (int64_t t0 = P.offsets[s]; t0 < P.offsets[s + 1]; t0 += kTokenBlock) {
+      items.push_back({s, t0, std::min(t0 + kTokenBlock, P.offsets[s + 1])});
+    }
+  }
+  return items;
+}
+
+// Wc [S, Kc, D] = [router | A (E*r rows) | shared A] in the compute dtype.
+at::Tensor stack_down(const Problem& P, const at::Tensor& router, const at::Tensor& lora_a,
+                      const std::optional<at::Tensor>& shared_a) {
+  std::vector<at::Tensor> parts{router.to(P.cd), lora_a.to(P.cd).reshape({P.S, P.E * P.r, P.D})};
+  if (P.shared) parts.push_back(shared_a->to(P.cd));
+  return at::cat(parts, 1).contiguous();
+}
+
+// Bc [S, O, Ke] = [B_1 .. B_E | shared B] in the compute dtype.
+at::Tensor stack_up(const Problem& P, const at::Tensor& lora_b, const std::optional<at::Tensor>& shared_b) {
+  at::Tensor b = lora_b.to(P.cd).permute({0, 2, 1, 3}).reshape({P.S, P.O, P.E * P.r});
+  if (P.shared) b = at::cat({b, shared_b->to(P.cd)}, 2);
+  return b.contiguous();
+}
+
+// Down-projections of one token block: routing columns (t, and h for the embedding router) and expert columns
+// (u, then v). Without expert_input one GEMM yields both (the A rows are shared between routing and experts).
+struct Proj {
+  at::Tensor route, expert;
+  int64_t ld_route = 0, ld_expert = 0, expert_col = 0;
+};
+
+Proj project(const Problem& P, const at::Tensor& wc_s, const at::Tensor& xb, const at::Tensor* xeb) {
+  Proj pr;
+  if (xeb == nullptr) {
+    pr.route = at::mm(xb, wc_s.t());
+    pr.expert = pr.route;
+    pr.ld_route = pr.ld_expert = P.Kc;
+    pr.expert_col = P.R;
+  } else {
+    pr.route = at::mm(xb, wc_s.narrow(0, 0, P.Kr).t());
+    pr.expert = at::mm(*xeb, wc_s.narrow(0, P.R, P.Ke).t());
+    pr.ld_route = P.Kr;
+    pr.ld_expert = P.Ke;
+  }
+  return pr;
+}
+
+// Routing of one token: logits -> masked softmax -> top-k (ties to the lowest index; -1 padding when fewer active
+// slots than k). Writes probs p[E] and idx[k]; returns the renormalisation denominator, clamped like the reference.
+template <typename T>
+T route_token(const Problem& P, const T* route_row, const bool* mask, T* p, int64_t* idx, T* z, char* taken) {
+  const int64_t E = P.E, r = P.r;
+  if (P.embedding) {
+    const T sqrt_r = std::sqrt(static_cast<T>(r));
+    const T* t = route_row;
+    const T* h = route_row + P.R;
+    for (int64_t i = 0; i < E; ++i) {
+      T acc = 0;
+      for (int64_t j = 0; j < r; ++j) acc += h[i * r + j] * t[j];
+      z[i] = acc / sqrt_r;
+    }
+  } else {
+    for (int64_t i = 0; i < E; ++i) z[i] = route_row[i];
+  }
+  T zmax = -std::numeric_limits<T>::infinity();
+  bool any = false;
+  for (int64_t i = 0; i < E; ++i) {
+    if (mask[i] && (!any || z[i] > zmax)) {
+      zmax = z[i];
+      any = true;
+    }
+  }
+  T sum = 0;
+  for (int64_t i = 0; i < E; ++i) {
+    p[i] = (any && mask[i]) ? std::exp(z[i] - zmax) : T(0);
+    sum += p[i];
+  }
+  if (any) {
+    for (int64_t i = 0; i < E; ++i) p[i] /= sum;
+  }
+  std::fill(taken, taken + E, 0);
+  T picked = 0;
+  for (int64_t q = 0; q < P.k; ++q) {
+    int64_t best = -1;
+    for (int64_t i = 0; i < E; ++i) {
+      if (mask[i] && !taken[i] && (best < 0 || p[i] > p[best])) best = i;
+    }
+    idx[q] = best;
+    if (best >= 0) {
+      taken[best] = 1;
+      picked += p[best];
+    }
+  }
+  return std::max(picked, std::numeric_limits<T>::min());
+}
+
+// Renormalisation denominator of a token from the forward's probs and top-k (the backward never re-routes).
+template <typename T>
+T gate_norm(const Problem& P, const T* p, const int64_t* idx) {
+  T picked = 0;
+  for (int64_t q = 0; q < P.k; ++q) {
+    if (idx[q] >= 0) picked += p[idx[q]];
+  }
+  return std::max(picked, std::numeric_limits<T>::min());
+}
+
+template <typename T>
+void forward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec, const at::Tensor& wc,
+                  const at::Tensor& bc, const bool* mask, T* probs, int64_t* topk_idx, at::Tensor& delta_c) {
+  const std::vector<Item> items = token_items(P);
+  const int64_t E = P.E, r = P.r, Er = P.E * P.r, k = P.k;
+  const T scaling = static_cast<T>(P.scaling);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> z(E), c(E);
+    std::vector<char> taken(E);
+    for (int64_t it = begin; it < end; ++it) {
+      const Item& item = items[it];
+      const int64_t nb = item.t1 - item.t0;
+      const at::Tensor wc_s = wc[item.s];
+      const at::Tensor xb = xc.narrow(0, item.t0, nb);
+      at::Tensor xeb;
+      if (P.has_xe) xeb = xec.narrow(0, item.t0, nb);
+      const Proj pr = project(P, wc_s, xb, P.has_xe ? &xeb : nullptr);
+      const T* route = pr.route.data_ptr<T>();
+      const T* expert = pr.expert.data_ptr<T>() + pr.expert_col;
+      at::Tensor gated = at::empty({nb, P.Ke}, xc.options());
+      T* g = gated.data_ptr<T>();
+      const bool* m = mask + item.s * E;
+      for (int64_t q = 0; q < nb; ++q) {
+        const int64_t tok = item.t0 + q;
+        T* p = probs + tok * E;
+        int64_t* idx = topk_idx + tok * k;
+        const T norm = route_token<T>(P, route + q * pr.ld_route, m, p, idx, z.data(), taken.data());
+        std::fill(c.begin(), c.end(), T(0));
+        for (int64_t j = 0; j < k; ++j) {
+          if (idx[j] >= 0) c[idx[j]] = p[idx[j]] / norm * scaling;
+        }
+        const T* u = expert + q * pr.ld_expert;
+        T* grow = g + q * P.Ke;
+        for (int64_t i = 0; i < E; ++i) {
+          for (int64_t j = 0; j < r; ++j) grow[i * r + j] = u[i * r + j] * c[i];
+        }
+        if (P.shared) {
+          for (int64_t j = 0; j < r; ++j) grow[Er + j] = u[Er + j] * scaling;
+        }
+      }
+      at::Tensor out = delta_c.narrow(0, item.t0, nb);
+      at::mm_out(out, gated, bc[item.s].t());
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec, const at::Tensor& gc,
+                   const T* grad_probs, const at::Tensor& wc, const at::Tensor& bc, const T* probs,
+                   const int64_t* topk_idx, at::Tensor& gx, at::Tensor& gxe, at::Tensor& gwc, at::Tensor& gbc) {
+  const std::vector<Item> items = token_items(P);
+  const int64_t E = P.E, r = P.r, Er = P.E * P.r, k = P.k;
+  const T scaling = static_cast<T>(P.scaling);
+  const T inv_sqrt_r = T(1) / std::sqrt(static_cast<T>(r));
+  // Token-wise buffers kept for the weight-gradient reductions: gated activations G and the grads of H.
+  at::Tensor gated = at::empty({P.T, P.Ke}, xc.options());
+  at::Tensor dh_route, dh_expert;  // without expert_input both views alias one [T, Kc] buffer
+  if (P.has_xe) {
+    dh_route = at::empty({P.T, P.Kr}, xc.options());
+    dh_expert = at::empty({P.T, P.Ke}, xc.options());
+  } else {
+    dh_route = at::empty({P.T, P.Kc}, xc.options());
+  }
+  T* gated_p = gated.data_ptr<T>();
+  T* dhr_p = dh_route.data_ptr<T>();
+  T* dhe_p = P.has_xe ? dh_expert.data_ptr<T>() : dhr_p + P.R;
+  const int64_t ld_dhr = P.has_xe ? P.Kr : P.Kc;
+  const int64_t ld_dhe = P.has_xe ? P.Ke : P.Kc;
+
+  // Weight grads. While few enough token blocks, each block also writes its partial dH^T x and g^T G while its rows
+  // of x and g are still in cache, and a fixed-order sum over the blocks follows (deterministic, and it saves two
+  // passes over the [T, d] inputs). For very large T, a second pass instead reduces each segment in one GEMM per
+  // column block. The choice depends on the shapes only, never on the thread count.
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t part_w_numel = P.Kc * P.D, part_b_numel = P.O * P.Ke;
+  // $FEDAMOLE_CPU_PARTIAL_BYTES overrides the 64 MiB budget (tests set 0 to exercise the two-pass path).
+  const char* budget_env = std::getenv("FEDAMOLE_CPU_PARTIAL_BYTES");
+  const int64_t partial_budget = budget_env != nullptr ? std::atoll(budget_env) : (int64_t(64) << 20);
+  const bool fused_wgrad =
+      n_items * (part_w_numel + part_b_numel) * static_cast<int64_t>(sizeof(T)) <= partial_budget;
+  at::Tensor part_w, part_b;
+  if (fused_wgrad) {
+    part_w = at::empty({n_items, P.Kc, P.D}, xc.options());
+    part_b = at::empty({n_items, P.O, P.Ke}, xc.options());
+  }
+
+  // Phase 1: token blocks. Recompute H, GR = g Bc, fused routing backward, then grad_x = dH Wc (+ partial weight grads).
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> c(E), gates(k), dgate(k), dp(E), dz(E);
+    for (int64_t it = begin; it < end; ++it) {
+      const Item& item = items[it];
+      const int64_t nb = item.t1 - item.t0;
+      const at::Tensor wc_s = wc[item.s];
+      const at::Tensor xb = xc.narrow(0, item.t0, nb);
+      at::Tensor xeb;
+      if (P.has_xe) xeb = xec.narrow(0, item.t0, nb);
+      const Proj pr = project(P, wc_s, xb, P.has_xe ? &xeb : nullptr);
+      const at::Tensor grank = at::mm(gc.narrow(0, item.t0, nb), bc[item.s]);  // [nb, Ke]
+      const T* route = pr.route.data_ptr<T>();
+      const T* expert = pr.expert.data_ptr<T>() + pr.expert_col;
+      const T* gr = grank.data_ptr<T>();
+      // Masked slots carry p = 0, so the softmax backward below gives them dz = 0 without reading the mask.
+      for (int64_t q = 0; q < nb; ++q) {
+        const int64_t tok = item.t0 + q;
+        const T* p = probs + tok * E;
+        const int64_t* idx = topk_idx + tok * k;
+        const T* rrow = route + q * pr.ld_route;
+        const T* u = expert + q * pr.ld_expert;
+        const T* grow = gr + q * P.Ke;
+        T* G = gated_p + tok * P.Ke;
+        T* dhr = dhr_p + tok * ld_dhr;  // [dt | dh (embedding router)]
+        T* dhe = dhe_p + tok * ld_dhe;  // [du | dv]
+
+        const T norm = gate_norm<T>(P, p, idx);
+        std::fill(c.begin(), c.end(), T(0));
+        T s1 = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          gates[j] = 0;
+          dgate[j] = 0;
+          if (idx[j] < 0) continue;
+          const int64_t i = idx[j];
+          gates[j] = p[i] / norm;
+          c[i] = gates[j] * scaling;
+          T acc = 0;
+          for (int64_t l = 0; l < r; ++l) acc += grow[i * r + l] * u[i * r + l];
+          dgate[j] = scaling * acc;
+          s1 += dgate[j] * gates[j];
+        }
+        // d loss / d probs: through the renormalised gates, plus the caller's grad of probs.
+        for (int64_t i = 0; i < E; ++i) dp[i] = grad_probs != nullptr ? grad_probs[tok * E + i] : T(0);
+        for (int64_t j = 0; j < k; ++j) {
+          if (idx[j] >= 0) dp[idx[j]] += (dgate[j] - s1) / norm;
+        }
+        T pdp = 0;
+        for (int64_t i = 0; i < E; ++i) pdp += p[i] * dp[i];
+        for (int64_t i = 0; i < E; ++i) dz[i] = p[i] * (dp[i] - pdp);
+
+        // Expert path: G = [c_i u_i | s v] for grad_B; du = c_i (g B_i), dv = s (g B_shared).
+        for (int64_t i = 0; i < E; ++i) {
+          for (int64_t l = 0; l < r; ++l) {
+            G[i * r + l] = u[i * r + l] * c[i];
+            dhe[i * r + l] = grow[i * r + l] * c[i];
+          }
+        }
+        if (P.shared) {
+          for (int64_t l = 0; l < r; ++l) {
+            G[Er + l] = u[Er + l] * scaling;
+            dhe[Er + l] = grow[Er + l] * scaling;
+          }
+        }
+        // Router path. Without expert_input the dh columns alias du, so they accumulate onto it.
+        if (P.embedding) {
+          const T* t = rrow;
+          const T* h = rrow + P.R;
+          T* dh = dhr + P.R;
+          for (int64_t l = 0; l < r; ++l) {
+            T acc = 0;
+            for (int64_t i = 0; i < E; ++i) acc += dz[i] * h[i * r + l];
+            dhr[l] = acc * inv_sqrt_r;
+          }
+          for (int64_t i = 0; i < E; ++i) {
+            for (int64_t l = 0; l < r; ++l) {
+              const T v = dz[i] * t[l] * inv_sqrt_r;
+              dh[i * r + l] = P.has_xe ? v : dh[i * r + l] + v;
+            }
+          }
+        } else {
+          for (int64_t i = 0; i < E; ++i) dhr[i] = dz[i];
+        }
+      }
+      at::Tensor gx_b = gx.narrow(0, item.t0, nb);
+      if (P.has_xe) {
+        at::mm_out(gx_b, dh_route.narrow(0, item.t0, nb), wc_s.narrow(0, 0, P.Kr));
+        at::Tensor gxe_b = gxe.narrow(0, item.t0, nb);
+        at::mm_out(gxe_b, dh_expert.narrow(0, item.t0, nb), wc_s.narrow(0, P.R, P.Ke));
+      } else {
+        at::mm_out(gx_b, dh_route.narrow(0, item.t0, nb), wc_s);
+      }
+      if (fused_wgrad) {
+        at::Tensor pw = part_w[it];
+        if (P.has_xe) {
+          // Routing rows [0, Kr) come from x, expert rows [R, Kc) from x_e; the A rows [R, Kr) get both.
+          pw.zero_();
+          at::Tensor top = pw.narrow(0, 0, P.Kr);
+          at::mm_out(top, dh_route.narrow(0, item.t0, nb).t(), xb);
+          pw.narrow(0, P.R, P.Ke).addmm_(dh_expert.narrow(0, item.t0, nb).t(), xeb);
+        } else {
+          at::mm_out(pw, dh_route.narrow(0, item.t0, nb).t(), xb);
+        }
+        at::Tensor pb = part_b[it];
+        at::mm_out(pb, gc.narrow(0, item.t0, nb).t(), gated.narrow(0, item.t0, nb));
+      }
+    }
+  });
+
+  if (fused_wgrad) {
+    // Items are ordered by segment: items [first[s], first[s + 1]) belong to segment s.
+    std::vector<int64_t> first(P.S + 1, n_items);
+    for (int64_t it = n_items - 1; it >= 0; --it) first[items[it].s] = it;
+    for (int64_t s = P.S - 1; s >= 0; --s) first[s] = std::min(first[s], first[s + 1]);
+    constexpr int64_t kChunk = 8192;
+    auto reduce = [&](const at::Tensor& parts, at::Tensor& out, int64_t numel) {
+      const T* src = parts.data_ptr<T>();
+      T* dst = out.data_ptr<T>();
+      const int64_t chunks = (numel + kChunk - 1) / kChunk;
+      at::parallel_for(0, P.S * chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t w = begin; w < end; ++w) {
+          const int64_t s = w / chunks, c0 = (w % chunks) * kChunk, c1 = std::min(c0 + kChunk, numel);
+          if (first[s] == first[s + 1]) continue;  // empty segment: its grads stay 0
+          T* d = dst + s * numel;
+          const T* p0 = src + first[s] * numel;
+          for (int64_t e = c0; e < c1; ++e) d[e] = p0[e];
+          for (int64_t it = first[s] + 1; it < first[s + 1]; ++it) {
+            const T* pi = src + it * numel;
+            for (int64_t e = c0; e < c1; ++e) d[e] += pi[e];
+          }
+        }
+      });
+    };
+    reduce(part_w, gwc, part_w_numel);
+    reduce(part_b, gbc, part_b_numel);
+    return;
+  }
+
+  // Phase 2: weight grads, each a reduction over a whole segment's tokens in a single GEMM per column block.
+  struct WItem {
+    int64_t s, kind, c0, c1;  // kind 0: columns [c0, c1) of grad_Wc (d_in); kind 1: rows [c0, c1) of grad_Bc (d_out)
+  };
+  std::vector<WItem> witems;
+  for (int64_t s = 0; s < P.S; ++s) {
+    if (P.offsets[s + 1] == P.offsets[s]) continue;  // empty segment: its grads stay 0
+    for (int64_t c0 = 0; c0 < P.D; c0 += kColBlock) witems.push_back({s, 0, c0, std::min(c0 + kColBlock, P.D)});
+    for (int64_t c0 = 0; c0 < P.O; c0 += kColBlock) witems.push_back({s, 1, c0, std::min(c0 + kColBlock, P.O)});
+  }
+  at::parallel_for(0, static_cast<int64_t>(witems.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const WItem& w = witems[it];
+      const int64_t lo = P.offsets[w.s], n = P.offsets[w.s + 1] - lo, width = w.c1 - w.c0;
+      if (w.kind == 0) {
+        at::Tensor out = gwc[w.s].narrow(1, w.c0, width);
+        const at::Tensor xs = xc.narrow(0, lo, n).narrow(1, w.c0, width);
+        if (P.has_xe) {
+          const at::Tensor xes = xec.narrow(0, lo, n).narrow(1, w.c0, width);
+          out.narrow(0, 0, P.Kr).copy_(at::mm(dh_route.narrow(0, lo, n).t(), xs));
+          out.narrow(0, P.R, P.Ke).add_(at::mm(dh_expert.narrow(0, lo, n).t(), xes));
+        } else {
+          out.copy_(at::mm(dh_route.narrow(0, lo, n).t(), xs));
+        }
+      } else {
+        at::Tensor out = gbc[w.s].narrow(0, w.c0, width);
+        out.copy_(at::mm(gc.narrow(0, lo, n).narrow(1, w.c0, width).t(), gated.narrow(0, lo, n)));
+      }
+    }
+  });
+}
+
+// Inputs in the compute dtype, detached: kernels run below autograd, also on worker threads (whose grad mode is
+// not the caller's).
+at::Tensor in_cd(const at::Tensor& t, at::ScalarType cd) { return t.detach().to(cd).contiguous(); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_lora_fwd_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& expert_input, const at::Tensor& seg_offsets,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& router,
+    const std::optional<at::Tensor>& shared_a, const std::optional<at::Tensor>& shared_b,
+    const at::Tensor& expert_mask, int64_t top_k, double scaling, c10::string_view router_type) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const Problem P = make_problem(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b,
+                                 expert_mask, top_k, scaling, router_type);
+  const at::Tensor xc = in_cd(x, P.cd);
+  const at::Tensor xec = P.has_xe ? in_cd(*expert_input, P.cd) : at::Tensor();
+  const at::Tensor wc = stack_down(P, router.detach(), lora_a.detach(), shared_a);
+  const at::Tensor bc = stack_up(P, lora_b.detach(), shared_b);
+  const at::Tensor mask = expert_mask.contiguous();
+  at::Tensor delta_c = at::empty({P.T, P.O}, xc.options());
+  at::Tensor probs = at::zeros({P.T, P.E}, xc.options());
+  at::Tensor topk_idx = at::full({P.T, P.k}, -1, x.options().dtype(at::kLong));
+  if (P.cd == at::kDouble) {
+    forward_impl<double>(P, xc, xec, wc, bc, mask.data_ptr<bool>(), probs.data_ptr<double>(),
+                         topk_idx.data_ptr<int64_t>(), delta_c);
+  } else {
+    forward_impl<float>(P, xc, xec, wc, bc, mask.data_ptr<bool>(), probs.data_ptr<float>(),
+                        topk_idx.data_ptr<int64_t>(), delta_c);
+  }
+  return {delta_c.to(x.scalar_type()), probs, topk_idx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mole_lora_bwd_cpu(
+    const at::Tensor& grad_delta, const std::optional<at::Tensor>& grad_probs, const at::Tensor& x,
+    const std::optional<at::Tensor>& expert_input, const at::Tensor& seg_offsets, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& router, const std::optional<at::Tensor>& shared_a,
+    const std::optional<at::Tensor>& shared_b, const at::Tensor& expert_mask, const at::Tensor& probs,
+    const at::Tensor& topk_idx, int64_t top_k, double scaling, c10::string_view router_type) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const Problem P = make_problem(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b,
+                                 expert_mask, top_k, scaling, router_type);
+  check_float(grad_delta, "grad_delta", 2, x.scalar_type());
+  check_shape(grad_delta, "grad_delta", {P.T, P.O});
+  check_float(probs, "probs", 2, P.cd);
+  check_shape(probs, "probs", {P.T, P.E});
+  check_tensor(topk_idx, "topk_idx", 2);
+  TORCH_CHECK(topk_idx.scalar_type() == at::kLong, "mole_lora (cpu): topk_idx must be int64, got ",
+              topk_idx.scalar_type());
+  check_shape(topk_idx, "topk_idx", {P.T, P.k});
+  at::Tensor gp;
+  if (grad_probs.has_value()) {
+    check_tensor(*grad_probs, "grad_probs", 2);
+    check_shape(*grad_probs, "grad_probs", {P.T, P.E});
+    TORCH_CHECK(at::isFloatingType(grad_probs->scalar_type()), "mole_lora (cpu): grad_probs must be floating, got ",
+                grad_probs->scalar_type());
+    gp = in_cd(*grad_probs, P.cd);
+  }
+  const at::Tensor xc = in_cd(x, P.cd);
+  const at::Tensor xec = P.has_xe ? in_cd(*expert_input, P.cd) : at::Tensor();
+  const at::Tensor gc = in_cd(grad_delta, P.cd);
+  const at::Tensor wc = stack_down(P, router.detach(), lora_a.detach(), shared_a);
+  const at::Tensor bc = stack_up(P, lora_b.detach(), shared_b);
+  const at::Tensor pc = probs.detach().contiguous();
+  const at::Tensor ic = topk_idx.contiguous();
+
+  at::Tensor gx = at::empty({P.T, P.D}, xc.options());
+  at::Tensor gxe = P.has_xe ? at::empty({P.T, P.D}, xc.options()) : at::Tensor();
+  at::Tensor gwc = at::zeros({P.S, P.Kc, P.D}, xc.options());
+  at::Tensor gbc = at::zeros({P.S, P.O, P.Ke}, xc.options());
+  if (P.cd == at::kDouble) {
+    backward_impl<double>(P, xc, xec, gc, gp.defined() ? gp.data_ptr<double>() : nullptr, wc, bc,
+                          pc.data_ptr<double>(), ic.data_ptr<int64_t>(), gx, gxe, gwc, gbc);
+  } else {
+    backward_impl<float>(P, xc, xec, gc, gp.defined() ? gp.data_ptr<float>() : nullptr, wc, bc,
+                         pc.data_ptr<float>(), ic.data_ptr<int64_t>(), gx, gxe, gwc, gbc);
+  }
+  const auto dtype = x.scalar_type();
+  const int64_t Er = P.E * P.r;
+  // Weight grads are slices of two buffers: copy them out, since op outputs must not alias each other.
+  auto cast = [&](const at::Tensor& t) { return t.to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous(); };
+  const at::Tensor empty = at::empty({0}, x.options());
+  at::Tensor g_router = cast(gwc.narrow(1, 0, P.R));
+  at::Tensor g_a = cast(gwc.narrow(1, P.R, Er).reshape({P.S, P.E, P.r, P.D}));
+  at::Tensor g_b = cast(gbc.narrow(2, 0, Er).reshape({P.S, P.O, P.E, P.r}).permute({0, 2, 1, 3}));
+  at::Tensor g_sa = P.shared ? cast(gwc.narrow(1, P.R + Er, P.r)) : empty;
+  at::Tensor g_sb = P.shared ? cast(gbc.narrow(2, Er, P.r)) : empty;
+  return {gx.to(dtype), P.has_xe ? gxe.to(dtype) : empty, g_a, g_b, g_router, g_sa, g_sb};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_route_cpu(const at::Tensor& x, const at::Tensor& seg_offsets,
+                                                              const at::Tensor& lora_a, const at::Tensor& router,
+                                                              const at::Tensor& expert_mask, int64_t top_k,
+                                                              c10::string_view router_type) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  check_float(lora_a, "lora_a", 4, x.scalar_type());
+  // Routing never reads B: a [S, E, 1, r] stand-in satisfies the shape checks without touching memory.
+  const at::Tensor fake_b = at::empty({lora_a.size(0), lora_a.size(1), 1, lora_a.size(2)}, lora_a.options());
+  Problem P = make_problem(x, std::nullopt, seg_offsets, lora_a, fake_b, router, std::nullopt, std::nullopt,
+                           expert_mask, top_k, 1.0, router_type);
+  const at::Tensor xc = in_cd(x, P.cd);
+  const at::Tensor wc = stack_down(P, router.detach(), lora_a.detach(), std::nullopt).narrow(1, 0, P.Kr).contiguous();
+  const at::Tensor mask = expert_mask.contiguous();
+  at::Tensor probs = at::zeros({P.T, P.E}, xc.options());
+  at::Tensor topk_idx = at::full({P.T, P.k}, -1, x.options().dtype(at::kLong));
+  const std::vector<Item> items = token_items(P);
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    T* probs_p = probs.data_ptr<T>();
+    int64_t* idx_p = topk_idx.data_ptr<int64_t>();
+    const bool* mask_p = mask.data_ptr<bool>();
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> z(P.E);
+      std::vector<char> taken(P.E);
+      for (int64_t it = begin; it < end; ++it) {
+        const Item& item = items[it];
+        const at::Tensor h = at::mm(xc.narrow(0, item.t0, item.t1 - item.t0), wc[item.s].t());
+        const T* hp = h.data_ptr<T>();
+        for (int64_t tok = item.t0; tok < item.t1; ++tok) {
+          route_token<T>(P, hp + (tok - item.t0) * P.Kr, mask_p + item.s * P.E, probs_p + tok * P.E,
+                         idx_p + tok * P.k, z.data(), taken.data());
+        }
+      }
+    });
+  };
+  if (P.cd == at::kDouble) {
+    run(double(0));
+  } else {
+    run(float(0));
+  }
+  // Counts: a sequential pass (S*T*k integer adds) keeps this trivially deterministic.
+  at::Tensor counts = at::zeros({P.S, P.E}, x.options().dtype(at::kLong));
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  const int64_t* idx_p = topk_idx.data_ptr<int64_t>();
+  for (int64_t s = 0; s < P.S; ++s) {
+    for (int64_t tok = P.offsets[s]; tok < P.offsets[s + 1]; ++tok) {
+      for (int64_t j = 0; j < P.k; ++j) {
+        if (idx_p[tok * P.k + j] >= 0) ++cnt[s * P.E + idx_p[tok * P.k + j]];
+      }
+    }
+  }
+  return {probs, topk_idx, counts};
+}
+
+}  // namespace fedamole

@@ -1,0 +1,34 @@
+// CPU kernels of the `mole_lora` op (backend "cpu"); registered by csrc/bindings.cpp as fedamole_ext::*.
+// Semantics: fedamole_kernels/reference.py (the oracle). Absent optional outputs are empty tensors.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace fedamole {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_lora_fwd_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& expert_input, const at::Tensor& seg_offsets,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& router,
+    const std::optional<at::Tensor>& shared_a, const std::optional<at::Tensor>& shared_b,
+    const at::Tensor& expert_mask, int64_t top_k, double scaling, c10::string_view router_type);
+
+// Returns grads of (x, expert_input, lora_a, lora_b, router, shared_a, shared_b); absent inputs get an empty tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mole_lora_bwd_cpu(
+    const at::Tensor& grad_delta, const std::optional<at::Tensor>& grad_probs, const at::Tensor& x,
+    const std::optional<at::Tensor>& expert_input, const at::Tensor& seg_offsets, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& router, const std::optional<at::Tensor>& shared_a,
+    const std::optional<at::Tensor>& shared_b, const at::Tensor& expert_mask, const at::Tensor& probs,
+    const at::Tensor& topk_idx, int64_t top_k, double scaling, c10::string_view router_type);
+
+// Routing only: (probs [T, E], topk_idx [T, k], counts [S, E] int64 = top-k slots routed to each slot per segment).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_route_cpu(const at::Tensor& x, const at::Tensor& seg_offsets,
+                                                              const at::Tensor& lora_a, const at::Tensor& router,
+                                                              const at::Tensor& expert_mask, int64_t top_k,
+                                                              c10::string_view router_type);
+
+}  // namespace fedamole
