@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from fedamole.data.prompts import SNLI_LABELS, format_instruction, format_snli
 from fedamole.data.scenarios import Example
+
+if TYPE_CHECKING:  # imported lazily: `datasets` is slow to import
+    import datasets
 
 __all__ = ["load_table", "load_snli", "load_dolly", "load_natural_instructions", "DOLLY_CATEGORIES"]
 
@@ -24,6 +26,8 @@ DOLLY_CATEGORIES = ["brainstorming", "classification", "closed_qa", "creative_wr
 
 def load_table(source: str | Path, split: str = "train") -> datasets.Dataset:
     """A ``datasets.Dataset`` from a local file / directory, or from the hub when ``source`` is not a local path."""
+    import datasets
+
     path = Path(source)
     if path.is_file():
         builder = _BUILDERS.get(path.suffix.lower())
@@ -88,6 +92,8 @@ def load_natural_instructions(source: str | Path = "Muennighoff/natural-instruct
     Tables need columns task_name, definition, inputs, targets (the hub layout); a directory of ``task*.json``
     files (the GitHub layout) is read as well.
     """
+    import datasets
+
     path = Path(source)
     if path.is_dir() and any(path.glob("task*.json")):
         ds = datasets.Dataset.from_list(list(_ni_rows_from_github(path)))

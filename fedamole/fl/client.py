@@ -1,0 +1,237 @@
+"""Client side: one round of local work as a function of (workload, payload, client data, seed) -> upload.
+
+A *state* is a flat dict ``{parameter name: tensor}`` over the model's MoLE parameters and extra trainable modules
+(the classification head). Routed-expert tensors (``<module>.lora_a`` [k, r, d_in], ``<module>.lora_b``
+[k, d_out, r], and ``<module>.router`` [k, d_in] for the linear router) fill slots 0..k-1 of the module and mark
+exactly those slots active. Parameters absent from the state stay as they are and are not trained.
+
+Payload keys (all but ``down`` optional):
+  down: state sent by the server (counted as downloaded bytes); private: state the client kept from earlier rounds
+  (not exchanged); expert_ids: {module: int array} (metadata, counted); upload: keys of the trained state to send
+  back (default: the keys of ``down``); keep: keys to keep privately; frozen: parameter kinds not trained
+  ("lora_a", "lora_b", "router", "shared_a", "shared_b", "extra"); lr, steps, batch_size, max_grad_norm;
+  evaluate: score the test split after training; stats: compute embedding-set statistics; dp_eta: noise level on
+  the statistics (None = none); router: "embedding" | "linear".
+
+Upload keys: up (state), private (state), metric, stats ({"t": {module: [r]}, "e": {module: [k, r]}}), train_loss,
+num_train.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import fedamole
+from fedamole.data.scenarios import ClientData
+
+__all__ = ["client_update", "load_state", "extract_state", "embedding_stats", "dp_noise", "state_nbytes"]
+
+_SLOT_KINDS = ("lora_a", "lora_b")
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    mod, _, kind = key.rpartition(".")
+    return mod, kind
+
+
+def _is_slot(module, kind: str) -> bool:
+    return kind in _SLOT_KINDS or (kind == "router" and module.config.router == "linear")
+
+
+@torch.no_grad()
+def load_state(model, state: dict[str, Tensor]) -> None:
+    """Copy ``state`` into ``model``; routed-expert tensors fill the first k slots and set the active mask."""
+    modules = fedamole.mole_modules(model)
+    params = dict(model.named_parameters())
+    active: dict[str, int] = {}
+    for key, value in state.items():
+        mod, kind = _split_key(key)
+        if mod in modules and _is_slot(modules[mod], kind):
+            k = value.shape[0]
+            if active.setdefault(mod, k) != k:
+                raise ValueError(f"state: {key} has {k} experts, other tensors of {mod} have {active[mod]}")
+            if k > modules[mod].config.num_experts:
+                raise ValueError(f"state: {key} has {k} experts but {mod} has {modules[mod].config.num_experts} slots")
+            getattr(modules[mod], kind)[:k].copy_(value)
+        elif key in params:
+            params[key].copy_(value)
+        else:
+            raise ValueError(f"state: unknown parameter {key!r}")
+    for mod, k in active.items():
+        mask = torch.zeros(modules[mod].config.num_experts, dtype=torch.bool)
+        mask[:k] = True
+        modules[mod].set_active_experts(mask)
+
+
+@torch.no_grad()
+def extract_state(model, keys, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Copies (on CPU) of the parameters named by ``keys``, slot tensors cut to the size they have in ``like``."""
+    modules = fedamole.mole_modules(model)
+    params = dict(model.named_parameters())
+    out = {}
+    for key in keys:
+        mod, kind = _split_key(key)
+        if mod in modules and _is_slot(modules[mod], kind):
+            out[key] = getattr(modules[mod], kind)[: like[key].shape[0]].detach().cpu().clone()
+        else:
+            out[key] = params[key].detach().cpu().clone()
+    return out
+
+
+def _trainable(model, keys, frozen) -> list[Tensor]:
+    modules = fedamole.mole_modules(model)
+    params = dict(model.named_parameters())
+    out, seen = [], set()
+    for key in keys:
+        mod, kind = _split_key(key)
+        kind = kind if mod in modules else "extra"
+        if kind in frozen:
+            continue
+        p = getattr(modules[mod], kind) if mod in modules else params[key]
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def dp_noise(v: Tensor, eta: float, generator: torch.Generator) -> Tensor:
+    """Metric-DP noise on one embedding: v + rho u, rho ~ Gamma(d, 1/eta), u uniform on the unit sphere; the result
+    is rescaled to at most the clean norm (larger eta = less noise)."""
+    if not math.isfinite(eta) or eta <= 0:
+        raise ValueError(f"dp_eta must be a finite number > 0, got {eta!r}")
+    v = v.float()
+    d = v.numel()
+    direction = torch.randn(d, generator=generator)
+    direction = direction / direction.norm().clamp(min=1e-12)
+    rho = _gamma(d, eta, generator)
+    noisy = v.reshape(-1) + rho * direction
+    clean, new = v.norm(), noisy.norm()
+    if new > clean:
+        noisy = noisy * (clean / new.clamp(min=1e-12))
+    return noisy.reshape(v.shape)
+
+
+def _gamma(shape: int, eta: float, generator: torch.Generator) -> float:
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    return float(np.random.default_rng(seed).gamma(shape, 1.0 / eta))
+
+
+@torch.no_grad()
+def embedding_stats(workload, examples, batch_size: int = 16) -> dict[str, dict[str, Tensor]]:
+    """SPEC §3 step 4 over the embedding set, per module: t = mean over tokens of W_t x (embedding router) or of x
+    (linear router); e = mean over tokens of A_i x for each active slot i (embedding router only)."""
+    model = workload.model
+    modules = fedamole.mole_modules(model)
+    sums: dict[str, list] = {name: [None, None, 0] for name in modules}
+    state = {"mask": None}
+    hooks = []
+
+    def make_hook(name, m):
+        def hook(_module, args):
+            x = args[0].reshape(-1, m.in_features).float()[state["mask"].reshape(-1)]
+            k = int(m.active_experts.sum())
+            if m.config.router == "embedding":
+                t = (x @ m.router.float().T).sum(0)
+                e = torch.einsum("td,erd->er", x, m.lora_a[:k].float())
+            else:
+                t, e = x.sum(0), None
+            acc = sums[name]
+            acc[0] = t if acc[0] is None else acc[0] + t
+            if e is not None:
+                acc[1] = e if acc[1] is None else acc[1] + e
+            acc[2] += x.shape[0]
+        return hook
+
+    for name, m in modules.items():
+        hooks.append(m.register_forward_pre_hook(make_hook(name, m)))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in workload.batches(examples, batch_size):
+            state["mask"] = batch["attention_mask"].bool()
+            workload.forward_tokens(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    out: dict[str, dict[str, Tensor]] = {"t": {}, "e": {}}
+    for name, (t, e, n) in sums.items():
+        n = max(n, 1)
+        out["t"][name] = (t / n).cpu()
+        if e is not None:
+            out["e"][name] = (e / n).cpu()
+    return out
+
+
+def state_nbytes(state) -> int:
+    """Bytes of the tensors / arrays in a (nested) dict."""
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, np.ndarray):
+        return int(state.nbytes)
+    return 0
+
+
+def client_update(workload, payload: dict, data: ClientData, seed: int, kind: str = "classification",
+                  choices=None) -> dict:
+    """One client's round: load the payload, train locally, evaluate, compute statistics, build the upload."""
+    model = workload.model
+    down, private = payload.get("down", {}), payload.get("private", {})
+    state = {**private, **down}
+    load_state(model, state)
+    torch.manual_seed(seed)
+    steps = int(payload.get("steps", 0))
+    frozen = set(payload.get("frozen", ()))
+    train_loss = float("nan")
+    if steps > 0 and data.train:
+        params = _trainable(model, state.keys(), frozen)
+        opt = torch.optim.Adam(params, lr=float(payload["lr"]), eps=1e-6)
+        clip = payload.get("max_grad_norm")
+        # Only this round's trainable tensors need gradients (saves the backward of frozen adapters).
+        adapters = [p for p in model.parameters() if p.requires_grad]
+        train_ids = {id(p) for p in params}
+        for p in adapters:
+            p.requires_grad_(id(p) in train_ids)
+        model.train()
+        losses = []
+        rng = np.random.default_rng(seed)
+        try:
+            for batch in workload.batches(data.train, int(payload.get("batch_size", 1)), steps=steps, rng=rng):
+                loss = workload.loss(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(params, float(clip))
+                opt.step()
+                losses.append(float(loss.detach()))
+        finally:
+            for p in adapters:
+                p.requires_grad_(True)
+        train_loss = float(np.mean(losses))
+    model.eval()
+    metric = workload.evaluate(data.test, kind, choices) if payload.get("evaluate", True) else None
+    stats = None
+    if payload.get("stats"):
+        stats = embedding_stats(workload, data.embed or data.train)
+        eta = payload.get("dp_eta")
+        if eta is not None:
+            gen = torch.Generator().manual_seed(seed + 1)
+            stats = {part: {name: dp_noise(v, eta, gen) if v.dim() == 1 else torch.stack([dp_noise(r, eta, gen)
+                                                                                      for r in v])
+                            for name, v in vals.items()} for part, vals in stats.items()}
+    up_keys = payload.get("upload", list(down))
+    keep_keys = payload.get("keep", [])
+    return {
+        "up": extract_state(model, up_keys, state),
+        "private": extract_state(model, keep_keys, state),
+        "metric": metric,
+        "stats": stats,
+        "train_loss": train_loss,
+        "num_train": len(data.train),
+    }

@@ -1,0 +1,191 @@
+"""FedAMoLE server (SPEC §3) and its ablations, plus the `Algorithm` interface shared with the baselines.
+
+Per MoLE module the server holds N_e domain experts (A [N_e, r, d_in], B [N_e, d_out, r]), one shared expert and
+the token projection W_t (``router``; with the linear-router ablation one router row per domain expert instead).
+Clients hold between min_experts and max_experts of the domain experts, in the slots of a MoLELinear with
+``num_experts = max_experts`` slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import fedamole
+from fedamole.config import MoLEConfig
+from fedamole.fl.aggregation import expert_mean, mean_tensors, random_scores
+from fedamole.fl.rsea import assign_experts, check_feasible, score_matrix
+
+__all__ = ["Algorithm", "FedAMoLE", "ASSIGNMENTS"]
+
+ASSIGNMENTS = ("rsea", "static", "random", "homogeneous")
+
+
+class Algorithm:
+    """What the runner needs from an algorithm.
+
+    ``mole_config(base)`` -> the layer configuration the clients' model uses; ``setup(model, num_train, seed)``
+    once; then per round ``payloads(round)`` -> one payload per client (see `fedamole.fl.client`),
+    ``aggregate(round, uploads)``, and when ``evaluates_global`` is True, ``eval_payloads()`` -> payloads that only
+    evaluate the aggregated model on each client's test set.
+    """
+
+    name = "algorithm"
+    evaluates_global = False
+
+    def mole_config(self, base: MoLEConfig) -> MoLEConfig:
+        raise NotImplementedError
+
+    def setup(self, model, num_train: list[int], seed: int) -> None:
+        raise NotImplementedError
+
+    def payloads(self, round_idx: int) -> list[dict]:
+        raise NotImplementedError
+
+    def aggregate(self, round_idx: int, uploads: list[dict]) -> None:
+        raise NotImplementedError
+
+    def eval_payloads(self) -> list[dict]:
+        raise NotImplementedError
+
+
+def extra_state(model) -> dict[str, Tensor]:
+    """Initial values of the extra trainable modules (the classification head), float32 CPU copies."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name in getattr(model, "fedamole_extra_trainable", []):
+        for key, _ in model.get_submodule(name).named_parameters():
+            out[f"{name}.{key}"] = params[f"{name}.{key}"].detach().float().cpu().clone()
+    return out
+
+
+def _kaiming(shape, fan_in: int, gen: torch.Generator) -> Tensor:
+    """LoRA's Kaiming-uniform(a=sqrt(5)) initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+
+class FedAMoLE(Algorithm):
+    """FedAMoLE with RSEA (``assignment="rsea"``) or an ablation: "static" (keep the round-0 assignment),
+    "random" (a fresh random assignment every round), "homogeneous" (every client exactly N_e k_c / C experts);
+    ``router="linear"`` is the vanilla-router ablation. ``dp_eta`` adds metric-DP noise to uploaded embeddings."""
+
+    def __init__(self, num_experts: int = 30, clients_per_expert: int = 2, min_experts: int = 2,
+                 max_experts: int = 8, assignment: str = "rsea", router: str = "embedding",
+                 dp_eta: float | None = None, name: str = "fedamole") -> None:
+        if assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
+        if router not in ("embedding", "linear"):
+            raise ValueError(f"router must be 'embedding' or 'linear', got {router!r}")
+        if dp_eta is not None and (not math.isfinite(dp_eta) or dp_eta <= 0):
+            raise ValueError(f"dp_eta must be None or a finite number > 0, got {dp_eta!r}")
+        self.num_experts, self.k_c = int(num_experts), int(clients_per_expert)
+        self.min_experts, self.max_experts = int(min_experts), int(max_experts)
+        self.assignment, self.router, self.dp_eta, self.name = assignment, router, dp_eta, name
+
+    def mole_config(self, base: MoLEConfig) -> MoLEConfig:
+        return dataclasses.replace(base, num_experts=self.max_experts, router=self.router, shared_expert=True)
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def _bounds(self, num_clients: int) -> tuple[int, int]:
+        if self.assignment != "homogeneous":
+            return self.min_experts, self.max_experts
+        total = self.num_experts * self.k_c
+        if total % num_clients:
+            raise ValueError(f"homogeneous assignment needs num_experts x clients_per_expert = {self.num_experts} x "
+                             f"{self.k_c} = {total} divisible by the number of clients ({num_clients})")
+        if total // num_clients > self.max_experts:
+            raise ValueError(f"homogeneous assignment gives {total // num_clients} experts per client > "
+                             f"max_experts ({self.max_experts})")
+        return total // num_clients, total // num_clients
+
+    def setup(self, model, num_train: list[int], seed: int) -> None:
+        self.num_clients = len(num_train)
+        lo, hi = self._bounds(self.num_clients)
+        check_feasible(self.num_experts, self.num_clients, self.k_c, lo, hi)
+        self.rng = np.random.default_rng(seed)
+        gen = torch.Generator().manual_seed(seed)
+        self.modules = {}
+        for name, m in fedamole.mole_modules(model).items():
+            r, d_in, d_out = m.config.rank, m.in_features, m.out_features
+            pool = {"lora_a": _kaiming((self.num_experts, r, d_in), d_in, gen),
+                    "lora_b": torch.zeros(self.num_experts, d_out, r),
+                    "shared_a": _kaiming((r, d_in), d_in, gen), "shared_b": torch.zeros(d_out, r)}
+            rows = (self.num_experts, d_in) if self.router == "linear" else (r, d_in)
+            pool["router"] = _kaiming(rows, d_in, gen)
+            self.modules[name] = {"pool": pool, "rank": r,
+                                  "assign": self._assign(random_scores(self.num_experts, self.num_clients, self.rng))}
+        self.extra = extra_state(model)
+        self.history_assign: list[dict[str, np.ndarray]] = []
+
+    def _assign(self, scores: np.ndarray) -> np.ndarray:
+        lo, hi = self._bounds(self.num_clients)
+        return assign_experts(scores, self.k_c, lo, hi)
+
+    # -- rounds ---------------------------------------------------------------------------------------------
+    def payloads(self, round_idx: int) -> list[dict]:
+        out = []
+        for c in range(self.num_clients):
+            down, ids_all = {}, {}
+            for name, mod in self.modules.items():
+                ids = np.flatnonzero(mod["assign"][:, c])
+                pool = mod["pool"]
+                down[f"{name}.lora_a"] = pool["lora_a"][ids]
+                down[f"{name}.lora_b"] = pool["lora_b"][ids]
+                down[f"{name}.router"] = pool["router"][ids] if self.router == "linear" else pool["router"]
+                down[f"{name}.shared_a"], down[f"{name}.shared_b"] = pool["shared_a"], pool["shared_b"]
+                ids_all[name] = ids.astype(np.int32)
+            down.update(self.extra)
+            needs_stats = self.assignment in ("rsea", "homogeneous")
+            out.append({"down": down, "expert_ids": ids_all, "upload": list(down), "evaluate": True,
+                        "stats": needs_stats, "dp_eta": self.dp_eta if needs_stats else None})
+        return out
+
+    def aggregate(self, round_idx: int, uploads: list[dict]) -> None:
+        if len(uploads) != self.num_clients:
+            raise ValueError(f"uploads: expected {self.num_clients}, got {len(uploads)}")
+        self.history_assign.append({n: m["assign"].copy() for n, m in self.modules.items()})
+        for name, mod in self.modules.items():
+            pool, assign = mod["pool"], mod["assign"]
+            ids = [np.flatnonzero(assign[:, c]) for c in range(self.num_clients)]
+            for kind in ("lora_a", "lora_b"):
+                pool[kind] = expert_mean(pool[kind], [(ids[c], u["up"][f"{name}.{kind}"])
+                                                      for c, u in enumerate(uploads)])
+            if self.router == "linear":
+                pool["router"] = expert_mean(pool["router"], [(ids[c], u["up"][f"{name}.router"])
+                                                              for c, u in enumerate(uploads)])
+            else:
+                pool["router"] = mean_tensors([u["up"][f"{name}.router"] for u in uploads])
+            for kind in ("shared_a", "shared_b"):
+                pool[kind] = mean_tensors([u["up"][f"{name}.{kind}"] for u in uploads])
+            mod["assign"] = self._next_assignment(name, mod, ids, uploads)
+        if self.extra:
+            self.extra = {k: mean_tensors([u["up"][k] for u in uploads]) for k in self.extra}
+
+    def client_scores(self, name: str, ids: list[np.ndarray], uploads: list[dict]) -> np.ndarray:
+        """P [N_e, C] for one module from the uploaded statistics (SPEC §3 step 7).
+
+        Embedding router: e_i = mean of the holders' e_{c,i}, S = e t^T / sqrt(r). Linear router: the expert's
+        aggregated router row against the client's mean token, S = R x_bar (its routing logit)."""
+        t = torch.stack([u["stats"]["t"][name].float() for u in uploads]).numpy()
+        mod = self.modules[name]
+        if self.router == "linear":
+            return score_matrix(mod["pool"]["router"].numpy(), t, rank=1)
+        e_pool = torch.zeros(self.num_experts, mod["rank"])
+        e = expert_mean(e_pool, [(ids[c], u["stats"]["e"][name]) for c, u in enumerate(uploads)]).numpy()
+        return score_matrix(e, t, rank=mod["rank"])
+
+    def _next_assignment(self, name, mod, ids, uploads) -> np.ndarray:
+        if self.assignment == "static":
+            return mod["assign"]
+        if self.assignment == "random":
+            return self._assign(random_scores(self.num_experts, self.num_clients, self.rng))
+        return self._assign(self.client_scores(name, ids, uploads))
+
+    def experts_per_client(self) -> dict[str, list[int]]:
+        """Current |S_c| per module (the heterogeneous architecture)."""
+        return {n: m["assign"].sum(0).astype(int).tolist() for n, m in self.modules.items()}

@@ -1,0 +1,185 @@
+"""The simulation loop: rounds of payloads -> engine -> uploads -> aggregation, with metrics and traffic."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fedamole.fl.client import state_nbytes
+from fedamole.fl.engine import make_engine
+from fedamole.metrics import mean_std
+from fedamole.presets import SimConfig, build_data, build_workload, make_algorithm, mole_config
+
+__all__ = ["simulate", "write_summary", "plot_history", "compare"]
+
+
+def _mean(values) -> float:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _settings(cfg: SimConfig, payloads: list[dict], round_idx: int) -> list[dict]:
+    lr = cfg.lr * cfg.lr_decay ** (round_idx - 1)
+    for p in payloads:
+        p.setdefault("steps", cfg.local_steps)
+        p.setdefault("lr", lr)
+        p.setdefault("batch_size", cfg.batch_size)
+        p.setdefault("max_grad_norm", cfg.max_grad_norm)
+    return payloads
+
+
+def _eval_only(payloads: list[dict]) -> list[dict]:
+    return [{**p, "steps": 0, "evaluate": True, "stats": False, "upload": [], "keep": []} for p in payloads]
+
+
+def _down_bytes(payloads: list[dict]) -> int:
+    return sum(state_nbytes(p.get("down", {})) + state_nbytes(p.get("expert_ids", {})) for p in payloads)
+
+
+def simulate(cfg: SimConfig, progress: bool = True) -> dict:
+    """Run one simulation; returns the summary (see `write_summary`)."""
+    cfg.validate()
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        return _simulate(cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _simulate(cfg: SimConfig, progress: bool) -> dict:
+    t0 = time.perf_counter()
+    scenario = build_data(cfg)
+    algo = make_algorithm(cfg)
+    workload = build_workload(cfg, algo.mole_config(mole_config(cfg)), scenario)
+    engine = make_engine(cfg.engine, lambda: workload, scenario, cfg.seed, progress=progress)
+    algo.setup(workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
+    summary: dict = {"algorithm": cfg.algorithm, "engine": cfg.engine, "clients": cfg.clients, "rounds": cfg.rounds,
+                     "metric": scenario.metric, "scenario": scenario.name, "seed": cfg.seed}
+    if scenario.kind == "classification":
+        summary["chance"] = 1.0 / (len(scenario.choices) if scenario.choices else scenario.num_labels)
+    if cfg.eval_initial:
+        first = engine.run(_eval_only(_settings(cfg, algo.payloads(1), 1)), 0)
+        summary["initial_per_client"] = [u["metric"] for u in first]
+        summary["initial_mean"] = _mean(summary["initial_per_client"])
+    history = []
+    try:
+        for r in tqdm(range(1, cfg.rounds + 1), desc=f"{cfg.algorithm} rounds", disable=not progress):
+            t_round = time.perf_counter()
+            payloads = _settings(cfg, algo.payloads(r), r)
+            bytes_down = _down_bytes(payloads)
+            uploads = engine.run(payloads, r)
+            bytes_up = sum(state_nbytes(u["up"]) + state_nbytes(u["stats"] or {}) for u in uploads)
+            bytes_up += sum(state_nbytes(p.get("expert_ids", {})) for p in payloads)  # clients send their ids back
+            algo.aggregate(r, uploads)
+            if algo.evaluates_global:
+                evals = algo.eval_payloads()
+                if r == cfg.rounds:  # earlier rounds: this model is the next round's download, counted there
+                    bytes_down += _down_bytes(evals)
+                per_client = [u["metric"] for u in engine.run(_eval_only(_settings(cfg, evals, r)), r)]
+            else:
+                per_client = [u["metric"] for u in uploads]
+            entry = {"round": r, "mean": _mean(per_client), "per_client": per_client, "bytes_up": int(bytes_up),
+                     "bytes_down": int(bytes_down), "seconds": time.perf_counter() - t_round,
+                     "train_loss": _mean([u["train_loss"] for u in uploads])}
+            if hasattr(algo, "experts_per_client"):
+                counts = np.array(list(algo.experts_per_client().values()))
+                entry["experts_per_client_mean"] = counts.mean(0).round(3).tolist()
+            history.append(entry)
+    finally:
+        engine.close()
+    summary.update({"final_mean": history[-1]["mean"], "final_per_client": history[-1]["per_client"],
+                    "history": history, "wall_seconds": time.perf_counter() - t0, "config": cfg.to_dict()})
+    return summary
+
+
+def plot_history(summaries: dict[str, dict], path: str | Path, per_client: bool = True) -> Path:
+    """Mean metric per round (thick) and, for a single run, each client's metric (thin)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, s in summaries.items():
+        rounds = [h["round"] for h in s["history"]]
+        line, = ax.plot(rounds, [h["mean"] for h in s["history"]], marker="o", lw=2.2, label=f"{label} (mean)")
+        if per_client and len(summaries) == 1:
+            per = np.array([h["per_client"] for h in s["history"]], dtype=float)
+            for c in range(per.shape[1]):
+                ax.plot(rounds, per[:, c], lw=0.8, alpha=0.45, color=line.get_color())
+        if "initial_mean" in s:
+            ax.axhline(s["initial_mean"], ls=":", color=line.get_color(), lw=1)
+    first = next(iter(summaries.values()))
+    if "chance" in first:
+        ax.axhline(first["chance"], ls="--", color="grey", lw=1, label="chance")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel(first["metric"])
+    ax.set_title(f"{first.get('scenario', '')}: {first['clients']} clients (thin: per client, dotted: untrained)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_summary(summary: dict, out_dir: str | Path) -> Path:
+    """DIR/summary.json and DIR/metrics.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    plot_history({summary["algorithm"]: summary}, out / "metrics.png")
+    return out / "summary.json"
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def compare(cfg: SimConfig, algorithms: list[str], out_dir: str | Path, seeds: list[int] | None = None,
+            progress: bool = True) -> dict:
+    """Run several algorithms (and seeds) on one scenario; writes per-run summaries, compare.json, compare.md
+    (mean +- std over seeds of the final mean metric) and compare.png (seed-averaged curves of the first seed)."""
+    import dataclasses
+
+    out = Path(out_dir)
+    seeds = seeds or [cfg.seed]
+    table: dict[str, dict] = {}
+    curves: dict[str, dict] = {}
+    for algo in algorithms:
+        finals, walls = [], []
+        for seed in seeds:
+            run_cfg = dataclasses.replace(cfg, algorithm=algo, seed=seed)
+            s = simulate(run_cfg, progress=progress)
+            write_summary(s, out / f"{algo}-seed{seed}")
+            finals.append(s["final_mean"])
+            walls.append(s["wall_seconds"])
+            curves.setdefault(algo, s)
+        m, sd = mean_std(finals)
+        table[algo] = {"final_mean": m, "std": sd, "per_seed": finals, "wall_seconds": float(np.mean(walls)),
+                       "initial_mean": curves[algo].get("initial_mean")}
+    result = {"metric": curves[algorithms[0]]["metric"], "seeds": seeds, "results": table}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    lines = [f"| algorithm | final {result['metric']} (mean ± std over {len(seeds)} seed(s)) | wall s |",
+             "|---|---|---|"]
+    lines += [f"| {a} | {r['final_mean']:.4f} ± {r['std']:.4f} | {r['wall_seconds']:.0f} |" for a, r in table.items()]
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    plot_history(curves, out / "compare.png", per_client=False)
+    return result
