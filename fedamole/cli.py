@@ -14,7 +14,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file with configuration overrides (SimConfig fields)")
     p.add_argument("--preset", default=None, help="default (MiniLM on stdlib docstrings, offline) | tiny | snli | "
                                                   "dolly | ni (default: the config's preset, else 'default')")
-    p.add_argument("--engine", default=None, help="simulation engine (sequential)")
+    p.add_argument("--engine", default=None, choices=("sequential", "cohort", "ray"),
+                   help="sequential (one client at a time), cohort (a round's clients batched in one step) or ray")
+    p.add_argument("--cohort-size", type=int, default=None, help="clients per batched cohort (0 = all)")
     p.add_argument("--clients", type=int, default=None, help="number of clients")
     p.add_argument("--rounds", type=int, default=None, help="communication rounds")
     p.add_argument("--local-steps", type=int, default=None, help="local training steps per round")
@@ -57,7 +59,8 @@ def _config(args):
             raise SystemExit(f"fedamole: --config {args.config} must hold a mapping of configuration keys")
     preset = args.preset or overrides.pop("preset", None) or "default"
     overrides.pop("preset", None)
-    flags = {"engine": args.engine, "clients": args.clients, "rounds": args.rounds, "local_steps": args.local_steps,
+    flags = {"engine": args.engine, "cohort_size": args.cohort_size,
+             "clients": args.clients, "rounds": args.rounds, "local_steps": args.local_steps,
              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": args.device,
              "algorithm": getattr(args, "algorithm", None)}
     overrides.update({k: v for k, v in flags.items() if v is not None})

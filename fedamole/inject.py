@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fedamole.config import DEFAULT_TARGETS, MoLEConfig
-from fedamole.layers import MoLELinear
+from fedamole.layers import MoLELinear, load_balance_from_routing
 
 WEIGHTS_FILE = "mole.safetensors"
 CONFIG_FILE = "mole_config.json"
@@ -77,15 +77,22 @@ def inject_mole(model: nn.Module, config: MoLEConfig, extra_trainable: Sequence[
     return model
 
 
-def load_balance_loss(model: nn.Module) -> Tensor:
+def load_balance_loss(model: nn.Module, token_mask: Tensor | None = None) -> Tensor:
     """Sum of the load-balance losses of the model's MoLE modules from their last forward (0 if none ran).
 
     The training loss of SPEC §1 is ``task_loss + config.load_balance_coef * load_balance_loss(model)``.
+    `token_mask` (e.g. the attention mask [B, L]) restricts the statistics to real tokens, for modules that saw
+    exactly those B*L tokens; without it every token the modules saw counts (padding included).
     """
-    losses = [m.last_load_balance_loss for m in mole_modules(model).values() if m.last_load_balance_loss is not None]
-    if not losses:
+    modules = [m for m in mole_modules(model).values() if m.last_probs is not None]
+    if not modules:
         return torch.zeros(())
-    return torch.stack([loss.float() for loss in losses]).sum()
+    if token_mask is None:
+        return torch.stack([m.last_load_balance_loss.float() for m in modules]).sum()
+    return torch.stack([
+        load_balance_from_routing(m.last_probs, m.last_topk_idx, m.active_experts, token_mask).float()
+        for m in modules
+    ]).sum()
 
 
 def mole_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -11,25 +11,30 @@ from fedamole.config import MoLEConfig
 from fedamole_kernels import mole_lora
 
 
-def load_balance_from_routing(probs: Tensor, topk_idx: Tensor, active: Tensor) -> Tensor:
+def load_balance_from_routing(probs: Tensor, topk_idx: Tensor, active: Tensor,
+                              token_mask: Tensor | None = None) -> Tensor:
     """SPEC §1 load-balance loss of one module: ``|S_c| * sum_i P_i f_i`` per client, summed over clients.
 
     P_i = mean over the client's tokens of probs[:, i]; f_i = share of its (valid) top-k slots routed to expert i.
     probs [T, E] (differentiable), topk_idx [T, k] (-1 = empty slot), active bool [E] (one client) or [S, E]
-    (S clients whose tokens are S equal consecutive blocks of T). 0 when T = 0.
+    (S clients whose tokens are S equal consecutive blocks of T). `token_mask` [T] (bool) restricts both means
+    to real tokens (padding excluded), so the loss does not depend on how a batch was padded. 0 when no tokens.
     """
     active = active.reshape(-1, active.shape[-1])
     num_clients, num_slots = active.shape
     tokens_per_client = probs.shape[0] // num_clients
+    weight = probs.new_ones(probs.shape[0]) if token_mask is None else token_mask.reshape(-1).to(probs.dtype)
+    if weight.shape[0] != probs.shape[0]:
+        raise ValueError(f"token_mask must have {probs.shape[0]} entries (one per token), got {weight.shape[0]}")
+    weight = weight.reshape(num_clients, tokens_per_client)
     probs = probs.reshape(num_clients, tokens_per_client, num_slots)
     topk_idx = topk_idx.reshape(num_clients, tokens_per_client, topk_idx.shape[-1])
-    valid = topk_idx >= 0
+    valid = (topk_idx >= 0).to(probs.dtype) * weight[..., None]
     # Written without data-dependent branches so it costs no host sync and traces under torch.compile.
     counts = torch.zeros(num_clients, num_slots, dtype=probs.dtype, device=probs.device)
-    counts = counts.scatter_add(1, topk_idx.clamp(min=0).reshape(num_clients, -1),
-                                valid.reshape(num_clients, -1).to(probs.dtype))
-    share = counts / valid.reshape(num_clients, -1).sum(1, keepdim=True).clamp(min=1).to(probs.dtype)
-    mean_probs = probs.sum(1) / max(probs.shape[1], 1)
+    counts = counts.scatter_add(1, topk_idx.clamp(min=0).reshape(num_clients, -1), valid.reshape(num_clients, -1))
+    share = counts / valid.reshape(num_clients, -1).sum(1, keepdim=True).clamp(min=1)
+    mean_probs = (probs * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)
     return (active.sum(1).to(probs.dtype) * (mean_probs * share).sum(1)).sum()
 
 

@@ -49,6 +49,7 @@ class SimConfig:
     preset: str = "default"
     algorithm: str = "fedamole"
     engine: str = "sequential"
+    cohort_size: int = 0
     clients: int = 10
     rounds: int = 30
     local_steps: int = 200
@@ -66,6 +67,7 @@ class SimConfig:
     fedamole: dict = field(default_factory=lambda: {"num_experts": 30, "clients_per_expert": 2, "min_experts": 2,
                                                     "max_experts": 8, "dp_eta": None})
     fdlora: dict = field(default_factory=lambda: {"sync_every": 5, "outer_lr": 1.0, "outer_momentum": 0.5})
+    ray: dict = field(default_factory=lambda: {"num_actors": 2, "cpus_per_actor": 0.5, "address": None})
 
     def validate(self) -> SimConfig:
         if self.algorithm not in ALGORITHMS:
@@ -73,6 +75,12 @@ class SimConfig:
         for name in ("clients", "rounds", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        from fedamole.fl.engine import ENGINES
+
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(sorted(ENGINES))}; got {self.engine!r}")
+        if int(self.cohort_size) < 0:
+            raise ValueError(f"cohort_size must be >= 0 (0 = all clients of a round at once), got {self.cohort_size!r}")
         if int(self.local_steps) < 0:
             raise ValueError(f"local_steps must be >= 0, got {self.local_steps!r}")
         if not self.lr > 0 or not 0 < self.lr_decay <= 1:

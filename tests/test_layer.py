@@ -188,3 +188,14 @@ def test_client_stacked_layer_equals_one_layer_per_client():
         torch.testing.assert_close(stacked.router.grad[i], c.router.grad)
     with pytest.raises(ValueError, match="client blocks"):
         stacked(torch.randn(4, 2, 12))
+
+
+def test_load_balance_token_mask_ignores_padding():
+    probs = torch.softmax(torch.randn(6, 3), -1)
+    idx = probs.topk(2, -1).indices
+    active = torch.ones(3, dtype=torch.bool)
+    mask = torch.tensor([1, 1, 1, 1, 0, 0], dtype=torch.bool)
+    masked = load_balance_from_routing(probs, idx, active, token_mask=mask)
+    torch.testing.assert_close(masked, load_balance_from_routing(probs[:4], idx[:4], active))
+    with pytest.raises(ValueError, match="token_mask"):
+        load_balance_from_routing(probs, idx, active, token_mask=mask[:5])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
@@ -10,7 +11,7 @@ from tqdm.auto import tqdm
 from fedamole.data.scenarios import Scenario
 from fedamole.fl.client import client_update
 
-__all__ = ["Engine", "SequentialEngine", "ENGINES", "make_engine", "client_seed"]
+__all__ = ["Engine", "SequentialEngine", "ENGINES", "engine_class", "make_engine", "client_seed"]
 
 
 def client_seed(seed: int, round_idx: int, client: int) -> int:
@@ -24,11 +25,12 @@ class Engine:
     name = "engine"
 
     def __init__(self, workload_factory: Callable[[], object], scenario: Scenario, seed: int,
-                 progress: bool = True) -> None:
+                 progress: bool = True, **options) -> None:
         self.workload_factory = workload_factory
         self.scenario = scenario
         self.seed = seed
         self.progress = progress
+        self.options = options  # engine-specific settings (cohort_size, ray actors, ...): unknown keys are ignored
 
     def run(self, payloads: Sequence[dict], round_idx: int) -> list[dict]:
         raise NotImplementedError
@@ -63,11 +65,27 @@ class SequentialEngine(Engine):
         return out
 
 
-ENGINES: dict[str, type[Engine]] = {"sequential": SequentialEngine}
+# Engines beyond the sequential one live in their own modules, imported only when asked for (Ray is optional).
+ENGINES: dict[str, str] = {
+    "sequential": "fedamole.fl.engine:SequentialEngine",
+    "cohort": "fedamole.fl.cohort:CohortEngine",
+    "ray": "fedamole.fl.ray_engine:RayEngine",
+}
 
 
-def make_engine(name: str, workload_factory, scenario: Scenario, seed: int, progress: bool = True) -> Engine:
-    """An engine by name (see `ENGINES`)."""
+def engine_class(name: str) -> type[Engine]:
+    """The Engine subclass registered as `name`."""
     if name not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {name!r}")
-    return ENGINES[name](workload_factory, scenario, seed, progress=progress)
+    module_name, _, attr = ENGINES[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"engine {name!r} is not usable here: {exc}") from exc
+    return getattr(module, attr)
+
+
+def make_engine(name: str, workload_factory, scenario: Scenario, seed: int, progress: bool = True,
+                **options) -> Engine:
+    """An engine by name (see `ENGINES`); `options` go to the engine's constructor (e.g. cohort_size)."""
+    return engine_class(name)(workload_factory, scenario, seed, progress=progress, **options)

@@ -59,7 +59,8 @@ def _simulate(cfg: SimConfig, progress: bool) -> dict:
     scenario = build_data(cfg)
     algo = make_algorithm(cfg)
     workload = build_workload(cfg, algo.mole_config(mole_config(cfg)), scenario)
-    engine = make_engine(cfg.engine, lambda: workload, scenario, cfg.seed, progress=progress)
+    engine = make_engine(cfg.engine, lambda: workload, scenario, cfg.seed, progress=progress,
+                         cohort_size=int(cfg.cohort_size), ray=dict(cfg.ray), config=cfg)
     algo.setup(workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
     summary: dict = {"algorithm": cfg.algorithm, "engine": cfg.engine, "clients": cfg.clients, "rounds": cfg.rounds,
                      "metric": scenario.metric, "scenario": scenario.name, "seed": cfg.seed}

@@ -60,7 +60,9 @@ class _Base:
     def loss(self, batch: dict) -> Tensor:
         task = self.task_loss(batch)
         if self.coef > 0:
-            task = task + self.coef * fedamole.load_balance_loss(self.model).to(task.device)
+            # Real tokens only, so the loss does not depend on how much a batch was padded (cohort engine).
+            lb = fedamole.load_balance_loss(self.model, token_mask=batch["attention_mask"].bool())
+            task = task + self.coef * lb.to(task.device)
         return task
 
     @torch.no_grad()
