@@ -58,9 +58,12 @@ def _simulate(cfg: SimConfig, progress: bool) -> dict:
     t0 = time.perf_counter()
     scenario = build_data(cfg)
     algo = make_algorithm(cfg)
-    workload = build_workload(cfg, algo.mole_config(mole_config(cfg)), scenario)
+    model_config = algo.mole_config(mole_config(cfg))
+    workload = build_workload(cfg, model_config, scenario)
+    # Engines in this process share `workload`; remote ones (Ray actors) rebuild it from (config, mole_config):
+    # build_workload is seeded, so every copy starts from the same backbone.
     engine = make_engine(cfg.engine, lambda: workload, scenario, cfg.seed, progress=progress,
-                         cohort_size=int(cfg.cohort_size), ray=dict(cfg.ray), config=cfg)
+                         cohort_size=int(cfg.cohort_size), ray=dict(cfg.ray), config=cfg, mole_config=model_config)
     algo.setup(workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
     summary: dict = {"algorithm": cfg.algorithm, "engine": cfg.engine, "clients": cfg.clients, "rounds": cfg.rounds,
                      "metric": scenario.metric, "scenario": scenario.name, "seed": cfg.seed}
