@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sim)
     sim.add_argument("--algorithm", default=None, choices=ALGORITHMS, help="algorithm (default fedamole)")
     sim.add_argument("--out", type=Path, default=Path("runs/simulate"), help="output directory")
+    sim.add_argument("--resume", action="store_true",
+                     help="continue from the last complete round checkpointed in DIR/checkpoint (written every round)")
     cmp_ = sub.add_parser("compare", help="run several algorithms on one scenario; writes a table and a plot")
     _common(cmp_)
     cmp_.add_argument("--algorithms", default="fedamole,fedit-ft,fedit,local,fedamole-static",
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = _config(args)
         if args.command == "simulate":
-            summary = simulate(cfg, progress=not args.no_progress)
+            summary = simulate(cfg, progress=not args.no_progress, checkpoint_dir=args.out / "checkpoint",
+                               resume=args.resume)
             path = write_summary(summary, args.out)
             brief = {k: summary[k] for k in ("algorithm", "metric", "final_mean", "wall_seconds")}
             for k in ("initial_mean", "chance"):

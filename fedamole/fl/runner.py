@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import fedamole
+from fedamole.fl.checkpoint import load_checkpoint, save_checkpoint
 from fedamole.fl.client import state_nbytes
 from fedamole.fl.engine import make_engine
 from fedamole.metrics import mean_std
@@ -42,19 +44,48 @@ def _down_bytes(payloads: list[dict]) -> int:
     return sum(state_nbytes(p.get("down", {})) + state_nbytes(p.get("expert_ids", {})) for p in payloads)
 
 
-def simulate(cfg: SimConfig, progress: bool = True) -> dict:
-    """Run one simulation; returns the summary (see `write_summary`)."""
+def simulate(cfg: SimConfig, progress: bool = True, checkpoint_dir: str | Path | None = None,
+             resume: bool = False) -> dict:
+    """Run one simulation; returns the summary (see `write_summary`).
+
+    With `checkpoint_dir`, the complete state is checkpointed there after every round (`fedamole.fl.checkpoint`);
+    with `resume=True` as well, the run continues from the last complete round found there (a run killed at any
+    point and resumed ends exactly as an uninterrupted one would).
+    """
     cfg.validate()
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir to resume from")
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     try:
-        return _simulate(cfg, progress)
+        return _simulate(cfg, progress, None if checkpoint_dir is None else Path(checkpoint_dir), resume)
     finally:
         torch.set_num_threads(threads)
 
 
-def _simulate(cfg: SimConfig, progress: bool) -> dict:
+# Settings that may change between a run and its resumption without changing its results.
+_RESUMABLE_CHANGES = ("engine", "cohort_size", "ray", "threads", "device", "rounds", "eval_initial")
+
+
+def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int, dict, list]:
+    """State of the last complete round in `checkpoint_dir` -> (rounds done, summary so far, history)."""
+    loaded = load_checkpoint(checkpoint_dir)
+    if loaded is None:
+        return 0, {}, []
+    done, state = loaded
+    saved, now = state["config"], cfg.to_dict()
+    differing = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if differing:
+        raise ValueError(f"cannot resume from {checkpoint_dir}: the configuration differs in {differing} "
+                         f"(saved { {k: saved.get(k) for k in differing} })")
+    vars(algo).update(state["algorithm"])
+    fedamole.load_mole_state_dict(workload.model, state["model"])
+    torch.set_rng_state(state["torch_rng"])
+    return done, state["summary"], state["history"]
+
+
+def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resume: bool) -> dict:
     t0 = time.perf_counter()
     scenario = build_data(cfg)
     algo = make_algorithm(cfg)
@@ -69,13 +100,15 @@ def _simulate(cfg: SimConfig, progress: bool) -> dict:
                      "metric": scenario.metric, "scenario": scenario.name, "seed": cfg.seed}
     if scenario.kind == "classification":
         summary["chance"] = 1.0 / (len(scenario.choices) if scenario.choices else scenario.num_labels)
-    if cfg.eval_initial:
-        first = engine.run(_eval_only(_settings(cfg, algo.payloads(1), 1)), 0)
-        summary["initial_per_client"] = [u["metric"] for u in first]
-        summary["initial_mean"] = _mean(summary["initial_per_client"])
-    history = []
+    done, restored, history = _restore(checkpoint_dir, cfg, algo, workload) if resume else (0, {}, [])
+    summary.update({k: v for k, v in restored.items() if k.startswith("initial_")})
     try:
-        for r in tqdm(range(1, cfg.rounds + 1), desc=f"{cfg.algorithm} rounds", disable=not progress):
+        if cfg.eval_initial and done == 0:
+            first = engine.run(_eval_only(_settings(cfg, algo.payloads(1), 1)), 0)
+            summary["initial_per_client"] = [u["metric"] for u in first]
+            summary["initial_mean"] = _mean(summary["initial_per_client"])
+        for r in tqdm(range(done + 1, cfg.rounds + 1), desc=f"{cfg.algorithm} rounds", disable=not progress,
+                      initial=min(done, cfg.rounds), total=cfg.rounds):
             t_round = time.perf_counter()
             payloads = _settings(cfg, algo.payloads(r), r)
             bytes_down = _down_bytes(payloads)
@@ -97,6 +130,12 @@ def _simulate(cfg: SimConfig, progress: bool) -> dict:
                 counts = np.array(list(algo.experts_per_client().values()))
                 entry["experts_per_client_mean"] = counts.mean(0).round(3).tolist()
             history.append(entry)
+            if checkpoint_dir is not None:
+                save_checkpoint(checkpoint_dir, r, {
+                    "config": cfg.to_dict(), "algorithm": dict(vars(algo)),
+                    "model": fedamole.mole_state_dict(workload.model), "torch_rng": torch.get_rng_state(),
+                    "summary": {k: v for k, v in summary.items() if k.startswith("initial_")}, "history": history,
+                })
     finally:
         engine.close()
     summary.update({"final_mean": history[-1]["mean"], "final_per_client": history[-1]["per_client"],
