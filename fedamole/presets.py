@@ -68,6 +68,8 @@ class SimConfig:
                                                     "max_experts": 8, "dp_eta": None})
     fdlora: dict = field(default_factory=lambda: {"sync_every": 5, "outer_lr": 1.0, "outer_momentum": 0.5})
     ray: dict = field(default_factory=lambda: {"num_actors": 2, "cpus_per_actor": 0.5, "address": None})
+    max_upload_norm: float | None = 1e6
+    faults: list = field(default_factory=list)
 
     def validate(self) -> SimConfig:
         if self.algorithm not in ALGORITHMS:
@@ -81,6 +83,12 @@ class SimConfig:
             raise ValueError(f"engine must be one of {', '.join(sorted(ENGINES))}; got {self.engine!r}")
         if int(self.cohort_size) < 0:
             raise ValueError(f"cohort_size must be >= 0 (0 = all clients of a round at once), got {self.cohort_size!r}")
+        if self.max_upload_norm is not None and not (isinstance(self.max_upload_norm, (int, float))
+                                                     and 0 < self.max_upload_norm < float("inf")):
+            raise ValueError(f"max_upload_norm must be None or a finite number > 0, got {self.max_upload_norm!r}")
+        from fedamole.fl.validation import validate_faults
+
+        validate_faults(self.faults, int(self.clients), int(self.rounds))
         if int(self.local_steps) < 0:
             raise ValueError(f"local_steps must be >= 0, got {self.local_steps!r}")
         if not self.lr > 0 or not 0 < self.lr_decay <= 1:

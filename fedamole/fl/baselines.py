@@ -96,21 +96,25 @@ class LoRABaseline(Algorithm):
                         "evaluate": not self.evaluates_global, "stats": False})
         return out
 
-    def aggregate(self, round_idx: int, uploads: list[dict]) -> None:
-        for c, u in enumerate(uploads):
-            self.private[c] = u["private"]
-        if self.name == "local":
+    def aggregate(self, round_idx: int, uploads: list[dict | None]) -> None:
+        """FedAvg over the clients that uploaded (``None``: failed, dropped out or rejected; such a client keeps
+        its previous private state and the global state ignores it)."""
+        live = [c for c, u in enumerate(uploads) if u is not None]
+        for c in live:
+            self.private[c] = uploads[c]["private"]
+        if self.name == "local" or not live:
             return
+        avg_needed = self.name != "fdlora" or round_idx % self.sync_every == 0
+        if not avg_needed:
+            return
+        avg = mean_states([uploads[c]["up"] for c in live], [self.weights[c] for c in live])
         if self.name == "fdlora":
-            if round_idx % self.sync_every:
-                return
-            avg = mean_states([u["up"] for u in uploads], self.weights)
             for k, g in self.glob.items():
                 delta = g - avg[k]
                 self.momentum[k] = self.outer_momentum * self.momentum[k] + delta
                 self.glob[k] = g - self.outer_lr * (delta + self.outer_momentum * self.momentum[k])
             return
-        self.glob.update(mean_states([u["up"] for u in uploads], self.weights))
+        self.glob.update(avg)
 
     def eval_payloads(self) -> list[dict]:
         return [{"down": dict(self.glob), "private": {}, "upload": [], "keep": [], "steps": 0, "evaluate": True,

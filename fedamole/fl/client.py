@@ -28,7 +28,13 @@ from torch import Tensor
 import fedamole
 from fedamole.data.scenarios import ClientData
 
-__all__ = ["client_update", "load_state", "extract_state", "embedding_stats", "dp_noise", "state_nbytes"]
+
+class SimulatedClientCrash(RuntimeError):
+    """Raised by `client_update` when the payload injects a crash (fault "crash")."""
+
+
+__all__ = ["SimulatedClientCrash", "client_update", "load_state", "extract_state", "embedding_stats", "dp_noise",
+           "state_nbytes"]
 
 _SLOT_KINDS = ("lora_a", "lora_b")
 
@@ -180,7 +186,15 @@ def state_nbytes(state) -> int:
 
 def client_update(workload, payload: dict, data: ClientData, seed: int, kind: str = "classification",
                   choices=None) -> dict:
-    """One client's round: load the payload, train locally, evaluate, compute statistics, build the upload."""
+    """One client's round: load the payload, train locally, evaluate, compute statistics, build the upload.
+
+    Fault injection (``payload["fault"]``): "dropout" returns ``{"dropped": True}`` without doing anything;
+    "crash" raises `SimulatedClientCrash` half-way through local training (engines turn any exception into
+    ``{"failed": True, "error": ...}``).
+    """
+    fault = payload.get("fault")
+    if fault == "dropout":
+        return {"dropped": True}
     model = workload.model
     down, private = payload.get("down", {}), payload.get("private", {})
     state = {**private, **down}
@@ -202,7 +216,10 @@ def client_update(workload, payload: dict, data: ClientData, seed: int, kind: st
         losses = []
         rng = np.random.default_rng(seed)
         try:
-            for batch in workload.batches(data.train, int(payload.get("batch_size", 1)), steps=steps, rng=rng):
+            batches = workload.batches(data.train, int(payload.get("batch_size", 1)), steps=steps, rng=rng)
+            for step, batch in enumerate(batches):
+                if fault == "crash" and step == steps // 2:
+                    raise SimulatedClientCrash(f"injected crash at local step {step} of {steps}")
                 loss = workload.loss(batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -234,4 +251,5 @@ def client_update(workload, payload: dict, data: ClientData, seed: int, kind: st
         "stats": stats,
         "train_loss": train_loss,
         "num_train": len(data.train),
+        "expert_ids": {k: np.asarray(v).copy() for k, v in (payload.get("expert_ids") or {}).items()} or None,
     }

@@ -11,12 +11,20 @@ from tqdm.auto import tqdm
 from fedamole.data.scenarios import Scenario
 from fedamole.fl.client import client_update
 
-__all__ = ["Engine", "SequentialEngine", "ENGINES", "engine_class", "make_engine", "client_seed"]
+__all__ = ["Engine", "SequentialEngine", "ENGINES", "engine_class", "make_engine", "client_seed", "run_client_safely"]
 
 
 def client_seed(seed: int, round_idx: int, client: int) -> int:
     """The seed of one client's work in one round (data order, dropout, DP noise)."""
     return (int(seed) * 1_000_003 + int(round_idx) * 10_007 + int(client)) % (2**31 - 1)
+
+
+def run_client_safely(work: Callable[[], dict]) -> dict:
+    """Run one client's work; an exception becomes ``{"failed": True, "error": ...}`` so the round goes on."""
+    try:
+        return work()
+    except Exception as exc:  # noqa: BLE001 - any client fault must be contained, reported and skipped
+        return {"failed": True, "error": f"{type(exc).__name__}: {exc}"}
 
 
 class Engine:
@@ -60,8 +68,9 @@ class SequentialEngine(Engine):
         bar = tqdm(list(enumerate(payloads)), desc=f"round {round_idx} clients", leave=False,
                    disable=not self.progress)
         for c, payload in bar:
-            out.append(client_update(self.workload, payload, sc.clients[c], client_seed(self.seed, round_idx, c),
-                                     kind=sc.kind, choices=sc.choices))
+            out.append(run_client_safely(lambda c=c, payload=payload: client_update(
+                self.workload, payload, sc.clients[c], client_seed(self.seed, round_idx, c), kind=sc.kind,
+                choices=sc.choices)))
         return out
 
 

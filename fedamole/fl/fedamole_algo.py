@@ -145,26 +145,31 @@ class FedAMoLE(Algorithm):
                         "stats": needs_stats, "dp_eta": self.dp_eta if needs_stats else None})
         return out
 
-    def aggregate(self, round_idx: int, uploads: list[dict]) -> None:
+    def aggregate(self, round_idx: int, uploads: list[dict | None]) -> None:
+        """Per-expert plain means over the holders that uploaded, then the next assignment.
+
+        ``uploads[c] is None`` means client c failed, dropped out or was rejected: it contributes nothing, an
+        expert none of whose holders uploaded keeps its value, and (without every client's statistics) the
+        RSEA/homogeneous assignment of this round is kept as it was.
+        """
         if len(uploads) != self.num_clients:
             raise ValueError(f"uploads: expected {self.num_clients}, got {len(uploads)}")
         self.history_assign.append({n: m["assign"].copy() for n, m in self.modules.items()})
+        live = [c for c, u in enumerate(uploads) if u is not None]
         for name, mod in self.modules.items():
             pool, assign = mod["pool"], mod["assign"]
             ids = [np.flatnonzero(assign[:, c]) for c in range(self.num_clients)]
-            for kind in ("lora_a", "lora_b"):
-                pool[kind] = expert_mean(pool[kind], [(ids[c], u["up"][f"{name}.{kind}"])
-                                                      for c, u in enumerate(uploads)])
-            if self.router == "linear":
-                pool["router"] = expert_mean(pool["router"], [(ids[c], u["up"][f"{name}.router"])
-                                                              for c, u in enumerate(uploads)])
-            else:
-                pool["router"] = mean_tensors([u["up"][f"{name}.router"] for u in uploads])
-            for kind in ("shared_a", "shared_b"):
-                pool[kind] = mean_tensors([u["up"][f"{name}.{kind}"] for u in uploads])
-            mod["assign"] = self._next_assignment(name, mod, ids, uploads)
-        if self.extra:
-            self.extra = {k: mean_tensors([u["up"][k] for u in uploads]) for k in self.extra}
+            kinds = ("lora_a", "lora_b", "router") if self.router == "linear" else ("lora_a", "lora_b")
+            for kind in kinds:
+                pool[kind] = expert_mean(pool[kind], [(ids[c], uploads[c]["up"][f"{name}.{kind}"]) for c in live])
+            shared = ("shared_a", "shared_b") if self.router == "linear" else ("router", "shared_a", "shared_b")
+            if live:
+                for kind in shared:
+                    pool[kind] = mean_tensors([uploads[c]["up"][f"{name}.{kind}"] for c in live])
+            if len(live) == self.num_clients or self.assignment in ("static", "random"):
+                mod["assign"] = self._next_assignment(name, mod, ids, uploads)
+        if self.extra and live:
+            self.extra = {k: mean_tensors([uploads[c]["up"][k] for c in live]) for k in self.extra}
 
     def client_scores(self, name: str, ids: list[np.ndarray], uploads: list[dict]) -> np.ndarray:
         """P [N_e, C] for one module from the uploaded statistics (SPEC §3 step 7).

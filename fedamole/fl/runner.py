@@ -15,6 +15,7 @@ import fedamole
 from fedamole.fl.checkpoint import load_checkpoint, save_checkpoint
 from fedamole.fl.client import state_nbytes
 from fedamole.fl.engine import make_engine
+from fedamole.fl.validation import TRAINING_FAULTS, UPLOAD_FAULTS, check_upload, corrupt_upload
 from fedamole.metrics import mean_std
 from fedamole.presets import SimConfig, build_data, build_workload, make_algorithm, mole_config
 
@@ -38,6 +39,26 @@ def _settings(cfg: SimConfig, payloads: list[dict], round_idx: int) -> list[dict
 
 def _eval_only(payloads: list[dict]) -> list[dict]:
     return [{**p, "steps": 0, "evaluate": True, "stats": False, "upload": [], "keep": []} for p in payloads]
+
+
+def _screen(raw: list[dict], payloads: list[dict], max_norm: float | None) -> tuple[list[dict | None], dict]:
+    """Accepted uploads (None for a client that failed, dropped out or sent a rejected upload) and the report."""
+    uploads: list[dict | None] = []
+    report: dict = {"participants": 0, "failed_clients": [], "dropped_clients": [], "rejected_uploads": []}
+    for c, (upload, payload) in enumerate(zip(raw, payloads)):
+        if isinstance(upload, dict) and upload.get("dropped"):
+            report["dropped_clients"].append(c)
+            uploads.append(None)
+        elif isinstance(upload, dict) and upload.get("failed"):
+            report["failed_clients"].append({"client": c, "error": str(upload.get("error"))})
+            uploads.append(None)
+        elif problems := check_upload(upload, payload, max_norm):
+            report["rejected_uploads"].append({"client": c, "reasons": problems[:5]})
+            uploads.append(None)
+        else:
+            report["participants"] += 1
+            uploads.append(upload)
+    return uploads, report
 
 
 def _down_bytes(payloads: list[dict]) -> int:
@@ -111,21 +132,30 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
                       initial=min(done, cfg.rounds), total=cfg.rounds):
             t_round = time.perf_counter()
             payloads = _settings(cfg, algo.payloads(r), r)
+            faults = {f["client"]: f["kind"] for f in cfg.faults if f["round"] == r}
+            for c, kind in faults.items():
+                if kind in TRAINING_FAULTS:
+                    payloads[c] = {**payloads[c], "fault": kind}
             bytes_down = _down_bytes(payloads)
-            uploads = engine.run(payloads, r)
-            bytes_up = sum(state_nbytes(u["up"]) + state_nbytes(u["stats"] or {}) for u in uploads)
-            bytes_up += sum(state_nbytes(p.get("expert_ids", {})) for p in payloads)  # clients send their ids back
+            raw = engine.run(payloads, r)
+            for c, kind in faults.items():
+                if kind in UPLOAD_FAULTS and "up" in raw[c]:
+                    raw[c] = corrupt_upload(raw[c], kind, payloads[c])
+            uploads, report = _screen(raw, payloads, cfg.max_upload_norm)
+            received = [u for u in uploads if u is not None]
+            bytes_up = sum(state_nbytes(u["up"]) + state_nbytes(u["stats"] or {}) for u in received)
+            bytes_up += sum(state_nbytes(u.get("expert_ids") or {}) for u in received)  # clients send their ids
             algo.aggregate(r, uploads)
             if algo.evaluates_global:
                 evals = algo.eval_payloads()
                 if r == cfg.rounds:  # earlier rounds: this model is the next round's download, counted there
                     bytes_down += _down_bytes(evals)
-                per_client = [u["metric"] for u in engine.run(_eval_only(_settings(cfg, evals, r)), r)]
+                per_client = [u.get("metric") for u in engine.run(_eval_only(_settings(cfg, evals, r)), r)]
             else:
-                per_client = [u["metric"] for u in uploads]
+                per_client = [None if u is None else u["metric"] for u in uploads]
             entry = {"round": r, "mean": _mean(per_client), "per_client": per_client, "bytes_up": int(bytes_up),
                      "bytes_down": int(bytes_down), "seconds": time.perf_counter() - t_round,
-                     "train_loss": _mean([u["train_loss"] for u in uploads])}
+                     "train_loss": _mean([u["train_loss"] for u in uploads if u is not None]), **report}
             if hasattr(algo, "experts_per_client"):
                 counts = np.array(list(algo.experts_per_client().values()))
                 entry["experts_per_client_mean"] = counts.mean(0).round(3).tolist()
