@@ -72,27 +72,17 @@ class SimConfig:
     faults: list = field(default_factory=list)
 
     def validate(self) -> SimConfig:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {self.algorithm!r}")
-        for name in ("clients", "rounds", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        """Check every field (see `fedamole.config_checks`); raises ValueError naming the field."""
+        from fedamole.config_checks import check_sim_config
         from fedamole.fl.engine import ENGINES
-
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(sorted(ENGINES))}; got {self.engine!r}")
-        if int(self.cohort_size) < 0:
-            raise ValueError(f"cohort_size must be >= 0 (0 = all clients of a round at once), got {self.cohort_size!r}")
-        if self.max_upload_norm is not None and not (isinstance(self.max_upload_norm, (int, float))
-                                                     and 0 < self.max_upload_norm < float("inf")):
-            raise ValueError(f"max_upload_norm must be None or a finite number > 0, got {self.max_upload_norm!r}")
         from fedamole.fl.validation import validate_faults
 
-        validate_faults(self.faults, int(self.clients), int(self.rounds))
-        if int(self.local_steps) < 0:
-            raise ValueError(f"local_steps must be >= 0, got {self.local_steps!r}")
-        if not self.lr > 0 or not 0 < self.lr_decay <= 1:
-            raise ValueError(f"lr must be > 0 and lr_decay in (0, 1], got {self.lr!r}, {self.lr_decay!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {self.algorithm!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(sorted(ENGINES))}; got {self.engine!r}")
+        check_sim_config(self)
+        validate_faults(self.faults, self.clients, self.rounds)
         return self
 
     def to_dict(self) -> dict:
