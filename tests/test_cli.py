@@ -36,6 +36,6 @@ def test_compare_writes_table(tmp_path):
 
 def test_bad_arguments(tmp_path, capsys):
     assert main(["simulate", "--preset", "tiny", "--rounds", "0", "--out", str(tmp_path)]) == 2
-    assert "rounds must be >= 1" in capsys.readouterr().err
+    assert "rounds must be an int >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["simulate", "--algorithm", "nope"])
