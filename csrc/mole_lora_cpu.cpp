@@ -10,8 +10,10 @@
 //
 // Determinism: token-wise work runs over (segment, fixed token block) items; reductions over tokens (weight grads)
 // run over (segment, fixed column block) items, each reducing its whole segment in one GEMM. The partition never
-// depends on the thread count, and inside at::parallel_for every GEMM is single-threaded, so 1 and N threads give
-// bitwise-identical results.
+// depends on the thread count, and when at::parallel_for fans out every GEMM inside it is single-threaded, so 1 and
+// 2 threads give bitwise-identical results (tested). Known gap: when there is a single work item, parallel_for runs
+// it inline and the BLAS library may thread that GEMM itself; with 3+ threads results then differ from 1 thread in
+// the last bits (seen: 1e-7..1e-4 absolute at 3 and 8 threads on a 2-core machine, ASan session of 2026-11-24).
 
 #include "mole_lora_cpu.h"
 

@@ -6,7 +6,10 @@
   locally and averaged like the adapters.
 
 Both expose ``model``, ``batches``, ``loss`` (task loss + load_balance_coef x load balance), ``forward_tokens``
-(a no-grad forward returning the token mask, for the embedding statistics) and ``evaluate``.
+(a no-grad forward returning the token mask, for the embedding statistics) and ``evaluate``. For the cohort engine
+(`fedamole.fl.cohort`) they also expose ``merge_batches`` (several clients' batches as one, right-padded) and
+``client_losses`` (one training loss per client of such a merged batch); `CausalLMWorkload` also scores S
+clients at once (``evaluate_per_client``, classification).
 """
 
 from __future__ import annotations
@@ -65,11 +68,64 @@ class _Base:
             task = task + self.coef * lb.to(task.device)
         return task
 
+    def pad_value(self, key: str) -> int:
+        """The value that right-pads ``key`` of a batch (token ids: the pad token; labels: ignored; masks: 0)."""
+        if key == "labels":
+            return -100
+        return int(getattr(self, "pad_id", 0) or 0) if key == "input_ids" else 0
+
+    def merge_batches(self, batches: Sequence[dict]) -> dict:
+        """Concatenate batches along rows, right-padding every [rows, width] tensor to the widest one.
+
+        Right padding under an attention mask leaves the real tokens' outputs unchanged (causal or masked
+        attention, per-token layers), so each client's rows give what its own batch gives alone.
+        """
+        width = max(int(b["input_ids"].shape[1]) for b in batches)
+        out = {}
+        for key in batches[0]:
+            parts = []
+            for b in batches:
+                v = b[key]
+                if v.dim() == 2 and v.shape[1] < width:
+                    v = F.pad(v, (0, width - v.shape[1]), value=self.pad_value(key))
+                parts.append(v)
+            out[key] = torch.cat(parts)
+        return out
+
+    def client_losses(self, batch: dict, num_clients: int) -> Tensor:
+        """Per-client training losses [S] of a merged batch whose rows are S equal consecutive client blocks
+        (the model's MoLE modules client-stacked for S clients): client s's entry equals ``loss`` of its own
+        batch — its task loss over its own rows plus load_balance_coef x its load balance over real tokens."""
+        task = self.task_losses(batch, num_clients)
+        if self.coef > 0:
+            mask = batch["attention_mask"].bool()
+            lb = [_load_balance_per_client(m.last_probs, m.last_topk_idx, m.active_experts, mask, num_clients)
+                  for m in fedamole.mole_modules(self.model).values() if m.last_probs is not None]
+            if lb:
+                task = task + self.coef * torch.stack(lb).float().sum(0).to(task.device)
+        return task
+
     @torch.no_grad()
     def forward_tokens(self, batch: dict) -> Tensor:
         """Run the model (no grad) on a batch; returns the bool token mask [B, L] of real tokens."""
         self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return batch["attention_mask"].bool()
+
+
+def _load_balance_per_client(probs: Tensor, topk_idx: Tensor, active: Tensor, token_mask: Tensor,
+                             num_clients: int) -> Tensor:
+    """`fedamole.load_balance_from_routing` per client ([S] instead of its sum over clients; same arithmetic)."""
+    active = active.reshape(-1, active.shape[-1]).expand(num_clients, -1)
+    num_slots = active.shape[1]
+    weight = token_mask.reshape(num_clients, -1).to(probs.dtype)
+    probs = probs.reshape(num_clients, weight.shape[1], num_slots)
+    topk_idx = topk_idx.reshape(num_clients, weight.shape[1], topk_idx.shape[-1])
+    valid = (topk_idx >= 0).to(probs.dtype) * weight[..., None]
+    counts = torch.zeros(num_clients, num_slots, dtype=probs.dtype, device=probs.device)
+    counts = counts.scatter_add(1, topk_idx.clamp(min=0).reshape(num_clients, -1), valid.reshape(num_clients, -1))
+    share = counts / valid.reshape(num_clients, -1).sum(1, keepdim=True).clamp(min=1)
+    mean_probs = (probs * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)
+    return active.sum(1).to(probs.dtype) * (mean_probs * share).sum(1)
 
 
 class CausalLMWorkload(_Base):
@@ -116,6 +172,12 @@ class CausalLMWorkload(_Base):
         losses, valid = self._token_losses(batch)
         return (losses * valid).sum() / valid.sum().clamp(min=1)
 
+    def task_losses(self, batch: dict, num_clients: int) -> Tensor:
+        """`task_loss` of each of the S equal consecutive row blocks of ``batch`` (each its own mean) [S]."""
+        losses, valid = self._token_losses(batch)
+        losses, valid = (losses * valid).reshape(num_clients, -1), valid.reshape(num_clients, -1)
+        return losses.sum(1) / valid.sum(1).clamp(min=1)
+
     @torch.no_grad()
     def candidate_losses(self, examples: Sequence[Example], choices: Sequence[str]) -> np.ndarray:
         """Mean token loss of every candidate answer after every prompt: [n, len(choices)]."""
@@ -125,6 +187,39 @@ class CausalLMWorkload(_Base):
             losses, valid = self._token_losses(self._pad(pairs[i:i + self.batch_size_eval]))
             out.append(((losses * valid).sum(1) / valid.sum(1).clamp(min=1)).cpu())
         return torch.cat(out).numpy().reshape(len(examples), len(choices))
+
+    @torch.no_grad()
+    def evaluate_per_client(self, tests: Sequence[Sequence[Example]], kind: str,
+                            choices: Sequence[str] | None = None, max_rows: int = 4096) -> list[float] | None:
+        """`evaluate` of S clients at once on a client-stacked model (S = len(tests)); None where not batched
+        (generation). Each forward takes the same number of candidate rows from every client (a client with fewer
+        repeats its last row, ignored), at most ``max_rows`` rows in all."""
+        if kind != "classification" or not choices:
+            return None
+        num = len(tests)
+        pairs = [[self._pair(ex.text, ch, eos=False) for ex in t for ch in choices] for t in tests]
+        dummy = self._pair("", choices[0], eos=False)
+        longest = max(len(p) for p in pairs)
+        step = max(1, min(self.batch_size_eval, max_rows // num))
+        per_client: list[list[Tensor]] = [[] for _ in range(num)]
+        for i in range(0, longest, step):
+            count = min(step, longest - i)
+            rows = []
+            for p in pairs:
+                chunk = p[i:i + count] or [p[-1] if p else dummy]
+                rows.extend(chunk + [chunk[-1]] * (count - len(chunk)))
+            losses, valid = self._token_losses(self._pad(rows))
+            mean = ((losses * valid).sum(1) / valid.sum(1).clamp(min=1)).cpu().reshape(num, count)
+            for s in range(num):
+                per_client[s].append(mean[s, : max(0, min(count, len(pairs[s]) - i))])
+        out = []
+        for t, parts in zip(tests, per_client):
+            if not t:
+                out.append(float("nan"))
+                continue
+            losses = torch.cat(parts).numpy().reshape(len(t), len(choices))
+            out.append(accuracy_from_losses(losses, [ex.label for ex in t]))
+        return out
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str]) -> list[str]:
@@ -189,6 +284,16 @@ class SeqClsWorkload(_Base):
 
     def task_loss(self, batch: dict) -> Tensor:
         return F.cross_entropy(self._logits(batch), batch["labels"])
+
+    def task_losses(self, batch: dict, num_clients: int) -> Tensor:
+        """`task_loss` of each of the S equal consecutive row blocks of ``batch`` [S]."""
+        losses = F.cross_entropy(self._logits(batch), batch["labels"], reduction="none")
+        return losses.reshape(num_clients, -1).mean(1)
+
+    def pad_value(self, key: str) -> int:
+        if key == "input_ids":
+            return int(getattr(self.tokenizer, "pad_token_id", None) or 0)
+        return super().pad_value(key)
 
     @torch.no_grad()
     def evaluate(self, examples: Sequence[Example], kind: str = "classification", choices=None) -> float:
