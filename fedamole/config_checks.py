@@ -76,7 +76,11 @@ SECTIONS = {
     "fedamole": {"num_experts": POS_INT, "clients_per_expert": POS_INT, "min_experts": POS_INT,
                  "max_experts": POS_INT, "dp_eta": Rule("float", 0, strict_low=True, optional=True)},
     "fdlora": {"sync_every": POS_INT, "outer_lr": POS_FLOAT, "outer_momentum": Rule("float", 0, 1)},
-    "ray": {"num_actors": POS_INT, "cpus_per_actor": POS_FLOAT, "address": Rule("str", optional=True)},
+    "ray": {"num_actors": POS_INT, "cpus_per_actor": POS_FLOAT, "address": Rule("str", optional=True),
+            "gpus_per_actor": Rule("float", 0), "num_cpus": Rule("int", 1, optional=True),
+            "threads": Rule("int", 1, optional=True), "rebuild_data": Rule("bool"),
+            "kill_actor_after_round": Rule("int", 0, optional=True),
+            "crash_actor_in_round": Rule("int", 0, optional=True)},
 }
 
 
