@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from fedamole.atomic_io import atomic_write
 from fedamole.config import DEFAULT_TARGETS, MoLEConfig
 from fedamole.layers import MoLELinear, load_balance_from_routing
 
@@ -138,21 +138,6 @@ def load_mole_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> Non
             target[key].copy_(value)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_mole(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save the MoLE weights to folder `path`: `mole.safetensors` + `mole_config.json`. Returns the folder."""
     folder = Path(path)
@@ -165,8 +150,8 @@ def save_mole(model: nn.Module, path: str | os.PathLike) -> Path:
         "modules": sorted(mole_modules(model)),
         "extra_trainable": list(getattr(model, "fedamole_extra_trainable", [])),
     }
-    _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT_NAME}))
-    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT_NAME}))
+    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return folder
 
 

@@ -1,5 +1,6 @@
 """Backend "cpu": the C++ kernels of `fedamole_kernels._C` (csrc/mole_lora_cpu.cpp), registered as
-`torch.ops.fedamole_ext.*`.
+`torch.ops.fedamole_ext.*`. The wrappers here are device-agnostic (the ops dispatch on the tensors' device), so
+the "cuda" backend reuses them with its own checks.
 
 The C++ op fuses routing (scores, masked softmax, top-k, renormalisation, gating) and its backward into loops over
 (segment, token block) work items run with `at::parallel_for`; the GEMMs go through ATen. Results do not depend on the
@@ -45,7 +46,7 @@ def mole_lora_forward(
     """Forward on validated inputs: (delta [T, d_out] x.dtype, probs [T, E] f32/f64, topk_idx [T, top_k] int64)."""
     _require_ext()
     delta, probs, topk_idx = torch.ops.fedamole_ext.mole_lora_fwd(
-        x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
+        x, expert_input, seg_offsets.to(torch.int64), lora_a, lora_b, router, shared_a, shared_b, expert_mask,
         int(top_k), float(scaling), router_type,
     )
     return delta, probs, topk_idx
@@ -72,8 +73,8 @@ def mole_lora_backward(
     """Backward: grads of (x, expert_input, lora_a, lora_b, router, shared_a, shared_b), None for absent inputs."""
     _require_ext()
     g_x, g_xe, g_a, g_b, g_r, g_sa, g_sb = torch.ops.fedamole_ext.mole_lora_bwd(
-        grad_delta, grad_probs, x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b,
-        expert_mask, probs, topk_idx, int(top_k), float(scaling), router_type,
+        grad_delta, grad_probs, x, expert_input, seg_offsets.to(torch.int64), lora_a, lora_b, router, shared_a,
+        shared_b, expert_mask, probs, topk_idx, int(top_k), float(scaling), router_type,
     )
     return (
         g_x,
@@ -96,5 +97,8 @@ def mole_route(
     """
     _require_ext()
     return tuple(
-        torch.ops.fedamole_ext.mole_route(x, seg_offsets, lora_a, router, expert_mask, int(top_k), router_type)
+        torch.ops.fedamole_ext.mole_route(
+            x.contiguous(), seg_offsets.to(torch.int64).contiguous(), lora_a.contiguous(), router.contiguous(),
+            expert_mask.contiguous(), int(top_k), router_type,
+        )
     )

@@ -10,9 +10,13 @@ float64 is not supported on this backend (use "cpu" or "reference").
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import Tensor
 
+from fedamole_kernels import cpu_mole_lora as _ext_wrappers
 from fedamole_kernels._ext import HAS_CUDA_EXT
 
 NAME = "cuda"
@@ -41,73 +45,20 @@ def _require_ext(x: Tensor, lora_a: Tensor, top_k: int) -> None:
         raise ValueError(f"backend 'cuda' supports top_k <= {MAX_TOP_K}, got {top_k}")
 
 
-def mole_lora_forward(
-    x: Tensor,
-    expert_input: Tensor | None,
-    seg_offsets: Tensor,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    router: Tensor,
-    shared_a: Tensor | None,
-    shared_b: Tensor | None,
-    expert_mask: Tensor,
-    top_k: int,
-    scaling: float,
-    router_type: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward on validated inputs: (delta [T, d_out] x.dtype, probs [T, E] f32, topk_idx [T, top_k] int64)."""
-    _require_ext(x, lora_a, top_k)
-    delta, probs, topk_idx = torch.ops.fedamole_ext.mole_lora_fwd(
-        x, expert_input, seg_offsets.to(torch.int64), lora_a, lora_b, router, shared_a, shared_b, expert_mask,
-        int(top_k), float(scaling), router_type,
-    )
-    return delta, probs, topk_idx
+def _checked(wrapper):
+    """The device-agnostic extension wrapper `wrapper` of the cpu backend, behind this backend's limits."""
+    signature = inspect.signature(wrapper)
+
+    @functools.wraps(wrapper)
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        _require_ext(bound.arguments["x"], bound.arguments["lora_a"], bound.arguments["top_k"])
+        return wrapper(*args, **kwargs)
+
+    return call
 
 
-def mole_lora_backward(
-    grad_delta: Tensor,
-    grad_probs: Tensor | None,
-    x: Tensor,
-    expert_input: Tensor | None,
-    seg_offsets: Tensor,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    router: Tensor,
-    shared_a: Tensor | None,
-    shared_b: Tensor | None,
-    expert_mask: Tensor,
-    probs: Tensor,
-    topk_idx: Tensor,
-    top_k: int,
-    scaling: float,
-    router_type: str,
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Backward: grads of (x, expert_input, lora_a, lora_b, router, shared_a, shared_b), None for absent inputs."""
-    _require_ext(x, lora_a, top_k)
-    g_x, g_xe, g_a, g_b, g_r, g_sa, g_sb = torch.ops.fedamole_ext.mole_lora_bwd(
-        grad_delta, grad_probs, x, expert_input, seg_offsets.to(torch.int64), lora_a, lora_b, router, shared_a,
-        shared_b, expert_mask, probs, topk_idx, int(top_k), float(scaling), router_type,
-    )
-    return (
-        g_x,
-        None if expert_input is None else g_xe,
-        g_a,
-        g_b,
-        g_r,
-        None if shared_a is None else g_sa,
-        None if shared_b is None else g_sb,
-    )
-
-
-def mole_route(
-    x: Tensor, seg_offsets: Tensor, lora_a: Tensor, router: Tensor, expert_mask: Tensor, top_k: int = 2,
-    router_type: str = "embedding",
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused routing kernel alone (no gradient): (probs [T, E] f32, topk_idx [T, top_k], counts [S, E] int64)."""
-    _require_ext(x, lora_a, top_k)
-    return tuple(
-        torch.ops.fedamole_ext.mole_route(
-            x.contiguous(), seg_offsets.to(torch.int64).contiguous(), lora_a.contiguous(), router.contiguous(),
-            expert_mask.contiguous(), int(top_k), router_type,
-        )
-    )
+mole_lora_forward = _checked(_ext_wrappers.mole_lora_forward)
+mole_lora_backward = _checked(_ext_wrappers.mole_lora_backward)
+mole_route = _checked(_ext_wrappers.mole_route)

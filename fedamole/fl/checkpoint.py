@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from fedamole.atomic_io import atomic_write
 
 __all__ = ["encode_tree", "decode_tree", "save_checkpoint", "load_checkpoint", "CHECKPOINT_JSON"]
 
@@ -75,25 +76,6 @@ def decode_tree(node, tensors: dict[str, torch.Tensor]):
     raise ValueError(f"checkpoint: unknown node {sorted(node)}")
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -109,10 +91,10 @@ def save_checkpoint(folder: str | os.PathLike, round_idx: int, state: dict) -> P
     tensors: dict[str, torch.Tensor] = {}
     tree = encode_tree(state, "state", tensors)
     weights = folder / f"round-{round_idx}.safetensors"
-    _write_atomic(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     meta = {"format": FORMAT, "version": VERSION, "round": int(round_idx), "tensors": weights.name,
             "sha256": _sha256(weights), "state": tree}
-    _write_atomic(folder / CHECKPOINT_JSON, lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+    atomic_write(folder / CHECKPOINT_JSON, lambda tmp: Path(tmp).write_text(json.dumps(meta)))
     for old in folder.glob("round-*.safetensors"):
         if old.name != weights.name:
             old.unlink(missing_ok=True)
