@@ -73,7 +73,7 @@ SECTIONS = {
              "max_per_client": Rule("int", 1, optional=True), "n": POS_INT, "num_labels": Rule("int", 2),
              "n_per_task": POS_INT, "max_examples": Rule("int", 1, optional=True),
              "max_per_task": Rule("int", 1, optional=True)},
-    "fedamole": {"num_experts": POS_INT, "clients_per_expert": POS_INT, "min_experts": POS_INT,
+    "fedamole": {"num_experts": Rule("int", 1, optional=True), "clients_per_expert": POS_INT, "min_experts": POS_INT,
                  "max_experts": POS_INT, "dp_eta": Rule("float", 0, strict_low=True, optional=True)},
     "fdlora": {"sync_every": POS_INT, "outer_lr": POS_FLOAT, "outer_momentum": Rule("float", 0, 1)},
     "ray": {"num_actors": POS_INT, "cpus_per_actor": POS_FLOAT, "address": Rule("str", optional=True),

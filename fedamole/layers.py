@@ -12,13 +12,14 @@ from fedamole_kernels import mole_lora
 
 
 def load_balance_from_routing(probs: Tensor, topk_idx: Tensor, active: Tensor,
-                              token_mask: Tensor | None = None) -> Tensor:
+                              token_mask: Tensor | None = None, per_client: bool = False) -> Tensor:
     """SPEC §1 load-balance loss of one module: ``|S_c| * sum_i P_i f_i`` per client, summed over clients.
 
     P_i = mean over the client's tokens of probs[:, i]; f_i = share of its (valid) top-k slots routed to expert i.
     probs [T, E] (differentiable), topk_idx [T, k] (-1 = empty slot), active bool [E] (one client) or [S, E]
     (S clients whose tokens are S equal consecutive blocks of T). `token_mask` [T] (bool) restricts both means
     to real tokens (padding excluded), so the loss does not depend on how a batch was padded. 0 when no tokens.
+    `per_client=True` returns the [S] per-client losses instead of their sum.
     """
     active = active.reshape(-1, active.shape[-1])
     num_clients, num_slots = active.shape
@@ -35,7 +36,8 @@ def load_balance_from_routing(probs: Tensor, topk_idx: Tensor, active: Tensor,
     counts = counts.scatter_add(1, topk_idx.clamp(min=0).reshape(num_clients, -1), valid.reshape(num_clients, -1))
     share = counts / valid.reshape(num_clients, -1).sum(1, keepdim=True).clamp(min=1)
     mean_probs = (probs * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)
-    return (active.sum(1).to(probs.dtype) * (mean_probs * share).sum(1)).sum()
+    losses = active.sum(1).to(probs.dtype) * (mean_probs * share).sum(1)
+    return losses if per_client else losses.sum()
 
 
 class MoLELinear(nn.Module):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,9 +102,9 @@ PRESETS: dict[str, dict] = {
         "clients": 4, "rounds": 2, "local_steps": 4, "batch_size": 4, "lr": 2e-3, "threads": 1,
         "model": {"type": "tiny-llama", "hidden_size": 32, "layers": 2, "heads": 4, "max_length": 64,
                   "max_new_tokens": 12},
-        "data": {"source": "synthetic-cls", "n": 240, "num_labels": 3, "partition": "dirichlet", "alpha": 1.0},
+        "data": {"source": "synthetic-cls", "num_labels": 3, "partition": "dirichlet", "alpha": 1.0},
         "mole": {"rank": 4, "alpha": 8, "top_k": 2, "dropout": 0.0},
-        "fedamole": {"num_experts": 8, "clients_per_expert": 2, "min_experts": 2, "max_experts": 4},
+        "fedamole": {"num_experts": None, "clients_per_expert": 2, "min_experts": 2, "max_experts": 4},
         "fdlora": {"sync_every": 1},
     },
     "snli": {"model": {"type": "hf-causal", "path": "meta-llama/Llama-3.2-1B", "dtype": "bfloat16"},
@@ -148,7 +149,9 @@ def build_data(cfg: SimConfig) -> Scenario:
         return build_scenario("stdlib-docstrings", examples, n_clients, kind="classification",
                               num_labels=len(names), **common)
     if source == "synthetic-cls":
-        examples, choices = synthetic_classification(d.get("n", 240), d.get("num_labels", 3), seed=seed)
+        # 60 examples per client (at least 240) so that `--clients N` works without touching the data settings.
+        n = d.get("n") or max(240, 60 * n_clients)
+        examples, choices = synthetic_classification(n, d.get("num_labels", 3), seed=seed)
         return build_scenario("synthetic-cls", examples, n_clients, kind="classification", choices=choices,
                               **common)
     if source == "synthetic-gen":
@@ -255,7 +258,10 @@ def make_algorithm(cfg: SimConfig):
         variant = {"fedamole": ("rsea", "embedding"), "fedamole-static": ("static", "embedding"),
                    "fedamole-homo": ("homogeneous", "embedding"), "fedamole-random": ("random", "embedding"),
                    "fedamole-linear": ("rsea", "linear")}[name]
-        return FedAMoLE(f.get("num_experts", 30), f.get("clients_per_expert", 2), f.get("min_experts", 2),
+        num_experts = f.get("num_experts", 30)
+        if num_experts is None:  # "auto": the smallest pool (>= 8) that lets every client hold min_experts
+            num_experts = max(8, math.ceil(f.get("min_experts", 2) * cfg.clients / f.get("clients_per_expert", 2)))
+        return FedAMoLE(num_experts, f.get("clients_per_expert", 2), f.get("min_experts", 2),
                         f.get("max_experts", 8), assignment=variant[0], router=variant[1], dp_eta=f.get("dp_eta"),
                         name=name)
     return LoRABaseline(name, **cfg.fdlora)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 import fedamole
 from fedamole.data.scenarios import Example
+from fedamole.layers import load_balance_from_routing
 from fedamole.metrics import accuracy_from_losses, rouge_l
 
 __all__ = ["CausalLMWorkload", "SeqClsWorkload", "MeanPoolClassifier"]
@@ -99,7 +100,9 @@ class _Base:
         task = self.task_losses(batch, num_clients)
         if self.coef > 0:
             mask = batch["attention_mask"].bool()
-            lb = [_load_balance_per_client(m.last_probs, m.last_topk_idx, m.active_experts, mask, num_clients)
+            lb = [load_balance_from_routing(m.last_probs, m.last_topk_idx,
+                                            m.active_experts.reshape(-1, m.active_experts.shape[-1])
+                                            .expand(num_clients, -1), mask, per_client=True)
                   for m in fedamole.mole_modules(self.model).values() if m.last_probs is not None]
             if lb:
                 task = task + self.coef * torch.stack(lb).float().sum(0).to(task.device)
@@ -110,22 +113,6 @@ class _Base:
         """Run the model (no grad) on a batch; returns the bool token mask [B, L] of real tokens."""
         self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return batch["attention_mask"].bool()
-
-
-def _load_balance_per_client(probs: Tensor, topk_idx: Tensor, active: Tensor, token_mask: Tensor,
-                             num_clients: int) -> Tensor:
-    """`fedamole.load_balance_from_routing` per client ([S] instead of its sum over clients; same arithmetic)."""
-    active = active.reshape(-1, active.shape[-1]).expand(num_clients, -1)
-    num_slots = active.shape[1]
-    weight = token_mask.reshape(num_clients, -1).to(probs.dtype)
-    probs = probs.reshape(num_clients, weight.shape[1], num_slots)
-    topk_idx = topk_idx.reshape(num_clients, weight.shape[1], topk_idx.shape[-1])
-    valid = (topk_idx >= 0).to(probs.dtype) * weight[..., None]
-    counts = torch.zeros(num_clients, num_slots, dtype=probs.dtype, device=probs.device)
-    counts = counts.scatter_add(1, topk_idx.clamp(min=0).reshape(num_clients, -1), valid.reshape(num_clients, -1))
-    share = counts / valid.reshape(num_clients, -1).sum(1, keepdim=True).clamp(min=1)
-    mean_probs = (probs * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)
-    return active.sum(1).to(probs.dtype) * (mean_probs * share).sum(1)
 
 
 class CausalLMWorkload(_Base):
