@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fedamole_kernels._validation import validate_mole_args
-from fedamole_kernels.backends import get_backend, resolve_backend
+from fedamole_kernels.backends import get_backend, resolve_backend, resolve_backend_for_trace
 
 _EMPTY_SHAPE = (0,)
 
@@ -182,7 +182,7 @@ def mole_lora(
         x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input,
         top_k, scaling, router_type, check_values=not trusted,
     )
-    name = resolve_backend(backend, x.device)
+    name = (resolve_backend_for_trace if torch.compiler.is_compiling() else resolve_backend)(backend, x.device)
     if expert_mask is None:
         expert_mask = torch.ones(lora_a.shape[:2], dtype=torch.bool, device=x.device)
 
