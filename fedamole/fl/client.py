@@ -33,8 +33,8 @@ class SimulatedClientCrash(RuntimeError):
     """Raised by `client_update` when the payload injects a crash (fault "crash")."""
 
 
-__all__ = ["SimulatedClientCrash", "client_update", "load_state", "extract_state", "embedding_stats", "dp_noise",
-           "state_nbytes"]
+__all__ = ["NOT_SCORED", "SimulatedClientCrash", "client_update", "finish_client", "load_state", "extract_state",
+           "embedding_stats", "dp_noise", "state_nbytes"]
 
 _SLOT_KINDS = ("lora_a", "lora_b")
 
@@ -231,8 +231,21 @@ def client_update(workload, payload: dict, data: ClientData, seed: int, kind: st
             for p in adapters:
                 p.requires_grad_(True)
         train_loss = float(np.mean(losses))
+    return finish_client(workload, payload, data, state, seed, train_loss, kind, choices)
+
+
+NOT_SCORED = object()  # `finish_client`: the metric has not been computed yet
+
+
+def finish_client(workload, payload: dict, data: ClientData, state: dict[str, Tensor], seed: int,
+                  train_loss: float, kind: str, choices, metric=NOT_SCORED) -> dict:
+    """Everything after local training (the model holds the trained client): evaluation, embedding statistics
+    (+ DP noise), and the upload. Shared by every engine so that they build identical uploads."""
+    model = workload.model
+    down = payload.get("down", {})
     model.eval()
-    metric = workload.evaluate(data.test, kind, choices) if payload.get("evaluate", True) else None
+    if metric is NOT_SCORED:
+        metric = workload.evaluate(data.test, kind, choices) if payload.get("evaluate", True) else None
     stats = None
     if payload.get("stats"):
         stats = embedding_stats(workload, data.embed or data.train)
@@ -242,11 +255,9 @@ def client_update(workload, payload: dict, data: ClientData, seed: int, kind: st
             stats = {part: {name: dp_noise(v, eta, gen) if v.dim() == 1 else torch.stack([dp_noise(r, eta, gen)
                                                                                       for r in v])
                             for name, v in vals.items()} for part, vals in stats.items()}
-    up_keys = payload.get("upload", list(down))
-    keep_keys = payload.get("keep", [])
     return {
-        "up": extract_state(model, up_keys, state),
-        "private": extract_state(model, keep_keys, state),
+        "up": extract_state(model, payload.get("upload", list(down)), state),
+        "private": extract_state(model, payload.get("keep", []), state),
         "metric": metric,
         "stats": stats,
         "train_loss": train_loss,

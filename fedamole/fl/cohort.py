@@ -37,7 +37,7 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 import fedamole
-from fedamole.fl.client import client_update, dp_noise, embedding_stats, extract_state, load_state
+from fedamole.fl.client import NOT_SCORED, client_update, finish_client, load_state
 from fedamole.fl.engine import Engine, client_seed, run_client_safely
 from fedamole.optim import StackedAdam, clip_grad_norm_per_client
 
@@ -46,7 +46,6 @@ __all__ = ["CohortEngine", "train_cohort"]
 _MOLE_KINDS = ("lora_a", "lora_b", "router", "shared_a", "shared_b")
 
 
-_NOT_SCORED = object()  # `_finish`: the metric was not computed in the cohort
 
 
 class _NotStackable(Exception):
@@ -197,11 +196,10 @@ def _run_steps(workload, opt: StackedAdam, datas, seeds, steps: list[int], batch
 
 
 def _finish(workload, payload: dict, data, seed: int, trained: dict[str, Tensor], train_loss: float, kind: str,
-            choices, metric=_NOT_SCORED) -> dict:
+            choices, metric=NOT_SCORED) -> dict:
     """Everything after local training, for one client, exactly as `client_update` does it."""
     model = workload.model
-    down, private = payload.get("down", {}), payload.get("private", {})
-    state = {**private, **down}
+    state = {**payload.get("private", {}), **payload.get("down", {})}
     load_state(model, state)
     with torch.no_grad():
         params = dict(model.named_parameters())
@@ -209,27 +207,7 @@ def _finish(workload, payload: dict, data, seed: int, trained: dict[str, Tensor]
             params[name].copy_(value)
     # Leaves the global RNG where the sequential client leaves it (dropout 0: nothing drawn while training).
     torch.manual_seed(seed)
-    model.eval()
-    if metric is _NOT_SCORED:
-        metric = workload.evaluate(data.test, kind, choices) if payload.get("evaluate", True) else None
-    stats = None
-    if payload.get("stats"):
-        stats = embedding_stats(workload, data.embed or data.train)
-        eta = payload.get("dp_eta")
-        if eta is not None:
-            gen = torch.Generator().manual_seed(seed + 1)
-            stats = {part: {name: dp_noise(v, eta, gen) if v.dim() == 1 else torch.stack([dp_noise(r, eta, gen)
-                                                                                      for r in v])
-                            for name, v in vals.items()} for part, vals in stats.items()}
-    return {
-        "up": extract_state(model, payload.get("upload", list(down)), state),
-        "private": extract_state(model, payload.get("keep", []), state),
-        "metric": metric,
-        "stats": stats,
-        "train_loss": train_loss,
-        "num_train": len(data.train),
-        "expert_ids": {k: np.asarray(v).copy() for k, v in (payload.get("expert_ids") or {}).items()} or None,
-    }
+    return finish_client(workload, payload, data, state, seed, train_loss, kind, choices, metric)
 
 
 def _shape(payload: dict) -> tuple:
@@ -309,7 +287,7 @@ class CohortEngine(Engine):
                 t = trained.pop(c)
                 out.append(run_client_safely(lambda c=c, payload=payload, t=t: _finish(
                     wl, payload, sc.clients[c], seeds[c], t["trained"], t["train_loss"], sc.kind, sc.choices,
-                    t.get("metric", _NOT_SCORED))))
+                    t.get("metric", NOT_SCORED))))
             else:
                 out.append(run_client_safely(lambda c=c, payload=payload: client_update(
                     wl, payload, sc.clients[c], seeds[c], kind=sc.kind, choices=sc.choices)))
