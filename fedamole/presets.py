@@ -219,8 +219,11 @@ def build_workload(cfg: SimConfig, mole_cfg: MoLEConfig, scenario: Scenario):
             raise ValueError(f"model.type {kind!r} is a sequence classifier; data.source {cfg.data.get('source')!r}"
                              " is not a labelled text-classification set")
         path = str(default_model_path() if kind == "minilm" else m["path"])
-        tok = AutoTokenizer.from_pretrained(path)
-        enc = AutoModel.from_pretrained(path, dtype=dtype) if dtype else AutoModel.from_pretrained(path)
+        # The embedded default never touches the network: its files ship inside the installed package.
+        local = {"local_files_only": True} if kind == "minilm" else {}
+        tok = AutoTokenizer.from_pretrained(path, **local)
+        enc = AutoModel.from_pretrained(path, dtype=dtype, **local) if dtype else AutoModel.from_pretrained(path,
+                                                                                                        **local)
         model = MeanPoolClassifier(enc, enc.config.hidden_size, scenario.num_labels)
         fedamole.inject_mole(model, mole_cfg, extra_trainable=["classifier"])
         model.to(dev)
