@@ -87,8 +87,6 @@ def load_balance_loss(model: nn.Module, token_mask: Tensor | None = None) -> Ten
     modules = [m for m in mole_modules(model).values() if m.last_probs is not None]
     if not modules:
         return torch.zeros(())
-    if token_mask is None:
-        return torch.stack([m.last_load_balance_loss.float() for m in modules]).sum()
     return torch.stack([
         load_balance_from_routing(m.last_probs, m.last_topk_idx, m.active_experts, token_mask).float()
         for m in modules

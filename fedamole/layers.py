@@ -82,7 +82,6 @@ class MoLELinear(nn.Module):
             self.register_parameter("shared_b", None)
         self.register_buffer("active_experts", torch.ones(num_slots, dtype=torch.bool, device=factory["device"]))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.last_load_balance_loss: Tensor | None = None
         self.last_probs: Tensor | None = None
         self.last_topk_idx: Tensor | None = None
         self.reset_parameters()
@@ -108,6 +107,16 @@ class MoLELinear(nn.Module):
                 f"got {mask.dtype} {list(mask.shape)}"
             )
         self.active_experts.copy_(mask)
+
+    @property
+    def last_load_balance_loss(self) -> Tensor | None:
+        """SPEC §1 load-balance loss of the last forward (all tokens count), or None before any forward.
+
+        Derived on access from `last_probs`/`last_topk_idx`: training loops that mask padding call
+        `load_balance_from_routing(..., token_mask)` instead, so the forward itself pays nothing for it."""
+        if self.last_probs is None:
+            return None
+        return load_balance_from_routing(self.last_probs, self.last_topk_idx, self.active_experts)
 
     @property
     def num_clients(self) -> int | None:
@@ -149,7 +158,6 @@ class MoLELinear(nn.Module):
             backend=self.config.backend, check_offsets=False,
         )
         self.last_probs, self.last_topk_idx = probs, topk_idx
-        self.last_load_balance_loss = load_balance_from_routing(probs, topk_idx, self.active_experts)
         return out + delta.view(*x.shape[:-1], self.out_features).to(out.dtype)
 
     def extra_repr(self) -> str:
