@@ -2,31 +2,35 @@
 
     import fedamole
     model = fedamole.inject_mole(model, fedamole.MoLEConfig(num_experts=8))
-    loss = task_loss + model_config.load_balance_coef * fedamole.load_balance_loss(model)
+    with fedamole.record_routing(model) as routing:
+        out = model(**batch)
+    loss = out.loss + model.fedamole_config.load_balance_coef * routing.load_balance_loss(batch["attention_mask"])
 """
 
 from fedamole.config import MoLEConfig
 from fedamole.inject import (
     inject_mole,
-    load_balance_loss,
     load_mole,
     load_mole_state_dict,
     mole_modules,
     mole_state_dict,
     save_mole,
 )
-from fedamole.layers import MoLELinear, load_balance_from_routing
+from fedamole.layers import MoLEExperts, MoLELinear
+from fedamole.routing import RoutingRecorder, load_balance_from_routing, record_routing
 
 __all__ = [
     "MoLEConfig",
+    "MoLEExperts",
     "MoLELinear",
+    "RoutingRecorder",
     "inject_mole",
     "load_balance_from_routing",
-    "load_balance_loss",
     "load_mole",
     "load_mole_state_dict",
     "mole_modules",
     "mole_state_dict",
+    "record_routing",
     "save_mole",
 ]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from fedamole.atomic_io import atomic_write
 from fedamole.config import DEFAULT_TARGETS, MoLEConfig
-from fedamole.layers import MoLELinear, load_balance_from_routing
+from fedamole.layers import MoLELinear
 
 WEIGHTS_FILE = "mole.safetensors"
 CONFIG_FILE = "mole_config.json"
@@ -75,22 +75,6 @@ def inject_mole(model: nn.Module, config: MoLEConfig, extra_trainable: Sequence[
     model.fedamole_config = resolved
     model.fedamole_extra_trainable = sorted(set(extra_names))
     return model
-
-
-def load_balance_loss(model: nn.Module, token_mask: Tensor | None = None) -> Tensor:
-    """Sum of the load-balance losses of the model's MoLE modules from their last forward (0 if none ran).
-
-    The training loss of SPEC §1 is ``task_loss + config.load_balance_coef * load_balance_loss(model)``.
-    `token_mask` (e.g. the attention mask [B, L]) restricts the statistics to real tokens, for modules that saw
-    exactly those B*L tokens; without it every token the modules saw counts (padding included).
-    """
-    modules = [m for m in mole_modules(model).values() if m.last_probs is not None]
-    if not modules:
-        return torch.zeros(())
-    return torch.stack([
-        load_balance_from_routing(m.last_probs, m.last_topk_idx, m.active_experts, token_mask).float()
-        for m in modules
-    ]).sum()
 
 
 def mole_state_dict(model: nn.Module) -> dict[str, Tensor]:

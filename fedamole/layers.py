@@ -1,74 +1,78 @@
-"""`MoLELinear`: a frozen nn.Linear plus an adaptive mixture of LoRA experts (SPEC §1), on `mole_lora`."""
+"""`MoLELinear`: a frozen linear layer plus an adaptive mixture of LoRA experts (SPEC §1), on `mole_lora`.
+
+`MoLEExperts` is the adapter alone (experts, router, shared expert: ``x -> delta``); `MoLELinear` is a
+`MoLEExperts` with its frozen base layer, the drop-in module that `inject_mole` puts into models. The PEFT tuner
+(`fedamole.peft_tuner`) holds one `MoLEExperts` per adapter name.
+"""
 
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
 from torch import Tensor, nn
 
 from fedamole.config import MoLEConfig
-from fedamole_kernels import mole_lora
+from fedamole.routing import load_balance_from_routing, record_routing, release_reentrant_term
+from fedamole_kernels import resolve_backend
+from fedamole_kernels.mole_lora import mole_lora_prevalidated
+
+__all__ = ["MoLEExperts", "MoLELinear", "base_features", "load_balance_from_routing", "record_routing"]
+
+_OFFSETS_CACHE_SIZE = 16
 
 
-def load_balance_from_routing(probs: Tensor, topk_idx: Tensor, active: Tensor,
-                              token_mask: Tensor | None = None, per_client: bool = False) -> Tensor:
-    """SPEC §1 load-balance loss of one module: ``|S_c| * sum_i P_i f_i`` per client, summed over clients.
-
-    P_i = mean over the client's tokens of probs[:, i]; f_i = share of its (valid) top-k slots routed to expert i.
-    probs [T, E] (differentiable), topk_idx [T, k] (-1 = empty slot), active bool [E] (one client) or [S, E]
-    (S clients whose tokens are S equal consecutive blocks of T). `token_mask` [T] (bool) restricts both means
-    to real tokens (padding excluded), so the loss does not depend on how a batch was padded. 0 when no tokens.
-    `per_client=True` returns the [S] per-client losses instead of their sum.
-    """
-    active = active.reshape(-1, active.shape[-1])
-    num_clients, num_slots = active.shape
-    tokens_per_client = probs.shape[0] // num_clients
-    weight = probs.new_ones(probs.shape[0]) if token_mask is None else token_mask.reshape(-1).to(probs.dtype)
-    if weight.shape[0] != probs.shape[0]:
-        raise ValueError(f"token_mask must have {probs.shape[0]} entries (one per token), got {weight.shape[0]}")
-    weight = weight.reshape(num_clients, tokens_per_client)
-    probs = probs.reshape(num_clients, tokens_per_client, num_slots)
-    topk_idx = topk_idx.reshape(num_clients, tokens_per_client, topk_idx.shape[-1])
-    valid = (topk_idx >= 0).to(probs.dtype) * weight[..., None]
-    # Written without data-dependent branches so it costs no host sync and traces under torch.compile.
-    counts = torch.zeros(num_clients, num_slots, dtype=probs.dtype, device=probs.device)
-    counts = counts.scatter_add(1, topk_idx.clamp(min=0).reshape(num_clients, -1), valid.reshape(num_clients, -1))
-    share = counts / valid.reshape(num_clients, -1).sum(1, keepdim=True).clamp(min=1)
-    mean_probs = (probs * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)
-    losses = active.sum(1).to(probs.dtype) * (mean_probs * share).sum(1)
-    return losses if per_client else losses.sum()
+def base_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a layer MoLE can adapt: nn.Linear, or transformers' Conv1D (GPT-2 style,
+    weight stored [in, out]). Anything else raises TypeError naming the type."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    weight = getattr(base, "weight", None)
+    if type(base).__name__ == "Conv1D" and hasattr(base, "nf") and isinstance(weight, Tensor) and weight.dim() == 2:
+        return int(weight.shape[0]), int(weight.shape[1])
+    raise TypeError(
+        f"base must be an nn.Linear or a transformers Conv1D (GPT-2 style), got {type(base).__name__}; other layer "
+        "types (convolutions, embeddings, quantised linears) are not supported"
+    )
 
 
-class MoLELinear(nn.Module):
-    """Drop-in replacement for an nn.Linear: ``y = base(x) + mole_lora(x, ...)``, base frozen.
+class MoLEExperts(nn.Module):
+    """The mixture-of-LoRA-experts adapter of one linear layer: ``delta = mole_lora(x, ...)`` (SPEC §1).
 
-    Semantics for x [..., d_in] (d_in = base.in_features) -> y [..., d_out]::
+    Semantics for x [T, d_in] -> delta [T, d_out] in x's dtype::
 
         x_e = dropout(x)                                   # experts only; routing sees x
         delta, probs, idx = mole_lora(x, [0, T], lora_a[None], lora_b[None], router[None],
                                       shared_a[None], shared_b[None], active_experts[None], x_e, top_k, alpha / r)
-        y = base(x) + delta
 
     Parameters: lora_a [E, r, d_in] (Kaiming-uniform, a=sqrt(5)), lora_b [E, d_out, r] (zeros), router [r, d_in]
     ("embedding", the token projection W_t) or [E, d_in] ("linear"), shared_a [r, d_in], shared_b [d_out, r] when
-    `config.shared_expert`. Buffer `active_experts` bool [E]: the slots this client holds. They are created in
-    the base weight's dtype and device unless `dtype` is given; inputs of another dtype are computed in the
-    input's dtype (fp32 accumulation in the kernels). After each forward, `last_load_balance_loss`, `last_probs`
-    and `last_topk_idx` hold the routing of that call.
+    `config.shared_expert`. Buffer `active_experts` bool [E]: the slots this client holds. Inputs of another dtype
+    than the weights are computed in the input's dtype (fp32 accumulation in the kernels); under `torch.autocast`
+    the op runs in the autocast dtype, as nn.Linear does.
+
+    Client-stacked mode (the cohort engine): lora_a [S, E, r, d_in], ..., active_experts [S, E]; x's rows are S equal
+    consecutive blocks, block s being client s's tokens, and one `mole_lora` call serves every client.
+
+    Routing results are not kept on the module: open `fedamole.record_routing(model)` to collect them (probs, top-k
+    ids) for the load-balance loss; `get_mole_model` does that around every forward.
     """
 
-    def __init__(self, base: nn.Linear, config: MoLEConfig, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: MoLEConfig,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
         if not isinstance(config, MoLEConfig):
             raise TypeError(f"config must be a MoLEConfig, got {type(config).__name__}")
-        self.base = base
-        self.base.requires_grad_(False)
         self.config = config
-        self.in_features, self.out_features = base.in_features, base.out_features
-        factory = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        factory = {"device": device, "dtype": dtype}
         num_slots, rank = config.num_experts, config.rank
         self.lora_a = nn.Parameter(torch.empty(num_slots, rank, self.in_features, **factory))
         self.lora_b = nn.Parameter(torch.zeros(num_slots, self.out_features, rank, **factory))
@@ -80,16 +84,20 @@ class MoLELinear(nn.Module):
         else:
             self.register_parameter("shared_a", None)
             self.register_parameter("shared_b", None)
-        self.register_buffer("active_experts", torch.ones(num_slots, dtype=torch.bool, device=factory["device"]))
+        self.register_buffer("active_experts", torch.ones(num_slots, dtype=torch.bool, device=device))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.last_probs: Tensor | None = None
-        self.last_topk_idx: Tensor | None = None
+        # Per-call state is plain Python (no tensors with autograd history), so deepcopy/pickle work at any time.
+        self._routing_recorders: tuple = ()
+        self._reentrant_cells: collections.deque = collections.deque()
+        self._offsets: dict[tuple, Tensor] = {}
+        self._backends: dict[tuple, str] = {}
+        self._checked_params: tuple | None = None
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """LoRA initialisation: every A (and the router) Kaiming-uniform(a=sqrt(5)) independently, every B zero."""
-        for a in self.lora_a:
+        for a in self.lora_a.reshape(-1, *self.lora_a.shape[-2:]):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_b.zero_()
         nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
@@ -109,58 +117,155 @@ class MoLELinear(nn.Module):
         self.active_experts.copy_(mask)
 
     @property
-    def last_load_balance_loss(self) -> Tensor | None:
-        """SPEC §1 load-balance loss of the last forward (all tokens count), or None before any forward.
-
-        Derived on access from `last_probs`/`last_topk_idx`: training loops that mask padding call
-        `load_balance_from_routing(..., token_mask)` instead, so the forward itself pays nothing for it."""
-        if self.last_probs is None:
-            return None
-        return load_balance_from_routing(self.last_probs, self.last_topk_idx, self.active_experts)
-
-    @property
     def num_clients(self) -> int | None:
         """None for the usual single-client layer; S when the expert tensors are stacked for S clients."""
         return self.lora_a.shape[0] if self.lora_a.dim() == 4 else None
 
+    def _weights(self) -> tuple[Tensor, ...]:
+        return self.lora_a, self.lora_b, self.router, self.shared_a, self.shared_b, self.active_experts
+
+    def _check_weights(self, weights: tuple) -> None:
+        """Shape/dtype/device checks of the module's own tensors, once per set of tensors (they rarely change; the
+        cohort engine swaps them per cohort). The op's own per-call validation is skipped after this."""
+        key = tuple(id(w) for w in weights)
+        if key == self._checked_params:
+            return
+        lora_a, lora_b, router, shared_a, shared_b, active = weights
+        lead = () if lora_a.dim() == 3 else (lora_a.shape[0],)
+        num_slots, rank = self.config.num_experts, self.config.rank
+        router_rows = rank if self.config.router == "embedding" else num_slots
+        expected = {
+            "lora_a": (lora_a, (*lead, num_slots, rank, self.in_features)),
+            "lora_b": (lora_b, (*lead, num_slots, self.out_features, rank)),
+            "router": (router, (*lead, router_rows, self.in_features)),
+            "active_experts": (active, (*lead, num_slots)),
+        }
+        if self.config.shared_expert:
+            expected["shared_a"] = (shared_a, (*lead, rank, self.in_features))
+            expected["shared_b"] = (shared_b, (*lead, self.out_features, rank))
+        for name, (tensor, shape) in expected.items():
+            if not isinstance(tensor, Tensor) or tuple(tensor.shape) != shape:
+                got = list(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+                raise ValueError(f"{type(self).__name__}.{name} must have shape {list(shape)}, got {got}")
+            if tensor.device != lora_a.device:
+                raise ValueError(f"{type(self).__name__}.{name} is on {tensor.device}, lora_a on {lora_a.device}")
+        if active.dtype != torch.bool:
+            raise TypeError(f"{type(self).__name__}.active_experts must be bool, got {active.dtype}")
+        float_dtypes = {t.dtype for t in (lora_a, lora_b, router, shared_a, shared_b) if t is not None}
+        if len(float_dtypes) != 1 or not next(iter(float_dtypes)).is_floating_point:
+            raise TypeError(
+                f"{type(self).__name__} weights must share one floating dtype, got {sorted(map(str, float_dtypes))}"
+            )
+        self._checked_params = key
+
+    def _segment_offsets(self, num_tokens: int, num_clients: int, device: torch.device) -> Tensor:
+        # Cached per (T, S, device): building [0, T] per call is a host->device copy per module per step on a GPU.
+        key = (num_tokens, num_clients, device)
+        offsets = self._offsets.get(key)
+        if offsets is None:
+            if len(self._offsets) >= _OFFSETS_CACHE_SIZE:
+                self._offsets.clear()
+            step = num_tokens // num_clients
+            offsets = torch.arange(0, num_clients + 1, dtype=torch.int64).mul_(step).to(device)
+            self._offsets[key] = offsets
+        return offsets
+
+    def _backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        key = (device.type, dtype)
+        name = self._backends.get(key)
+        if name is None:
+            name = self._backends[key] = resolve_backend(self.config.backend, device)
+        return name
+
     def forward(self, x: Tensor) -> Tensor:
-        """y = base(x) + routed experts. With client-stacked experts (lora_a [S, E, r, d_in], active_experts
-        [S, E], as the cohort engine sets them), x's leading dimension is split into S equal blocks, block s
-        being client s's micro-batch: one `mole_lora` call serves every client."""
+        """delta [..., d_out] for x [..., d_in] (see the class docstring)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension {self.in_features} (in_features), got {tuple(x.shape)}")
-        out = self.base(x)
+        weights = self._weights()
+        if not torch.compiler.is_compiling():
+            self._check_weights(weights)
+        lora_a, lora_b, router, shared_a, shared_b, active = weights
         flat = x.reshape(-1, self.in_features)
-        expert_input = None
-        if self.training and self.config.dropout > 0:
-            expert_input = self.dropout(flat)
-        dtype = flat.dtype
+        if torch.is_autocast_enabled(flat.device.type):
+            dtype = torch.get_autocast_dtype(flat.device.type)
+        else:
+            dtype = flat.dtype
+        expert_input = self.dropout(flat) if self.training and self.config.dropout > 0 else None
         num_clients = self.num_clients
         if num_clients is None:
-            seg_offsets, mask = None, self.active_experts[None]
-
-            def cast(p: Tensor | None) -> Tensor | None:
-                return None if p is None else p.to(dtype)[None]
+            num_clients, lead = 1, True
         else:
+            lead = False
             if x.dim() < 2 or x.shape[0] % num_clients:
-                raise ValueError(f"x's leading dimension must split into {num_clients} client blocks, got shape "
-                                 f"{tuple(x.shape)}")
-            seg_offsets = torch.arange(num_clients + 1, device=x.device) * (flat.shape[0] // num_clients)
-            mask = self.active_experts
+                raise ValueError(
+                    f"x's leading dimension must split into {num_clients} client blocks, got shape {tuple(x.shape)}"
+                )
+            active = active.reshape(num_clients, -1)
 
-            def cast(p: Tensor | None) -> Tensor | None:
-                return None if p is None else p.to(dtype)
+        def prepared(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            t = t if t.dtype == dtype else t.to(dtype)
+            return t[None] if lead else t
 
-        delta, probs, topk_idx = mole_lora(
-            flat, seg_offsets, cast(self.lora_a), cast(self.lora_b), cast(self.router), cast(self.shared_a),
-            cast(self.shared_b), mask, expert_input,
-            top_k=self.config.top_k, scaling=self.config.scaling, router_type=self.config.router,
-            backend=self.config.backend, check_offsets=False,
+        if compiling := torch.compiler.is_compiling():
+            backend = self.config.backend
+        else:
+            backend = self._backend(flat.device, dtype)
+        delta, probs, topk_idx = mole_lora_prevalidated(
+            flat if flat.dtype == dtype else flat.to(dtype),
+            self._segment_offsets(flat.shape[0], num_clients, flat.device) if not compiling else None,
+            prepared(lora_a),
+            prepared(lora_b),
+            prepared(router),
+            prepared(shared_a),
+            prepared(shared_b),
+            active[None] if lead else active,
+            None if expert_input is None else expert_input.to(dtype),
+            top_k=self.config.top_k,
+            scaling=self.config.scaling,
+            router_type=self.config.router,
+            backend=backend,
         )
-        self.last_probs, self.last_topk_idx = probs, topk_idx
-        return out + delta.view(*x.shape[:-1], self.out_features).to(out.dtype)
+        if self._routing_recorders:
+            for recorder in self._routing_recorders:
+                recorder.record(self, probs, topk_idx, active)
+        elif self._reentrant_cells and torch.is_grad_enabled():
+            delta = release_reentrant_term(self, delta, probs, topk_idx, active)
+        return delta.view(*x.shape[:-1], self.out_features)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_routing_recorders"], state["_reentrant_cells"] = (), collections.deque()
+        return state
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"in_features={self.in_features}, out_features={self.out_features}, experts={c.num_experts}, "
-                f"rank={c.rank}, top_k={c.top_k}, router={c.router}, shared_expert={c.shared_expert}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, experts={c.num_experts}, "
+            f"rank={c.rank}, top_k={c.top_k}, router={c.router}, shared_expert={c.shared_expert}"
+        )
+
+
+class MoLELinear(MoLEExperts):
+    """Drop-in replacement for an nn.Linear (or GPT-2's Conv1D): ``y = base(x) + MoLEExperts(x)``, base frozen.
+
+    x [..., d_in] -> y [..., d_out] in the base output's dtype. The expert tensors are created in the base weight's
+    dtype and device unless `dtype` is given (e.g. fp32 experts on a bf16 backbone). See `MoLEExperts` for the
+    parameters and semantics.
+    """
+
+    def __init__(self, base: nn.Module, config: MoLEConfig, dtype: torch.dtype | None = None) -> None:
+        if not isinstance(config, MoLEConfig):
+            raise TypeError(f"config must be a MoLEConfig, got {type(config).__name__}")
+        in_features, out_features = base_features(base)
+        super().__init__(in_features, out_features, config, device=base.weight.device, dtype=dtype or base.weight.dtype)
+        self.base = base
+        self.base.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have last dimension {self.in_features} (in_features), got {tuple(x.shape)}")
+        out = self.base(x)
+        delta = super().forward(x)
+        return out + (delta if delta.dtype == out.dtype else delta.to(out.dtype))

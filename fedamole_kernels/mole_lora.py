@@ -9,6 +9,8 @@ Three layers, as in the rest of the package:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -16,6 +18,14 @@ from fedamole_kernels._validation import validate_mole_args
 from fedamole_kernels.backends import get_backend, resolve_backend, resolve_backend_for_trace
 
 _EMPTY_SHAPE = (0,)
+
+
+def _no_autocast(device_type: str):
+    """The kernels choose their own precisions (fp32 accumulation, fp32 probs): the GEMMs they call must not be
+    recast by an enclosing `torch.autocast` (on the cpu backend that turned fp32 buffers into bf16 and crashed)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _probs_dtype(x: Tensor) -> torch.dtype:
@@ -38,10 +48,11 @@ def _mole_lora_fwd(
     router_type: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return get_backend(backend).mole_lora_forward(
-        x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
-        top_k, scaling, router_type,
-    )
+    with _no_autocast(x.device.type):
+        return get_backend(backend).mole_lora_forward(
+            x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
+            top_k, scaling, router_type,
+        )
 
 
 @_mole_lora_fwd.register_fake
@@ -74,10 +85,11 @@ def _mole_lora_bwd(
     router_type: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = get_backend(backend).mole_lora_backward(
-        grad_delta, grad_probs, x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b,
-        expert_mask, probs, topk_idx, top_k, scaling, router_type,
-    )
+    with _no_autocast(x.device.type):
+        grads = get_backend(backend).mole_lora_backward(
+            grad_delta, grad_probs, x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b,
+            expert_mask, probs, topk_idx, top_k, scaling, router_type,
+        )
     # Custom ops cannot return None: absent inputs get an empty placeholder that the Function maps back to None.
     return tuple(x.new_empty(_EMPTY_SHAPE) if g is None else g for g in grads)
 
@@ -193,4 +205,41 @@ def mole_lora(
         x.contiguous(), contiguous(expert_input), seg_offsets.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
         router.contiguous(), contiguous(shared_a), contiguous(shared_b), expert_mask.contiguous(),
         int(top_k), float(scaling), router_type, name,
+    )
+
+
+def mole_lora_prevalidated(
+    x: Tensor,
+    seg_offsets: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    router: Tensor,
+    shared_a: Tensor | None,
+    shared_b: Tensor | None,
+    expert_mask: Tensor,
+    expert_input: Tensor | None,
+    top_k: int,
+    scaling: float,
+    router_type: str,
+    backend: str | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`mole_lora` without the per-call argument validation, for callers that checked their tensors once.
+
+    Same semantics and shapes as `mole_lora`; `expert_mask` is required, every tensor must already have the shape,
+    dtype and device `mole_lora` would accept, and `seg_offsets` must hold valid values (it is never read on the
+    host). `backend` is a resolved backend name (None only under torch.compile, resolved at trace time).
+    `MoLEExperts` validates its own weights when they change and uses this on every forward.
+    """
+    if seg_offsets is None:
+        seg_offsets = torch.tensor([0, x.shape[0]], dtype=torch.int64, device=x.device)
+    if backend is None or torch.compiler.is_compiling():
+        backend = resolve_backend_for_trace(backend, x.device)
+
+    def contiguous(t: Tensor | None) -> Tensor | None:
+        return t if t is None or t.is_contiguous() else t.contiguous()
+
+    return MoLELoRAFunction.apply(
+        contiguous(x), contiguous(expert_input), seg_offsets, contiguous(lora_a), contiguous(lora_b),
+        contiguous(router), contiguous(shared_a), contiguous(shared_b), contiguous(expert_mask),
+        int(top_k), float(scaling), router_type, backend,
     )

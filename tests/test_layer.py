@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedamole import MoLEConfig, MoLELinear, load_balance_from_routing
+from fedamole import MoLEConfig, MoLELinear, load_balance_from_routing, record_routing
 from fedamole_kernels import mole_lora
 
 
@@ -56,20 +56,24 @@ def test_dropout_feeds_the_experts_only():
         layer.lora_b.normal_()
     x = torch.randn(64, 12)
     layer.eval()
-    y_eval = layer(x)
-    probs_eval = layer.last_probs
+    with record_routing(layer) as routing:
+        y_eval = layer(x)
+    probs_eval = routing.calls[0].probs
     layer.train()
-    y_train = layer(x)
-    torch.testing.assert_close(layer.last_probs, probs_eval, rtol=0, atol=0)  # routing saw the clean input
+    with record_routing(layer) as routing:
+        y_train = layer(x)
+    torch.testing.assert_close(routing.calls[0].probs, probs_eval, rtol=0, atol=0)  # routing saw the clean input
     assert not torch.allclose(y_train, y_eval)
 
 
 def test_active_experts_mask():
     layer = _layer(dropout=0.0)
     layer.set_active_experts(torch.tensor([True, False, True, False]))
-    layer(torch.randn(9, 12))
-    assert (layer.last_probs[:, [1, 3]] == 0).all()
-    assert set(layer.last_topk_idx.unique().tolist()) <= {0, 2}
+    with record_routing(layer) as routing:
+        layer(torch.randn(9, 12))
+    (call,) = routing.calls
+    assert (call.probs[:, [1, 3]] == 0).all()
+    assert set(call.topk_idx.unique().tolist()) <= {0, 2}
     with pytest.raises(ValueError, match="mask"):
         layer.set_active_experts(torch.ones(3, dtype=torch.bool))
 
@@ -87,8 +91,9 @@ def test_load_balance_loss_formula():
 
 def test_load_balance_loss_is_differentiable():
     layer = _layer()
-    layer(torch.randn(8, 12))
-    layer.last_load_balance_loss.backward()
+    with record_routing(layer) as routing:
+        layer(torch.randn(8, 12))
+    routing.load_balance_loss().backward()
     assert layer.router.grad.abs().sum() > 0 and layer.lora_a.grad.abs().sum() > 0
 
 
@@ -125,11 +130,13 @@ def test_torch_compile_matches_eager(router):
         layer.lora_b.normal_()
         layer.shared_b.normal_()
     x = torch.randn(2, 5, 12, requires_grad=True)
-    eager = layer(x)
-    g_eager = torch.autograd.grad(eager.pow(2).sum() + layer.last_load_balance_loss, [x, layer.lora_a, layer.router])
+    with record_routing(layer) as routing:
+        eager = layer(x)
+    g_eager = torch.autograd.grad(eager.pow(2).sum() + routing.load_balance_loss(), [x, layer.lora_a, layer.router])
     compiled_layer = torch.compile(layer, fullgraph=True)
-    comp = compiled_layer(x)
-    g_comp = torch.autograd.grad(comp.pow(2).sum() + layer.last_load_balance_loss, [x, layer.lora_a, layer.router])
+    with record_routing(layer) as routing:
+        comp = compiled_layer(x)
+    g_comp = torch.autograd.grad(comp.pow(2).sum() + routing.load_balance_loss(), [x, layer.lora_a, layer.router])
     torch.testing.assert_close(comp, eager)
     for a, b in zip(g_comp, g_eager):
         torch.testing.assert_close(a, b)
@@ -176,14 +183,21 @@ def test_client_stacked_layer_equals_one_layer_per_client():
     for c in clients:
         c.base = clients[0].base
     x = torch.randn(3, 4, 12)
-    y = stacked(x)
-    lb = stacked.last_load_balance_loss
-    expected = [c(x[i : i + 1]) for i, c in enumerate(clients)]
+    with record_routing(stacked) as routing:
+        y = stacked(x)
+    lb = routing.load_balance_loss()
+    expected, client_lb = [], []
+    for i, c in enumerate(clients):
+        with record_routing(c) as client_routing:
+            expected.append(c(x[i : i + 1]))
+        client_lb.append(client_routing.load_balance_loss())
     torch.testing.assert_close(y, torch.cat(expected))
-    torch.testing.assert_close(lb, sum(c.last_load_balance_loss for c in clients))
+    torch.testing.assert_close(lb, sum(client_lb))
     (y.pow(2).sum() + lb).backward()
     for i, c in enumerate(clients):
-        (c(x[i : i + 1]).pow(2).sum() + c.last_load_balance_loss).backward()
+        with record_routing(c) as client_routing:
+            out = c(x[i : i + 1])
+        (out.pow(2).sum() + client_routing.load_balance_loss()).backward()
         torch.testing.assert_close(stacked.lora_a.grad[i], c.lora_a.grad)
         torch.testing.assert_close(stacked.router.grad[i], c.router.grad)
     with pytest.raises(ValueError, match="client blocks"):

@@ -51,8 +51,10 @@ def test_llama_train_step_only_mole_params_get_gradients():
     _perturb_experts(model)
     model.train()
     ids = torch.randint(0, 97, (2, 9))
-    out = model(input_ids=ids, labels=ids)
-    loss = out.loss + model.fedamole_config.load_balance_coef * fedamole.load_balance_loss(model)
+    with fedamole.record_routing(model) as routing:
+        out = model(input_ids=ids, labels=ids)
+    assert len(routing.calls) == 4
+    loss = out.loss + model.fedamole_config.load_balance_coef * routing.load_balance_loss()
     loss.backward()
     for name, param in model.named_parameters():
         is_mole = isinstance(model.get_submodule(name.rsplit(".", 1)[0]), MoLELinear) and ".base." not in name
@@ -60,7 +62,7 @@ def test_llama_train_step_only_mole_params_get_gradients():
             assert param.requires_grad and param.grad is not None and torch.isfinite(param.grad).all(), name
         else:
             assert not param.requires_grad and param.grad is None, name
-    assert fedamole.load_balance_loss(model).item() > 0
+    assert routing.load_balance_loss().item() > 0
 
 
 def test_bert_forward_backward():

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import fedamole
 from fedamole.data.scenarios import Example
-from fedamole.layers import load_balance_from_routing
 from fedamole.metrics import accuracy_from_losses, rouge_l
+from fedamole.routing import load_balance_from_routing, record_routing
 
 __all__ = ["CausalLMWorkload", "SeqClsWorkload", "MeanPoolClassifier"]
 
@@ -62,10 +61,11 @@ class _Base:
             yield self.collate([examples[i] for i in take])
 
     def loss(self, batch: dict) -> Tensor:
-        task = self.task_loss(batch)
+        with record_routing(self.model) as routing:
+            task = self.task_loss(batch)
         if self.coef > 0:
             # Real tokens only, so the loss does not depend on how much a batch was padded (cohort engine).
-            lb = fedamole.load_balance_loss(self.model, token_mask=batch["attention_mask"].bool())
+            lb = routing.load_balance_loss(token_mask=batch["attention_mask"].bool())
             task = task + self.coef * lb.to(task.device)
         return task
 
@@ -97,15 +97,14 @@ class _Base:
         """Per-client training losses [S] of a merged batch whose rows are S equal consecutive client blocks
         (the model's MoLE modules client-stacked for S clients): client s's entry equals ``loss`` of its own
         batch — its task loss over its own rows plus load_balance_coef x its load balance over real tokens."""
-        task = self.task_losses(batch, num_clients)
-        if self.coef > 0:
+        with record_routing(self.model) as routing:
+            task = self.task_losses(batch, num_clients)
+        if self.coef > 0 and routing.calls:
             mask = batch["attention_mask"].bool()
-            lb = [load_balance_from_routing(m.last_probs, m.last_topk_idx,
-                                            m.active_experts.reshape(-1, m.active_experts.shape[-1])
-                                            .expand(num_clients, -1), mask, per_client=True)
-                  for m in fedamole.mole_modules(self.model).values() if m.last_probs is not None]
-            if lb:
-                task = task + self.coef * torch.stack(lb).float().sum(0).to(task.device)
+            lb = [load_balance_from_routing(call.probs, call.topk_idx, call.active.expand(num_clients, -1), mask,
+                                            per_client=True)
+                  for call in routing.calls]
+            task = task + self.coef * torch.stack(lb).float().sum(0).to(task.device)
         return task
 
     @torch.no_grad()
