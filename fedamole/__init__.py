@@ -1,10 +1,10 @@
 """fedamole: personalised federated fine-tuning with adaptive mixtures of LoRA experts (FedAMoLE), fast.
 
-    import fedamole
-    model = fedamole.inject_mole(model, fedamole.MoLEConfig(num_experts=8))
-    with fedamole.record_routing(model) as routing:
-        out = model(**batch)
-    loss = out.loss + model.fedamole_config.load_balance_coef * routing.load_balance_loss(batch["attention_mask"])
+import fedamole
+model = fedamole.inject_mole(model, fedamole.MoLEConfig(num_experts=8))
+with fedamole.record_routing(model) as routing:
+    out = model(**batch)
+loss = out.loss + model.fedamole_config.load_balance_coef * routing.load_balance_loss(batch["attention_mask"])
 """
 
 from fedamole.config import MoLEConfig
@@ -21,9 +21,12 @@ from fedamole.routing import RoutingRecorder, load_balance_from_routing, record_
 
 __all__ = [
     "MoLEConfig",
+    "MoLEPeftConfig",
+    "MoLEPeftModel",
     "MoLEExperts",
     "MoLELinear",
     "RoutingRecorder",
+    "get_mole_model",
     "inject_mole",
     "load_balance_from_routing",
     "load_mole",
@@ -34,3 +37,14 @@ __all__ = [
     "save_mole",
 ]
 __version__ = "0.1.0"
+
+_PEFT_NAMES = ("MoLEPeftConfig", "MoLEPeftModel", "get_mole_model")
+
+
+def __getattr__(name: str):
+    # The PEFT integration imports peft + transformers (~2 s): loaded on first use, not with `import fedamole`.
+    if name in _PEFT_NAMES:
+        from fedamole import peft_tuner
+
+        return getattr(peft_tuner, name)
+    raise AttributeError(f"module 'fedamole' has no attribute {name!r}")

@@ -262,6 +262,12 @@ class MoLELinear(MoLEExperts):
         super().__init__(in_features, out_features, config, device=base.weight.device, dtype=dtype or base.weight.dtype)
         self.base = base
         self.base.requires_grad_(False)
+        # The frozen base weights keep the names they had before injection (`q_proj.weight`, not
+        # `q_proj.base.weight`): a full state dict of an injected model loads into the plain model (the MoLE keys are
+        # reported as unexpected) and a plain model's state dict loads into an injected one, instead of Hugging Face's
+        # `from_pretrained` re-initialising every adapted layer's weight as "missing".
+        self.register_state_dict_post_hook(_base_keys_to_original_names)
+        self.register_load_state_dict_pre_hook(_base_keys_from_original_names)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
@@ -269,3 +275,17 @@ class MoLELinear(MoLEExperts):
         out = self.base(x)
         delta = super().forward(x)
         return out + (delta if delta.dtype == out.dtype else delta.to(out.dtype))
+
+
+def _base_keys_to_original_names(module: MoLELinear, state_dict: dict, prefix: str, local_metadata) -> None:
+    for name in [k[len(prefix) + 5 :] for k in state_dict if k.startswith(prefix + "base.")]:
+        state_dict[prefix + name] = state_dict.pop(prefix + "base." + name)
+
+
+def _base_keys_from_original_names(module: MoLELinear, state_dict: dict, prefix: str, *args) -> None:
+    for name, _ in module.base.named_parameters(recurse=False):
+        if prefix + name in state_dict and prefix + "base." + name not in state_dict:
+            state_dict[prefix + "base." + name] = state_dict.pop(prefix + name)
+    for name, _ in module.base.named_buffers(recurse=False):
+        if prefix + name in state_dict and prefix + "base." + name not in state_dict:
+            state_dict[prefix + "base." + name] = state_dict.pop(prefix + name)
