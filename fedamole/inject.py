@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fedamole.atomic_io import atomic_write
-from fedamole.config import DEFAULT_TARGETS, MoLEConfig
+from fedamole.config import MoLEConfig
 from fedamole.layers import MoLELinear, load_balance_from_routing
+from fedamole.targets import resolve_targets
 
 WEIGHTS_FILE = "mole.safetensors"
 CONFIG_FILE = "mole_config.json"
@@ -28,18 +29,8 @@ def mole_modules(model: nn.Module) -> dict[str, MoLELinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, MoLELinear)}
 
 
-def _resolve_targets(model: nn.Module, config: MoLEConfig) -> tuple[tuple[str, ...], list[str]]:
-    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    leaves = {name.rsplit(".", 1)[-1] for name in linear_names}
-    candidates = [config.target_modules] if config.target_modules is not None else list(DEFAULT_TARGETS)
-    for targets in candidates:
-        matched = [name for name in linear_names if name.rsplit(".", 1)[-1] in targets]
-        if matched:
-            return tuple(targets), matched
-    raise ValueError(
-        f"target_modules {list(candidates[0]) if len(candidates) == 1 else [list(c) for c in candidates]} match no "
-        f"nn.Linear in the model; its linear modules are named: {sorted(leaves) or 'none (no nn.Linear at all)'}"
-    )
+def _resolve_targets(model: nn.Module, config: MoLEConfig) -> tuple[str | tuple[str, ...], list[str]]:
+    return resolve_targets(model, config.target_modules, config.exclude_modules)
 
 
 def inject_mole(model: nn.Module, config: MoLEConfig, extra_trainable: Sequence[str] = ()) -> nn.Module:
