@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from fedamole.targets import DEFAULT_TARGETS as DEFAULT_TARGETS
+from fedamole.targets import normalize_target_spec
+
 ROUTERS = ("embedding", "linear")
 BACKENDS = ("reference", "triton", "cuda", "cpu")
-# PEFT's default LoRA targets, which the reference setup uses: Llama-style first, then BERT-style.
-DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"))
 
 
 @dataclass
@@ -21,8 +22,14 @@ class MoLEConfig:
     dropout: dropout on the experts' input only (routing sees the clean input).
     router: "embedding" (FedAMoLE: scores = A_i x . W_t x / sqrt(r)) or "linear" (scores = R x).
     shared_expert: an always-on LoRA pair with weight 1.
-    target_modules: names (last path component) of the nn.Linear modules to adapt; None = the first default set
-        that matches the model: q_proj,v_proj (Llama-style) or query,value (BERT-style).
+    target_modules: the modules to adapt, with PEFT's semantics (fedamole.targets): a list of names, each matching
+        a module whose full dotted name equals it or ends with "." + it ("q_proj", "self_attn.q_proj"); a str, a
+        regex that must match the full name (re.fullmatch), or "all-linear" (every nn.Linear / Conv1D but the
+        output or classification head); None = the first default set that matches the model: q_proj,v_proj
+        (Llama-style) or query,value (BERT-style). A str with a comma and no regex metacharacter is a list
+        ("q_proj, v_proj"); note a single name as a str ("q_proj") is a regex, matching only a top-level module.
+    exclude_modules: modules never adapted, among those target_modules matches: a regex str or a list of names,
+        same matching (and same comma rule) as target_modules; None excludes nothing.
     load_balance_coef: weight of the summed load-balance losses in the training loss.
     backend: `mole_lora` backend; None picks the fastest for the input's device.
     """
@@ -34,9 +41,10 @@ class MoLEConfig:
     dropout: float = 0.05
     router: str = "embedding"
     shared_expert: bool = True
-    target_modules: tuple[str, ...] | None = None
+    target_modules: str | tuple[str, ...] | None = None
     load_balance_coef: float = 0.001
     backend: str | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "rank", "top_k"):
@@ -53,14 +61,9 @@ class MoLEConfig:
             raise ValueError(f"MoLEConfig.router must be one of {ROUTERS}, got {self.router!r}")
         if not isinstance(self.shared_expert, bool):
             raise ValueError(f"MoLEConfig.shared_expert must be a bool, got {self.shared_expert!r}")
-        if self.target_modules is not None:
-            if isinstance(self.target_modules, str):
-                self.target_modules = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
-            self.target_modules = tuple(self.target_modules)
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError(
-                    f"MoLEConfig.target_modules must be a non-empty list of module names, got {self.target_modules!r}"
-                )
+        self.target_modules = normalize_target_spec(self.target_modules, "MoLEConfig.target_modules")
+        self.exclude_modules = normalize_target_spec(self.exclude_modules, "MoLEConfig.exclude_modules",
+                                                     allow_all_linear=False)
         coef = self.load_balance_coef
         if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
             raise ValueError(f"MoLEConfig.load_balance_coef must be a finite number >= 0, got {coef!r}")
@@ -73,7 +76,9 @@ class MoLEConfig:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["target_modules"] = None if self.target_modules is None else list(self.target_modules)
+        for key in ("target_modules", "exclude_modules"):  # JSON: a list of names, a regex / "all-linear" str, or null
+            value = getattr(self, key)
+            data[key] = list(value) if isinstance(value, tuple) else value
         return data
 
     @classmethod

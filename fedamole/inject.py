@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fedamole.atomic_io import atomic_write
-from fedamole.config import DEFAULT_TARGETS, MoLEConfig
+from fedamole.config import MoLEConfig
 from fedamole.layers import MoLELinear
+from fedamole.targets import resolve_targets
 
 WEIGHTS_FILE = "mole.safetensors"
 CONFIG_FILE = "mole_config.json"
@@ -28,26 +29,19 @@ def mole_modules(model: nn.Module) -> dict[str, MoLELinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, MoLELinear)}
 
 
-def _resolve_targets(model: nn.Module, config: MoLEConfig) -> tuple[tuple[str, ...], list[str]]:
-    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    leaves = {name.rsplit(".", 1)[-1] for name in linear_names}
-    candidates = [config.target_modules] if config.target_modules is not None else list(DEFAULT_TARGETS)
-    for targets in candidates:
-        matched = [name for name in linear_names if name.rsplit(".", 1)[-1] in targets]
-        if matched:
-            return tuple(targets), matched
-    raise ValueError(
-        f"target_modules {list(candidates[0]) if len(candidates) == 1 else [list(c) for c in candidates]} match no "
-        f"nn.Linear in the model; its linear modules are named: {sorted(leaves) or 'none (no nn.Linear at all)'}"
-    )
+def _resolve_targets(model: nn.Module, config: MoLEConfig) -> tuple[str | tuple[str, ...], list[str]]:
+    return resolve_targets(model, config.target_modules, config.exclude_modules)
 
 
 def inject_mole(model: nn.Module, config: MoLEConfig, extra_trainable: Sequence[str] = ()) -> nn.Module:
-    """Replace the target nn.Linear modules of `model` by MoLELinear (in place) and freeze everything else.
+    """Replace the target linear modules of `model` by MoLELinear (in place) and freeze everything else.
 
-    Targets are matched on the last component of the module name (config.target_modules, or PEFT's defaults:
-    q_proj,v_proj then query,value). `extra_trainable` names modules (full name or last component, e.g.
-    "classifier") that stay trainable and travel with `mole_state_dict` (a classification head). Returns `model`.
+    The low-level call (`get_mole_model` is the PEFT-style entry point). Targets follow PEFT's rules
+    (`fedamole.targets`): `config.target_modules` a list of names (exact or dotted suffix: "self_attn.q_proj"), a
+    regex (full match), "all-linear" (every nn.Linear / GPT-2 Conv1D but the output head), or None for PEFT's
+    defaults (q_proj,v_proj then query,value); `config.exclude_modules` removes matches. `extra_trainable` names
+    modules (full name or last component, e.g. "classifier") that stay trainable and travel with
+    `mole_state_dict` (a classification head). Returns `model`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
