@@ -17,6 +17,10 @@ from fedamole.inject import (
     save_mole,
 )
 from fedamole.layers import MoLEExperts, MoLELinear
+
+# Registers FedAMoLE as a PEFT method, so `peft.PeftModel.from_pretrained` reads our adapters after `import fedamole`
+# (costs ~2 s of peft/transformers import on a bare `import fedamole`; ~0 where transformers is imported anyway).
+from fedamole.peft_tuner import MoLEPeftConfig, MoLEPeftModel, get_mole_model
 from fedamole.routing import RoutingRecorder, load_balance_from_routing, record_routing
 
 __all__ = [
@@ -37,14 +41,3 @@ __all__ = [
     "save_mole",
 ]
 __version__ = "0.1.0"
-
-_PEFT_NAMES = ("MoLEPeftConfig", "MoLEPeftModel", "get_mole_model")
-
-
-def __getattr__(name: str):
-    # The PEFT integration imports peft + transformers (~2 s): loaded on first use, not with `import fedamole`.
-    if name in _PEFT_NAMES:
-        from fedamole import peft_tuner
-
-        return getattr(peft_tuner, name)
-    raise AttributeError(f"module 'fedamole' has no attribute {name!r}")

@@ -135,3 +135,20 @@ def test_load_errors_leave_the_model_untouched(tmp_path):
         fedamole.load_mole_state_dict(target, bad)
     for key, value in fedamole.mole_state_dict(target).items():
         assert torch.equal(value, before[key])
+
+
+def test_gpt2_conv1d_inject_all_linear_starts_equal_and_trains():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    ids = torch.randint(0, 97, (2, 7))
+    expected = model(input_ids=ids).logits
+    fedamole.inject_mole(model, MoLEConfig(num_experts=3, rank=4, dropout=0.0, target_modules="all-linear"))
+    names = sorted(fedamole.mole_modules(model))
+    assert "lm_head" not in names and {n.rsplit(".", 1)[-1] for n in names} == {"c_attn", "c_proj", "c_fc"}
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=0)
+    _perturb_experts(model)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(m.lora_b.grad is not None and m.lora_b.grad.abs().sum() > 0 for m in fedamole.mole_modules(model).values())
