@@ -151,4 +151,5 @@ def test_gpt2_conv1d_inject_all_linear_starts_equal_and_trains():
     _perturb_experts(model)
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
-    assert all(m.lora_b.grad is not None and m.lora_b.grad.abs().sum() > 0 for m in fedamole.mole_modules(model).values())
+    modules = fedamole.mole_modules(model).values()
+    assert all(m.lora_b.grad is not None and m.lora_b.grad.abs().sum() > 0 for m in modules)

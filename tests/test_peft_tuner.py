@@ -7,12 +7,12 @@ import peft
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
+from test_models import tiny_bert, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import fedamole
 from fedamole import MoLEConfig, MoLEPeftConfig
 from fedamole.peft_tuner import MoLEPeftLayer
-from tests.test_models import tiny_bert, tiny_llama
 
 
 def _randomise_b(model, std=0.2):
@@ -23,14 +23,18 @@ def _randomise_b(model, std=0.2):
 
 
 def _adapted(model):
-    return sorted(name.removeprefix("base_model.model.") for name, m in model.named_modules()
-                  if isinstance(m, MoLEPeftLayer))
+    return sorted(
+        name.removeprefix("base_model.model.") for name, m in model.named_modules() if isinstance(m, MoLEPeftLayer)
+    )
 
 
 def _lora_adapted(base, **targets):
     lora = peft.get_peft_model(base, LoraConfig(r=2, **targets))
-    return sorted(name.removeprefix("base_model.model.") for name, m in lora.named_modules()
-                  if isinstance(m, peft.tuners.lora.LoraLayer))
+    return sorted(
+        name.removeprefix("base_model.model.")
+        for name, m in lora.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    )
 
 
 def test_get_mole_model_is_a_peft_model_with_only_experts_trainable():
@@ -66,8 +70,9 @@ def test_gpt2_conv1d_is_adapted_and_starts_equal_to_the_base():
     base = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
     ids = torch.randint(0, 97, (2, 7))
     expected = base(input_ids=ids).logits
-    model = fedamole.get_mole_model(base, MoLEPeftConfig(num_experts=3, rank=4, dropout=0.0,
-                                                         target_modules=["c_attn", "c_fc"]))
+    model = fedamole.get_mole_model(
+        base, MoLEPeftConfig(num_experts=3, rank=4, dropout=0.0, target_modules=["c_attn", "c_fc"])
+    )
     model.eval()
     assert len(_adapted(model)) == 4
     torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=0)
@@ -76,8 +81,9 @@ def test_gpt2_conv1d_is_adapted_and_starts_equal_to_the_base():
 
 
 def test_aux_loss_is_added_to_the_loss_and_trains_the_router():
-    model = fedamole.get_mole_model(tiny_llama(), MoLEPeftConfig(num_experts=4, rank=4, dropout=0.0,
-                                                                 load_balance_coef=0.5, task_type="CAUSAL_LM"))
+    model = fedamole.get_mole_model(
+        tiny_llama(), MoLEPeftConfig(num_experts=4, rank=4, dropout=0.0, load_balance_coef=0.5, task_type="CAUSAL_LM")
+    )
     _randomise_b(model)
     model.train()
     ids = torch.randint(0, 97, (2, 9))
@@ -96,7 +102,7 @@ def test_aux_loss_is_added_to_the_loss_and_trains_the_router():
     grads = torch.autograd.grad(out.loss, routers, retain_graph=True)
     manual = torch.autograd.grad(task + 0.5 * manual_aux, routers, retain_graph=True)
     task_only = torch.autograd.grad(task, routers)
-    for g, m, t in zip(grads, manual, task_only):
+    for g, m in zip(grads, manual):
         torch.testing.assert_close(g, m)
         assert torch.isfinite(g).all() and g.abs().sum() > 0
     assert any(not torch.allclose(g, t) for g, t in zip(grads, task_only)), "the aux loss must reach the router"
@@ -119,7 +125,9 @@ def test_save_pretrained_is_adapter_only_and_reloads_exactly(tmp_path):
     expected = model(input_ids=ids).logits
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".json", ".safetensors")) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "FEDAMOLE" and config["num_experts"] == 4
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
@@ -148,8 +156,9 @@ def test_disable_adapter_unload_and_merge_refusal():
 
 
 def test_modules_to_save_trains_and_saves_the_classifier(tmp_path):
-    model = fedamole.get_mole_model(tiny_bert(), MoLEPeftConfig(num_experts=2, rank=2, modules_to_save=["classifier"],
-                                                                task_type="SEQ_CLS"))
+    model = fedamole.get_mole_model(
+        tiny_bert(), MoLEPeftConfig(num_experts=2, rank=2, modules_to_save=["classifier"], task_type="SEQ_CLS")
+    )
     assert _adapted(model) == _lora_adapted(tiny_bert())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
     assert trainable
