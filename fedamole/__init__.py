@@ -16,10 +16,12 @@ from fedamole.inject import (
     save_mole,
 )
 from fedamole.layers import MoLELinear, load_balance_from_routing
+from fedamole.peft_lora import from_peft_lora, to_peft_lora
 
 __all__ = [
     "MoLEConfig",
     "MoLELinear",
+    "from_peft_lora",
     "inject_mole",
     "load_balance_from_routing",
     "load_balance_loss",
@@ -28,5 +30,6 @@ __all__ = [
     "mole_modules",
     "mole_state_dict",
     "save_mole",
+    "to_peft_lora",
 ]
 __version__ = "0.1.0"
