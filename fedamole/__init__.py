@@ -1,10 +1,13 @@
 """fedamole: personalised federated fine-tuning with adaptive mixtures of LoRA experts (FedAMoLE), fast.
 
-import fedamole
-model = fedamole.inject_mole(model, fedamole.MoLEConfig(num_experts=8))
-with fedamole.record_routing(model) as routing:
-    out = model(**batch)
-loss = out.loss + model.fedamole_config.load_balance_coef * routing.load_balance_loss(batch["attention_mask"])
+    import fedamole
+    model = fedamole.get_mole_model(hf_model, fedamole.MoLEPeftConfig(num_experts=8))   # a peft.PeftModel
+    out = model(**batch)                          # out.loss includes load_balance_coef * out.aux_loss
+
+    model = fedamole.inject_mole(hf_model, fedamole.MoLEConfig(num_experts=8))        # low level, in place
+    with fedamole.record_routing(model) as routing:
+        out = model(**batch)
+    loss = out.loss + model.fedamole_config.load_balance_coef * routing.load_balance_loss(batch["attention_mask"])
 """
 
 from fedamole.config import MoLEConfig
@@ -17,6 +20,7 @@ from fedamole.inject import (
     save_mole,
 )
 from fedamole.layers import MoLEExperts, MoLELinear
+from fedamole.peft_lora import from_peft_lora, to_peft_lora
 
 # Registers FedAMoLE as a PEFT method, so `peft.PeftModel.from_pretrained` reads our adapters after `import fedamole`
 # (costs ~2 s of peft/transformers import on a bare `import fedamole`; ~0 where transformers is imported anyway).
@@ -25,11 +29,12 @@ from fedamole.routing import RoutingRecorder, load_balance_from_routing, record_
 
 __all__ = [
     "MoLEConfig",
-    "MoLEPeftConfig",
-    "MoLEPeftModel",
     "MoLEExperts",
     "MoLELinear",
+    "MoLEPeftConfig",
+    "MoLEPeftModel",
     "RoutingRecorder",
+    "from_peft_lora",
     "get_mole_model",
     "inject_mole",
     "load_balance_from_routing",
@@ -39,5 +44,6 @@ __all__ = [
     "mole_state_dict",
     "record_routing",
     "save_mole",
+    "to_peft_lora",
 ]
 __version__ = "0.1.0"
