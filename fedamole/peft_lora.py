@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from fedamole.atomic_io import atomic_write
 from fedamole.inject import mole_modules
+from fedamole.layers import MoLEExperts
+from fedamole.peft_tuner import MoLEPeftLayer
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -41,6 +43,18 @@ _TASK_HEADS = {
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
+
+
+def _adapted_experts(model: nn.Module) -> dict[str, MoLEExperts]:
+    """The experts of every adapted layer, by the layer's name as PEFT LoRA keys it: `inject_mole`'s MoLELinear
+    modules, and the active adapter's experts of `get_mole_model`'s layers (``base_model.model.`` removed)."""
+    experts: dict[str, MoLEExperts] = dict(mole_modules(model))
+    for name, module in model.named_modules():
+        if isinstance(module, MoLEPeftLayer):
+            active = [a for a in module.active_adapters if a in module.mole_experts]
+            if active:
+                experts[name.removeprefix("base_model.model.")] = module.mole_experts[active[0]]
+    return experts
 
 
 def _some(names: list[str]) -> str:
@@ -114,9 +128,11 @@ def from_peft_lora(model: nn.Module, adapter_dir: str | os.PathLike, *, routed: 
     an unsupported PEFT option (DoRA, fan_in_fan_out, bias, differing rank/alpha patterns, ...) or a bad file.
     Returns `model`.
     """
-    modules = mole_modules(model)
+    modules = _adapted_experts(model)
     if not modules:
-        raise ValueError("model has no MoLELinear modules: call fedamole.inject_mole(model, config) first")
+        raise ValueError(
+            "model has no MoLE modules: call fedamole.get_mole_model(model, config) or fedamole.inject_mole first"
+        )
     if not routed and any(m.shared_a is None for m in modules.values()):
         raise ValueError(
             "model has no shared expert (MoLEConfig.shared_expert=False) to seed: inject with "
@@ -233,9 +249,11 @@ def to_peft_lora(model: nn.Module, adapter_dir: str | os.PathLike, base_model_na
         from peft import LoraConfig
     except ImportError as exc:
         raise ImportError("to_peft_lora needs the peft package: pip install peft") from exc
-    modules = mole_modules(model)
+    modules = _adapted_experts(model)
     if not modules:
-        raise ValueError("model has no MoLELinear modules: call fedamole.inject_mole(model, config) first")
+        raise ValueError(
+            "model has no MoLE modules: call fedamole.get_mole_model(model, config) or fedamole.inject_mole first"
+        )
     no_shared = sorted(name for name, module in modules.items() if module.shared_a is None)
     if no_shared:
         raise ValueError(

@@ -301,3 +301,18 @@ def test_errors_name_the_problem_and_leave_the_model_unchanged(tmp_path, case):
     with pytest.raises(error, match=message):
         fedamole.from_peft_lora(model, folder, routed=case == "nan")
     assert_unchanged(model, before)
+
+
+def test_peft_mole_model_round_trips_with_peft_lora(tmp_path):
+    """The PEFT-method path (`get_mole_model`): seeded from a LoRA adapter it computes that LoRA, and exports it."""
+    lora_model, folder = peft_adapter(tmp_path)
+    model = fedamole.get_mole_model(
+        tiny_llama(), fedamole.MoLEPeftConfig(num_experts=3, rank=4, alpha=8.0, dropout=0.0, task_type="CAUSAL_LM")
+    )
+    model.eval()
+    assert (logits(model) - logits(lora_model)).abs().max() > 1e-2
+    fedamole.from_peft_lora(model, folder)
+    torch.testing.assert_close(logits(model), logits(lora_model), rtol=0, atol=ATOL)
+    exported = fedamole.to_peft_lora(model, tmp_path / "export")
+    reloaded = peft.PeftModel.from_pretrained(tiny_llama(), exported).eval()
+    torch.testing.assert_close(logits(reloaded), logits(lora_model), rtol=0, atol=ATOL)
