@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from fedamole.config import MoLEConfig
 from fedamole.layers import MoLEExperts, base_features
-from fedamole.routing import record_routing
+from fedamole.routing import close_recorder, open_recorder
 
 PEFT_TYPE_NAME = "FEDAMOLE"
 _MOLE_FIELDS = tuple(f.name for f in dataclasses.fields(MoLEConfig) if f.name != "target_modules")
@@ -188,14 +188,13 @@ class MoLEPeftModel(BaseTuner):
     def _open_routing_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         self._close_routing()  # left open only by a forward that raised before the hook below ran
         if self.training or kwargs.get("labels") is not None:
-            context = record_routing(self.model)
-            self._open_routing.append((context, context.__enter__()))
+            self._open_routing.append(open_recorder(self.model))
 
     def _close_routing(self):
         recorder = None
         while self._open_routing:
-            context, recorder = self._open_routing.pop()
-            context.__exit__(None, None, None)
+            recorder, modules = self._open_routing.pop()
+            close_recorder(recorder, modules)
         return recorder
 
     def _aux_loss_hook(self, model: nn.Module, args: tuple, kwargs: dict, outputs):
