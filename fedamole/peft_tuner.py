@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from fedamole.config import MoLEConfig
 from fedamole.layers import MoLEExperts, base_features
-from fedamole.routing import record_routing
+from fedamole.routing import close_recorder, open_recorder
 
 PEFT_TYPE_NAME = "FEDAMOLE"
 _MOLE_FIELDS = tuple(f.name for f in dataclasses.fields(MoLEConfig) if f.name != "target_modules")
@@ -150,7 +150,10 @@ class MoLEPeftModel(BaseTuner):
     Every forward opens a `fedamole.record_routing` on the model; ``outputs.aux_loss`` is the summed SPEC §1
     load-balance loss of the adapted layers (over real tokens when `attention_mask` matches the tokens seen), and
     when the model returned a loss it becomes ``loss + load_balance_coef * aux_loss`` (the Hugging Face MoE
-    convention, so the plain `Trainer` trains with it). Nothing is recorded in eval mode without labels
+    convention, so the plain `Trainer` trains with it). When the call carries `num_items_in_batch` (the Trainer's
+    gradient accumulation), the added term is scaled by this micro-batch's share of those items, so that the
+    accumulated loss holds ``load_balance_coef`` times the mean aux loss whatever the accumulation steps and the
+    number of DDP ranks (`outputs.aux_loss` itself is not scaled). Nothing is recorded in eval mode without labels
     (`generate`).
     """
 
@@ -188,14 +191,13 @@ class MoLEPeftModel(BaseTuner):
     def _open_routing_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         self._close_routing()  # left open only by a forward that raised before the hook below ran
         if self.training or kwargs.get("labels") is not None:
-            context = record_routing(self.model)
-            self._open_routing.append((context, context.__enter__()))
+            self._open_routing.append(open_recorder(self.model))
 
     def _close_routing(self):
         recorder = None
         while self._open_routing:
-            context, recorder = self._open_routing.pop()
-            context.__exit__(None, None, None)
+            recorder, modules = self._open_routing.pop()
+            close_recorder(recorder, modules)
         return recorder
 
     def _aux_loss_hook(self, model: nn.Module, args: tuple, kwargs: dict, outputs):
@@ -213,7 +215,7 @@ class MoLEPeftModel(BaseTuner):
             mask = None  # a KV-cache step or a mask of another shape: every token the layers saw counts
         aux = routing.load_balance_loss(token_mask=None if mask is None else mask.bool())
         coef = float(self.peft_config[self.active_adapters[0]].load_balance_coef)
-        return _attach_aux_loss(outputs, aux, coef)
+        return _attach_aux_loss(outputs, aux, coef, _micro_batch_share(model, kwargs))
 
     def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any):
         if merge:
@@ -227,12 +229,46 @@ class MoLEPeftModel(BaseTuner):
         return super()._unload_and_optionally_merge(merge, *args, **kwargs)
 
 
-def _attach_aux_loss(outputs, aux: Tensor, coef: float):
+def _micro_batch_share(model: nn.Module, kwargs: dict) -> Tensor | None:
+    """This micro-batch's share of the accumulated batch when the caller passed `num_items_in_batch`, else None.
+
+    With `num_items_in_batch` (the HF `Trainer` passes it under gradient accumulation, summed over every
+    micro-batch and, by default, every DDP rank) the model normalises its loss by that total and the Trainer no longer
+    divides the micro-batch losses by the number of accumulation steps. An unscaled aux term would then enter the
+    accumulated loss once per micro-batch (and per rank): ``coef * aux`` would become ``steps * coef * aux``. Scaled by
+    the micro-batch's items over the total, the terms add up to ``coef *`` (item-weighted mean of aux), as without
+    accumulation. Items are counted as the Trainer counts them: `shift_labels`, else labels != -100, after dropping
+    the first position for causal-LM losses.
+    """
+    total = kwargs.get("num_items_in_batch")
+    labels = kwargs.get("shift_labels")
+    if labels is None:
+        labels = kwargs.get("labels")
+        if isinstance(labels, Tensor) and _loss_shifts_labels(model):
+            labels = labels[..., 1:]
+    if total is None or not isinstance(labels, Tensor):
+        return None
+    total = torch.as_tensor(total, device=labels.device, dtype=torch.float32).reshape(-1)[0].clamp(min=1)
+    return labels.ne(-100).sum().float() / total
+
+
+def _loss_shifts_labels(model: nn.Module) -> bool:
+    """Whether the model's loss is the causal-LM one (labels shifted by one), decided as the HF Trainer does."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError:  # transformers < 4.46: no loss mapping, no num_items_in_batch either
+        return False
+    is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not is_encoder_decoder
+
+
+def _attach_aux_loss(outputs, aux: Tensor, coef: float, share: Tensor | None = None):
     if isinstance(outputs, tuple):
         return outputs  # return_dict=False: the caller adds coef * aux itself (documented)
     loss = getattr(outputs, "loss", None)
     if loss is not None and coef:
-        outputs["loss"] = loss + coef * aux.to(loss.device, loss.dtype)
+        term = coef * aux.to(loss.device, loss.dtype)
+        outputs["loss"] = loss + (term if share is None else term * share.to(loss.device, loss.dtype))
     try:
         outputs["aux_loss"] = aux
     except (TypeError, KeyError):

@@ -159,6 +159,18 @@ def release_reentrant_term(module: nn.Module, delta: Tensor, probs: Tensor, topk
 @contextlib.contextmanager
 def record_routing(model: nn.Module) -> Iterator[RoutingRecorder]:
     """Open a `RoutingRecorder` on every MoLE module of `model` for the duration of the block (nestable)."""
+    recorder, modules = open_recorder(model)
+    try:
+        yield recorder
+    finally:
+        close_recorder(recorder, modules)
+
+
+def open_recorder(model: nn.Module) -> tuple[RoutingRecorder, list[nn.Module]]:
+    """`record_routing` without the `with` block: a new recorder, open on the returned MoLE modules of `model` until
+    `close_recorder(recorder, modules)`. Plain functions, not a generator context manager, so that forward hooks
+    using them trace under `torch.compile(fullgraph=True)` (Dynamo cannot keep a live @contextmanager object across
+    the pre-hook / post-hook boundary)."""
     recorder = RoutingRecorder()
     modules = [m for m in model.modules() if hasattr(m, "_routing_recorders")]
     for module in modules:
@@ -166,8 +178,10 @@ def record_routing(model: nn.Module) -> Iterator[RoutingRecorder]:
         if recorder.grad_enabled:
             # Cells whose loss graph is gone (forward without backward) are dead weak references: drop them.
             module._reentrant_cells = collections.deque(ref for ref in module._reentrant_cells if ref() is not None)
-    try:
-        yield recorder
-    finally:
-        for module in modules:
-            module._routing_recorders = tuple(r for r in module._routing_recorders if r is not recorder)
+    return recorder, modules
+
+
+def close_recorder(recorder: RoutingRecorder, modules: list[nn.Module]) -> None:
+    """Detach `recorder` from `modules` (what `open_recorder` returned); the recorder keeps its calls."""
+    for module in modules:
+        module._routing_recorders = tuple(r for r in module._routing_recorders if r is not recorder)
