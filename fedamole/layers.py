@@ -125,7 +125,16 @@ class MoLEExperts(nn.Module):
         return self.lora_a.shape[0] if self.lora_a.dim() == 4 else None
 
     def _weights(self) -> tuple[Tensor, ...]:
-        return self.lora_a, self.lora_b, self.router, self.shared_a, self.shared_b, self.active_experts
+        # Straight from the registries: six nn.Module.__getattr__ calls cost 3.4 us per forward (d=16, T=1). Names
+        # that left them (plain attributes, parametrizations, functional_call) go through getattr.
+        params, buffers = self._parameters, self._buffers
+        try:
+            return (
+                params["lora_a"], params["lora_b"], params["router"], params["shared_a"], params["shared_b"],
+                buffers["active_experts"],
+            )  # fmt: skip
+        except KeyError:
+            return self.lora_a, self.lora_b, self.router, self.shared_a, self.shared_b, self.active_experts
 
     def _check_weights(self, weights: tuple) -> None:
         """Shape/dtype/device checks of the module's own tensors, once per set of tensors (they rarely change; the
