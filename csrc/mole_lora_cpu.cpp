@@ -8,7 +8,7 @@
 //             grad_x = dH Wc, grad_Wc = dH^T x, grad_Bc = g^T G.
 // All GEMMs go through ATen (MKL/oneDNN); math runs in float32 (float64 for float64 inputs).
 //
-// Small problems (T <= kSplitMaxTokens, so at most one token block per segment) skip the stacking: one GEMM per part
+// Small problems (few tokens, so at most one token block per segment) skip the stacking: one GEMM per part
 // (router, A, shared A) on the weights in place, and the up-projections only for the experts some token of the block
 // selected; their weight gradients are written straight into the outputs. At T=1, d=512, 1 thread, building Wc and Bc
 // took ~33 us of a 50 us forward (the permute-copy of B alone 25 us), and the copies out of the stacked gradient
@@ -43,9 +43,21 @@ namespace {
 constexpr int64_t kTokenBlock = 128;
 // Output columns per weight-gradient work item.
 constexpr int64_t kColBlock = 256;
-// Largest T run on the unstacked weights (must not exceed kTokenBlock: one item per segment).
-constexpr int64_t kSplitMaxTokens = 16;
-static_assert(kSplitMaxTokens <= kTokenBlock, "the split path writes weight grads per item: one item per segment");
+// Largest T run on the unstacked weights, forward and backward (at most kTokenBlock: one item per segment).
+// $FEDAMOLE_CPU_SPLIT_MAX_TOKENS overrides both (tests use it to run either path at any T). Measured, E=8, r=8,
+// 1 thread, d=512 | 2048: the split forward wins up to T=16 (T=16: 62 vs 76 us | 215 vs 259 us) and ties at T=32;
+// the split backward wins up to T=4 (113 vs 125 | 376 vs 486 us) and loses from T=8 (161 vs 140 | 623 vs 507 us),
+// its per-expert GEMMs with N = r being slow in BLAS.
+constexpr int64_t kSplitMaxTokensFwd = 16;
+constexpr int64_t kSplitMaxTokensBwd = 4;
+static_assert(kSplitMaxTokensFwd <= kTokenBlock && kSplitMaxTokensBwd <= kTokenBlock,
+              "the split path writes weight grads per item: one item per segment");
+
+bool use_split(int64_t num_tokens, int64_t default_max) {
+  const char* env = std::getenv("FEDAMOLE_CPU_SPLIT_MAX_TOKENS");
+  const int64_t limit = env != nullptr ? std::min<int64_t>(std::atoll(env), kTokenBlock) : default_max;
+  return num_tokens <= limit;
+}
 
 struct Problem {
   int64_t T = 0, S = 0, E = 0, r = 0, D = 0, O = 0, k = 0;
@@ -157,7 +169,6 @@ Problem make_problem(const at::Tensor& x, const std::optional<at::Tensor>& exper
     TORCH_CHECK(P.offsets[s] <= P.offsets[s + 1], "mole_lora (cpu): seg_offsets must be non-decreasing, got ",
                 P.offsets[s], " > ", P.offsets[s + 1], " at segment ", s);
   }
-  P.split = P.T <= kSplitMaxTokens;
   return P;
 }
 
@@ -729,8 +740,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_lora_fwd_cpu(
     const at::Tensor& expert_mask, int64_t top_k, double scaling, c10::string_view router_type) {
   at::AutoDispatchBelowADInplaceOrView guard;
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Problem P = make_problem(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a,
-                                 shared_b, expert_mask, top_k, scaling, router_type);
+  Problem P = make_problem(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
+                           top_k, scaling, router_type);
+  P.split = use_split(P.T, kSplitMaxTokensFwd);
   const at::Tensor xc = in_cd(x, P.cd);
   const at::Tensor xec = P.has_xe ? in_cd(*expert_input, P.cd) : at::Tensor();
   const Weights W = make_weights(P, router, lora_a, shared_a, lora_b, shared_b);
@@ -756,8 +768,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& topk_idx, int64_t top_k, double scaling, c10::string_view router_type) {
   at::AutoDispatchBelowADInplaceOrView guard;
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Problem P = make_problem(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a,
-                                 shared_b, expert_mask, top_k, scaling, router_type);
+  Problem P = make_problem(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
+                           top_k, scaling, router_type);
+  P.split = use_split(P.T, kSplitMaxTokensBwd);
   check_float(grad_delta, "grad_delta", 2, x.scalar_type());
   check_shape(grad_delta, "grad_delta", {P.T, P.O});
   check_float(probs, "probs", 2, P.cd);

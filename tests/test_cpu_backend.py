@@ -89,9 +89,17 @@ CASES = {
 }
 
 
+# The C++ kernels run small problems on the weights in place (one GEMM per part, only the selected experts'
+# up-projections) and larger ones on stacked weights; $FEDAMOLE_CPU_SPLIT_MAX_TOKENS forces either path.
+SPLIT_PATHS = {"default": None, "split": "128", "stacked": "0"}
+
+
+@pytest.mark.parametrize("path", sorted(SPLIT_PATHS))
 @pytest.mark.parametrize("router_type", ["embedding", "linear"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_reference_fp32(case, router_type):
+def test_matches_reference_fp32(case, router_type, path, monkeypatch):
+    if SPLIT_PATHS[path] is not None:
+        monkeypatch.setenv("FEDAMOLE_CPU_SPLIT_MAX_TOKENS", SPLIT_PATHS[path])
     kwargs, top_k = CASES[case]
     inputs, offsets, mask = make_inputs(router_type=router_type, **kwargs)
     ref = run("reference", inputs, offsets, mask, top_k, router_type)
@@ -255,13 +263,14 @@ def test_cpp_checks_name_the_tensor():
         op(x, None, offsets, a, b, w, None, None, mask, 2, 2.0, "bogus")
 
 
-# The C++ kernels run problems of at most 16 tokens on the weights in place (one GEMM per part, only the selected
-# experts' up-projections) and larger ones on stacked weights: both sides of that threshold, every option.
-@pytest.mark.parametrize("num_tokens", [1, 16, 17])
+@pytest.mark.parametrize("path", sorted(SPLIT_PATHS))
+@pytest.mark.parametrize("num_tokens", [1, 5, 17])
 @pytest.mark.parametrize("router_type", ["embedding", "linear"])
 @pytest.mark.parametrize("expert_input", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
-def test_small_and_stacked_paths_match_reference(num_tokens, router_type, expert_input, shared):
+def test_small_and_stacked_paths_match_reference(num_tokens, router_type, expert_input, shared, path, monkeypatch):
+    if SPLIT_PATHS[path] is not None:
+        monkeypatch.setenv("FEDAMOLE_CPU_SPLIT_MAX_TOKENS", SPLIT_PATHS[path])
     inputs, offsets, mask = make_inputs([num_tokens], num_slots=6, router_type=router_type, shared=shared,
                                         expert_input=expert_input, mask=[[1, 1, 0, 1, 1, 1]])
     ref = run("reference", inputs, offsets, mask, 2, router_type)
