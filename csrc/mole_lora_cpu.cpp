@@ -206,7 +206,12 @@ struct Weights {
 
 // Inputs in the compute dtype, detached: kernels run below autograd, also on worker threads (whose grad mode is
 // not the caller's).
-at::Tensor in_cd(const at::Tensor& t, at::ScalarType cd) { return t.detach().to(cd).contiguous(); }
+// (The common case, already in the compute dtype and contiguous, is one op instead of three: at d=16, T=1 the ~110
+// dispatcher ops of a forward are most of its cost.)
+at::Tensor in_cd(const at::Tensor& t, at::ScalarType cd) {
+  if (t.scalar_type() == cd && t.is_contiguous()) return t.detach();
+  return t.detach().to(cd).contiguous();
+}
 
 Weights make_weights(const Problem& P, const at::Tensor& router, const at::Tensor& lora_a,
                      const std::optional<at::Tensor>& shared_a, const at::Tensor& lora_b,
@@ -421,9 +426,10 @@ void forward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec,
       }
       // Unselected slots have zero gates: their columns of `gated` are 0 and their B is never read.
       const std::vector<char> used = used_slots(P, topk_idx, item.t0, item.t1);
+      const at::Tensor b_s = W.b[item.s];
       GemmSum sum{out};
       for (int64_t i = 0; i < E; ++i) {
-        if (used[i]) sum.add(gated.narrow(1, i * r, r), W.b[item.s][i].t());
+        if (used[i]) sum.add(gated.narrow(1, i * r, r), b_s[i].t());
       }
       if (P.shared) sum.add(gated.narrow(1, Er, r), W.sb[item.s].t());
       sum.finish();
@@ -480,14 +486,12 @@ void split_input_and_weight_grads(const Problem& P, const Weights& W, SplitGrads
       at::mm_out(out, dhe.narrow(1, Er, r).t(), xeb);
     }
   }
-  const at::Tensor g_t = g.t();
+  // B grads of selected slots; the others keep the zeros sg.b was created with (zero gates: no gradient).
+  const at::Tensor g_t = g.t(), b_s = sg.b[s];
   for (int64_t i = 0; i < P.E; ++i) {
-    at::Tensor out_b = sg.b[s][i];
-    if (used[i]) {
-      at::mm_out(out_b, g_t, gated.narrow(1, i * r, r));
-    } else {
-      out_b.zero_();  // zero gates: no gradient
-    }
+    if (!used[i]) continue;
+    at::Tensor out_b = b_s[i];
+    at::mm_out(out_b, g_t, gated.narrow(1, i * r, r));
   }
   if (P.shared) {
     out = sg.sb[s];
@@ -554,10 +558,11 @@ void backward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec
         // Only selected slots (zero gates elsewhere) and the shared expert need g B; the rest stays 0.
         used = used_slots(P, topk_idx, item.t0, item.t1);
         grank = at::zeros({nb, P.Ke}, xc.options());
+        const at::Tensor b_s = W.b[item.s];
         for (int64_t i = 0; i < E; ++i) {
           if (!used[i]) continue;
           at::Tensor cols = grank.narrow(1, i * r, r);
-          at::mm_out(cols, gb_rows, W.b[item.s][i]);
+          at::mm_out(cols, gb_rows, b_s[i]);
         }
         if (P.shared) {
           at::Tensor cols = grank.narrow(1, Er, r);
@@ -804,7 +809,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (P.split) {
     sg.router = at::empty({P.S, P.R, P.D}, opts);
     sg.a = at::empty({P.S, Er, P.D}, opts);
-    sg.b = at::empty({P.S, P.E, P.O, P.r}, opts);
+    sg.b = at::zeros({P.S, P.E, P.O, P.r}, opts);  // unselected slots: one fill rather than one zero_() each
     if (P.shared) {
       sg.sa = at::empty({P.S, P.r, P.D}, opts);
       sg.sb = at::empty({P.S, P.O, P.r}, opts);

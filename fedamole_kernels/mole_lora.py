@@ -18,7 +18,7 @@ kernel launches counted from the code (no GPU in this session):
 
     backend    fwd: from Python / ATen ops / GEMMs      fwd+bwd: from Python / ATen ops / GEMMs   host syncs
     reference  70 / 227 / 8  (T=64 the same)            205 / 677 / 29  (T=64: 205 / 716 / 32)      1 fwd + 1 bwd
-    cpu         1 / 114 / 6  (T=64:  1 / 69 / 2)          9 / 391 / 21  (T=64:   9 / 235 / 7)       0
+    cpu         1 / 106 / 6  (T=64:  1 / 68 / 2)          9 / 344 / 21  (T=64:   9 / 232 / 7)       0
 
     backend    kernel launches fwd        kernel launches bwd                                  host syncs
     triton     2 (route_shrink, expand)   4: route_bwd, 2 seg_wgrad, 1 seg_gemm (+1 with       0 (autotune syncs once
