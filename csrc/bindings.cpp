@@ -21,6 +21,11 @@ TORCH_LIBRARY(fedamole_ext, m) {
       "Tensor lora_a, Tensor lora_b, Tensor router, Tensor? shared_a, Tensor? shared_b, Tensor expert_mask, "
       "Tensor probs, Tensor topk_idx, int top_k, float scaling, str router_type) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Forward with a C++ autograd node (backward: mole_lora_bwd): one dispatcher call per eager forward.
+  m.def(
+      "mole_lora(Tensor x, Tensor? expert_input, Tensor seg_offsets, Tensor lora_a, Tensor lora_b, "
+      "Tensor router, Tensor? shared_a, Tensor? shared_b, Tensor expert_mask, int top_k, float scaling, "
+      "str router_type) -> (Tensor, Tensor, Tensor)");
   // Routing alone plus per-segment expert usage counts (top-k slots routed to each slot), for the load-balance loss.
   m.def(
       "mole_route(Tensor x, Tensor seg_offsets, Tensor lora_a, Tensor router, Tensor expert_mask, int top_k, "
@@ -31,6 +36,13 @@ TORCH_LIBRARY_IMPL(fedamole_ext, CPU, m) {
   m.impl("mole_lora_fwd", &fedamole::mole_lora_fwd_cpu);
   m.impl("mole_lora_bwd", &fedamole::mole_lora_bwd_cpu);
   m.impl("mole_route", &fedamole::mole_route_cpu);
+}
+
+// Device-agnostic: both call mole_lora_fwd through the dispatcher (the Autograd kernel records the node; the other
+// serves dispatch below autograd, e.g. inference mode).
+TORCH_LIBRARY_IMPL(fedamole_ext, Autograd, m) { m.impl("mole_lora", &fedamole::mole_lora_autograd); }
+TORCH_LIBRARY_IMPL(fedamole_ext, CompositeExplicitAutograd, m) {
+  m.impl("mole_lora", &fedamole::mole_lora_no_autograd);
 }
 
 #ifdef FEDAMOLE_WITH_CUDA

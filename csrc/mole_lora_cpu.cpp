@@ -8,6 +8,15 @@
 //             grad_x = dH Wc, grad_Wc = dH^T x, grad_Bc = g^T G.
 // All GEMMs go through ATen (MKL/oneDNN); math runs in float32 (float64 for float64 inputs).
 //
+// Small problems (few tokens, so at most one token block per segment) skip the stacking: one GEMM per part
+// (router, A, shared A) on the weights in place, and the up-projections only for the experts some token of the block
+// selected; their weight gradients are written straight into the outputs. At T=1, d=512, 1 thread, building Wc and Bc
+// took ~33 us of a 50 us forward (the permute-copy of B alone 25 us), and the copies out of the stacked gradient
+// buffers a similar share of the backward.
+//
+// The kernels turn autocast off for themselves: their buffers are in the compute dtype on purpose (an enclosing
+// torch.autocast would recast their fp32 GEMMs).
+//
 // Determinism: token-wise work runs over (segment, fixed token block) items; reductions over tokens (weight grads)
 // run over (segment, fixed column block) items, each reducing its whole segment in one GEMM. The partition never
 // depends on the thread count, and when at::parallel_for fans out every GEMM inside it is single-threaded, so 1 and
@@ -19,6 +28,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -33,6 +43,21 @@ namespace {
 constexpr int64_t kTokenBlock = 128;
 // Output columns per weight-gradient work item.
 constexpr int64_t kColBlock = 256;
+// Largest T run on the unstacked weights, forward and backward (at most kTokenBlock: one item per segment).
+// $FEDAMOLE_CPU_SPLIT_MAX_TOKENS overrides both (tests use it to run either path at any T). Measured, E=8, r=8,
+// 1 thread, d=512 | 2048: the split forward wins up to T=16 (T=16: 62 vs 76 us | 215 vs 259 us) and ties at T=32;
+// the split backward wins up to T=4 (113 vs 125 | 376 vs 486 us) and loses from T=8 (161 vs 140 | 623 vs 507 us),
+// its per-expert GEMMs with N = r being slow in BLAS.
+constexpr int64_t kSplitMaxTokensFwd = 16;
+constexpr int64_t kSplitMaxTokensBwd = 4;
+static_assert(kSplitMaxTokensFwd <= kTokenBlock && kSplitMaxTokensBwd <= kTokenBlock,
+              "the split path writes weight grads per item: one item per segment");
+
+bool use_split(int64_t num_tokens, int64_t default_max) {
+  const char* env = std::getenv("FEDAMOLE_CPU_SPLIT_MAX_TOKENS");
+  const int64_t limit = env != nullptr ? std::min<int64_t>(std::atoll(env), kTokenBlock) : default_max;
+  return num_tokens <= limit;
+}
 
 struct Problem {
   int64_t T = 0, S = 0, E = 0, r = 0, D = 0, O = 0, k = 0;
@@ -42,6 +67,7 @@ struct Problem {
   int64_t Kc = 0;  // all rows: R + Ke
   bool embedding = true, shared = false, has_xe = false;
   at::ScalarType cd = at::kFloat;  // compute dtype
+  bool split = false;              // small problem: weights used in place (see the file comment)
   double scaling = 1.0;
   std::vector<int64_t> offsets;  // S + 1 segment bounds
 };
@@ -164,12 +190,73 @@ at::Tensor stack_down(const Problem& P, const at::Tensor& router, const at::Tens
   return at::cat(parts, 1).contiguous();
 }
 
-// Bc [S, O, Ke] = [B_1 .. B_E | shared B] in the compute dtype.
+// Bc [S, O, Ke] = [B_1 .. B_E | shared B] in the compute dtype, written in one pass (permute-copy then cat was two).
 at::Tensor stack_up(const Problem& P, const at::Tensor& lora_b, const std::optional<at::Tensor>& shared_b) {
-  at::Tensor b = lora_b.to(P.cd).permute({0, 2, 1, 3}).reshape({P.S, P.O, P.E * P.r});
-  if (P.shared) b = at::cat({b, shared_b->to(P.cd)}, 2);
-  return b.contiguous();
+  at::Tensor bc = at::empty({P.S, P.O, P.Ke}, lora_b.options().dtype(P.cd));
+  bc.narrow(2, 0, P.E * P.r).view({P.S, P.O, P.E, P.r}).copy_(lora_b.permute({0, 2, 1, 3}));
+  if (P.shared) bc.narrow(2, P.E * P.r, P.r).copy_(*shared_b);
+  return bc;
 }
+
+// The weights as the kernels read them: stacked (Wc, Bc) for large problems, in place (split) for small ones.
+struct Weights {
+  at::Tensor wc, bc;                  // stacked: [S, Kc, D], [S, O, Ke]
+  at::Tensor router, a, sa, b, sb;    // split: [S, R, D], [S, E*r, D], [S, r, D], [S, E, O, r], [S, O, r]
+};
+
+// Inputs in the compute dtype, detached: kernels run below autograd, also on worker threads (whose grad mode is
+// not the caller's).
+// (The common case, already in the compute dtype and contiguous, is one op instead of three: at d=16, T=1 the ~110
+// dispatcher ops of a forward are most of its cost.)
+at::Tensor in_cd(const at::Tensor& t, at::ScalarType cd) {
+  if (t.scalar_type() == cd && t.is_contiguous()) return t.detach();
+  return t.detach().to(cd).contiguous();
+}
+
+Weights make_weights(const Problem& P, const at::Tensor& router, const at::Tensor& lora_a,
+                     const std::optional<at::Tensor>& shared_a, const at::Tensor& lora_b,
+                     const std::optional<at::Tensor>& shared_b, bool need_down = true) {
+  Weights W;
+  if (!P.split) {
+    if (need_down) W.wc = stack_down(P, router.detach(), lora_a.detach(), shared_a);
+    W.bc = stack_up(P, lora_b.detach(), shared_b);
+    return W;
+  }
+  W.router = in_cd(router, P.cd);
+  W.a = in_cd(lora_a, P.cd).view({P.S, P.E * P.r, P.D});
+  W.b = in_cd(lora_b, P.cd);
+  if (P.shared) {
+    W.sa = in_cd(*shared_a, P.cd);
+    W.sb = in_cd(*shared_b, P.cd);
+  }
+  return W;
+}
+
+// Which slots the top-k of tokens [t0, t1) selected (the split path skips the others' up-projections).
+std::vector<char> used_slots(const Problem& P, const int64_t* topk_idx, int64_t t0, int64_t t1) {
+  std::vector<char> used(P.E, 0);
+  for (int64_t q = t0 * P.k; q < t1 * P.k; ++q) {
+    if (topk_idx[q] >= 0) used[topk_idx[q]] = 1;
+  }
+  return used;
+}
+
+// out = sum over parts of lhs_i @ rhs_i (the first writes, the others accumulate; no parts: zeros).
+struct GemmSum {
+  at::Tensor& out;
+  bool first = true;
+  void add(const at::Tensor& lhs, const at::Tensor& rhs) {
+    if (first) {
+      at::mm_out(out, lhs, rhs);
+      first = false;
+    } else {
+      out.addmm_(lhs, rhs);
+    }
+  }
+  void finish() {
+    if (first) out.zero_();
+  }
+};
 
 // Down-projections of one token block: routing columns (t, and h for the embedding router) and expert columns
 // (u, then v). Without expert_input one GEMM yields both (the A rows are shared between routing and experts).
@@ -178,16 +265,56 @@ struct Proj {
   int64_t ld_route = 0, ld_expert = 0, expert_col = 0;
 };
 
-Proj project(const Problem& P, const at::Tensor& wc_s, const at::Tensor& xb, const at::Tensor* xeb) {
+Proj project(const Problem& P, const Weights& W, int64_t s, const at::Tensor& xb, const at::Tensor* xeb) {
   Proj pr;
+  const int64_t Er = P.E * P.r;
+  if (!P.split) {
+    const at::Tensor wc_s = W.wc[s];
+    if (xeb == nullptr) {
+      pr.route = at::mm(xb, wc_s.t());
+      pr.expert = pr.route;
+      pr.ld_route = pr.ld_expert = P.Kc;
+      pr.expert_col = P.R;
+    } else {
+      pr.route = at::mm(xb, wc_s.narrow(0, 0, P.Kr).t());
+      pr.expert = at::mm(*xeb, wc_s.narrow(0, P.R, P.Ke).t());
+      pr.ld_route = P.Kr;
+      pr.ld_expert = P.Ke;
+    }
+    return pr;
+  }
+  // One GEMM per part, each into its columns of the same [nb, Kc] (or [nb, Kr] + [nb, Ke]) layout.
+  const int64_t nb = xb.size(0);
+  const at::Tensor router_t = W.router[s].t(), a_t = W.a[s].t();
   if (xeb == nullptr) {
-    pr.route = at::mm(xb, wc_s.t());
+    pr.route = at::empty({nb, P.Kc}, xb.options());
+    at::Tensor h = pr.route;
+    at::Tensor cols = h.narrow(1, 0, P.R);
+    at::mm_out(cols, xb, router_t);
+    cols = h.narrow(1, P.R, Er);
+    at::mm_out(cols, xb, a_t);
+    if (P.shared) {
+      cols = h.narrow(1, P.R + Er, P.r);
+      at::mm_out(cols, xb, W.sa[s].t());
+    }
     pr.expert = pr.route;
     pr.ld_route = pr.ld_expert = P.Kc;
     pr.expert_col = P.R;
   } else {
-    pr.route = at::mm(xb, wc_s.narrow(0, 0, P.Kr).t());
-    pr.expert = at::mm(*xeb, wc_s.narrow(0, P.R, P.Ke).t());
+    pr.route = at::empty({nb, P.Kr}, xb.options());
+    at::Tensor cols = pr.route.narrow(1, 0, P.R);
+    at::mm_out(cols, xb, router_t);
+    if (P.embedding) {
+      cols = pr.route.narrow(1, P.R, Er);
+      at::mm_out(cols, xb, a_t);
+    }
+    pr.expert = at::empty({nb, P.Ke}, xb.options());
+    cols = pr.expert.narrow(1, 0, Er);
+    at::mm_out(cols, *xeb, a_t);
+    if (P.shared) {
+      cols = pr.expert.narrow(1, Er, P.r);
+      at::mm_out(cols, *xeb, W.sa[s].t());
+    }
     pr.ld_route = P.Kr;
     pr.ld_expert = P.Ke;
   }
@@ -254,8 +381,8 @@ T gate_norm(const Problem& P, const T* p, const int64_t* idx) {
 }
 
 template <typename T>
-void forward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec, const at::Tensor& wc,
-                  const at::Tensor& bc, const bool* mask, T* probs, int64_t* topk_idx, at::Tensor& delta_c) {
+void forward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec, const Weights& W, const bool* mask,
+                  T* probs, int64_t* topk_idx, at::Tensor& delta_c) {
   const std::vector<Item> items = token_items(P);
   const int64_t E = P.E, r = P.r, Er = P.E * P.r, k = P.k;
   const T scaling = static_cast<T>(P.scaling);
@@ -265,11 +392,10 @@ void forward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec,
     for (int64_t it = begin; it < end; ++it) {
       const Item& item = items[it];
       const int64_t nb = item.t1 - item.t0;
-      const at::Tensor wc_s = wc[item.s];
       const at::Tensor xb = xc.narrow(0, item.t0, nb);
       at::Tensor xeb;
       if (P.has_xe) xeb = xec.narrow(0, item.t0, nb);
-      const Proj pr = project(P, wc_s, xb, P.has_xe ? &xeb : nullptr);
+      const Proj pr = project(P, W, item.s, xb, P.has_xe ? &xeb : nullptr);
       const T* route = pr.route.data_ptr<T>();
       const T* expert = pr.expert.data_ptr<T>() + pr.expert_col;
       at::Tensor gated = at::empty({nb, P.Ke}, xc.options());
@@ -294,15 +420,89 @@ void forward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec,
         }
       }
       at::Tensor out = delta_c.narrow(0, item.t0, nb);
-      at::mm_out(out, gated, bc[item.s].t());
+      if (!P.split) {
+        at::mm_out(out, gated, W.bc[item.s].t());
+        continue;
+      }
+      // Unselected slots have zero gates: their columns of `gated` are 0 and their B is never read.
+      const std::vector<char> used = used_slots(P, topk_idx, item.t0, item.t1);
+      const at::Tensor b_s = W.b[item.s];
+      GemmSum sum{out};
+      for (int64_t i = 0; i < E; ++i) {
+        if (used[i]) sum.add(gated.narrow(1, i * r, r), b_s[i].t());
+      }
+      if (P.shared) sum.add(gated.narrow(1, Er, r), W.sb[item.s].t());
+      sum.finish();
     }
   });
 }
 
+// Weight gradients of the split path, in the compute dtype: [S, R, D], [S, E*r, D], [S, r, D], [S, E, O, r], [S, O, r].
+struct SplitGrads {
+  at::Tensor router, a, sa, b, sb;
+};
+
+// Split path, one token block (the only one of its segment): grad_x (and grad_x_e) from the unstacked weights, then
+// the segment's weight gradients straight into `sg`. dhr: [nb, Kc] without expert_input (dH, the A columns holding
+// both the routing and the expert terms), else [nb, Kr]; dhe: [nb, Ke] with expert_input.
+void split_input_and_weight_grads(const Problem& P, const Weights& W, SplitGrads& sg, const Item& item,
+                                  const std::vector<char>& used, const at::Tensor& xb, const at::Tensor& xeb,
+                                  const at::Tensor& g, const at::Tensor& gated, const at::Tensor& dhr,
+                                  const at::Tensor& dhe, at::Tensor gx_b, at::Tensor gxe_b) {
+  const int64_t s = item.s, r = P.r, Er = P.E * P.r, R = P.R;
+  const at::Tensor router_s = W.router[s], a_s = W.a[s];
+  if (P.has_xe) {
+    GemmSum sx{gx_b};
+    sx.add(dhr.narrow(1, 0, R), router_s);
+    if (P.embedding) sx.add(dhr.narrow(1, R, Er), a_s);
+    sx.finish();
+    GemmSum se{gxe_b};
+    se.add(dhe.narrow(1, 0, Er), a_s);
+    if (P.shared) se.add(dhe.narrow(1, Er, r), W.sa[s]);
+    se.finish();
+  } else {
+    GemmSum sx{gx_b};
+    sx.add(dhr.narrow(1, 0, R), router_s);
+    sx.add(dhr.narrow(1, R, Er), a_s);
+    if (P.shared) sx.add(dhr.narrow(1, R + Er, r), W.sa[s]);
+    sx.finish();
+  }
+  at::Tensor out = sg.router[s];
+  at::mm_out(out, dhr.narrow(1, 0, R).t(), xb);
+  at::Tensor out_a = sg.a[s];
+  if (!P.has_xe) {
+    at::mm_out(out_a, dhr.narrow(1, R, Er).t(), xb);
+    if (P.shared) {
+      out = sg.sa[s];
+      at::mm_out(out, dhr.narrow(1, R + Er, r).t(), xb);
+    }
+  } else {
+    GemmSum sa{out_a};
+    if (P.embedding) sa.add(dhr.narrow(1, R, Er).t(), xb);
+    sa.add(dhe.narrow(1, 0, Er).t(), xeb);
+    sa.finish();
+    if (P.shared) {
+      out = sg.sa[s];
+      at::mm_out(out, dhe.narrow(1, Er, r).t(), xeb);
+    }
+  }
+  // B grads of selected slots; the others keep the zeros sg.b was created with (zero gates: no gradient).
+  const at::Tensor g_t = g.t(), b_s = sg.b[s];
+  for (int64_t i = 0; i < P.E; ++i) {
+    if (!used[i]) continue;
+    at::Tensor out_b = b_s[i];
+    at::mm_out(out_b, g_t, gated.narrow(1, i * r, r));
+  }
+  if (P.shared) {
+    out = sg.sb[s];
+    at::mm_out(out, g_t, gated.narrow(1, Er, r));
+  }
+}
+
 template <typename T>
 void backward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec, const at::Tensor& gc,
-                   const T* grad_probs, const at::Tensor& wc, const at::Tensor& bc, const T* probs,
-                   const int64_t* topk_idx, at::Tensor& gx, at::Tensor& gxe, at::Tensor& gwc, at::Tensor& gbc) {
+                   const T* grad_probs, const Weights& W, const T* probs, const int64_t* topk_idx, at::Tensor& gx,
+                   at::Tensor& gxe, at::Tensor& gwc, at::Tensor& gbc, SplitGrads* sg) {
   const std::vector<Item> items = token_items(P);
   const int64_t E = P.E, r = P.r, Er = P.E * P.r, k = P.k;
   const T scaling = static_cast<T>(P.scaling);
@@ -332,7 +532,7 @@ void backward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec
   const char* budget_env = std::getenv("FEDAMOLE_CPU_PARTIAL_BYTES");
   const int64_t partial_budget = budget_env != nullptr ? std::atoll(budget_env) : (int64_t(64) << 20);
   const bool fused_wgrad =
-      n_items * (part_w_numel + part_b_numel) * static_cast<int64_t>(sizeof(T)) <= partial_budget;
+      !P.split && n_items * (part_w_numel + part_b_numel) * static_cast<int64_t>(sizeof(T)) <= partial_budget;
   at::Tensor part_w, part_b;
   if (fused_wgrad) {
     part_w = at::empty({n_items, P.Kc, P.D}, xc.options());
@@ -345,12 +545,30 @@ void backward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec
     for (int64_t it = begin; it < end; ++it) {
       const Item& item = items[it];
       const int64_t nb = item.t1 - item.t0;
-      const at::Tensor wc_s = wc[item.s];
       const at::Tensor xb = xc.narrow(0, item.t0, nb);
       at::Tensor xeb;
       if (P.has_xe) xeb = xec.narrow(0, item.t0, nb);
-      const Proj pr = project(P, wc_s, xb, P.has_xe ? &xeb : nullptr);
-      const at::Tensor grank = at::mm(gc.narrow(0, item.t0, nb), bc[item.s]);  // [nb, Ke]
+      const Proj pr = project(P, W, item.s, xb, P.has_xe ? &xeb : nullptr);
+      const at::Tensor gb_rows = gc.narrow(0, item.t0, nb);
+      at::Tensor grank;  // [nb, Ke] = g Bc
+      std::vector<char> used;
+      if (!P.split) {
+        grank = at::mm(gb_rows, W.bc[item.s]);
+      } else {
+        // Only selected slots (zero gates elsewhere) and the shared expert need g B; the rest stays 0.
+        used = used_slots(P, topk_idx, item.t0, item.t1);
+        grank = at::zeros({nb, P.Ke}, xc.options());
+        const at::Tensor b_s = W.b[item.s];
+        for (int64_t i = 0; i < E; ++i) {
+          if (!used[i]) continue;
+          at::Tensor cols = grank.narrow(1, i * r, r);
+          at::mm_out(cols, gb_rows, b_s[i]);
+        }
+        if (P.shared) {
+          at::Tensor cols = grank.narrow(1, Er, r);
+          at::mm_out(cols, gb_rows, W.sb[item.s]);
+        }
+      }
       const T* route = pr.route.data_ptr<T>();
       const T* expert = pr.expert.data_ptr<T>() + pr.expert_col;
       const T* gr = grank.data_ptr<T>();
@@ -424,6 +642,14 @@ void backward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec
         }
       }
       at::Tensor gx_b = gx.narrow(0, item.t0, nb);
+      if (P.split) {
+        split_input_and_weight_grads(P, W, *sg, item, used, xb, xeb, gb_rows, gated.narrow(0, item.t0, nb),
+                                     dh_route.narrow(0, item.t0, nb),
+                                     P.has_xe ? dh_expert.narrow(0, item.t0, nb) : at::Tensor(), gx_b,
+                                     P.has_xe ? gxe.narrow(0, item.t0, nb) : at::Tensor());
+        continue;
+      }
+      const at::Tensor wc_s = W.wc[item.s];
       if (P.has_xe) {
         at::mm_out(gx_b, dh_route.narrow(0, item.t0, nb), wc_s.narrow(0, 0, P.Kr));
         at::Tensor gxe_b = gxe.narrow(0, item.t0, nb);
@@ -448,6 +674,7 @@ void backward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec
     }
   });
 
+  if (P.split) return;  // weight grads already written, per item
   if (fused_wgrad) {
     // Items are ordered by segment: items [first[s], first[s + 1]) belong to segment s.
     std::vector<int64_t> first(P.S + 1, n_items);
@@ -509,10 +736,6 @@ void backward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec
   });
 }
 
-// Inputs in the compute dtype, detached: kernels run below autograd, also on worker threads (whose grad mode is
-// not the caller's).
-at::Tensor in_cd(const at::Tensor& t, at::ScalarType cd) { return t.detach().to(cd).contiguous(); }
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_lora_fwd_cpu(
@@ -521,22 +744,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_lora_fwd_cpu(
     const std::optional<at::Tensor>& shared_a, const std::optional<at::Tensor>& shared_b,
     const at::Tensor& expert_mask, int64_t top_k, double scaling, c10::string_view router_type) {
   at::AutoDispatchBelowADInplaceOrView guard;
-  const Problem P = make_problem(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b,
-                                 expert_mask, top_k, scaling, router_type);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  Problem P = make_problem(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
+                           top_k, scaling, router_type);
+  P.split = use_split(P.T, kSplitMaxTokensFwd);
   const at::Tensor xc = in_cd(x, P.cd);
   const at::Tensor xec = P.has_xe ? in_cd(*expert_input, P.cd) : at::Tensor();
-  const at::Tensor wc = stack_down(P, router.detach(), lora_a.detach(), shared_a);
-  const at::Tensor bc = stack_up(P, lora_b.detach(), shared_b);
+  const Weights W = make_weights(P, router, lora_a, shared_a, lora_b, shared_b);
   const at::Tensor mask = expert_mask.contiguous();
   at::Tensor delta_c = at::empty({P.T, P.O}, xc.options());
   at::Tensor probs = at::zeros({P.T, P.E}, xc.options());
   at::Tensor topk_idx = at::full({P.T, P.k}, -1, x.options().dtype(at::kLong));
   if (P.cd == at::kDouble) {
-    forward_impl<double>(P, xc, xec, wc, bc, mask.data_ptr<bool>(), probs.data_ptr<double>(),
-                         topk_idx.data_ptr<int64_t>(), delta_c);
+    forward_impl<double>(P, xc, xec, W, mask.data_ptr<bool>(), probs.data_ptr<double>(), topk_idx.data_ptr<int64_t>(),
+                         delta_c);
   } else {
-    forward_impl<float>(P, xc, xec, wc, bc, mask.data_ptr<bool>(), probs.data_ptr<float>(),
-                        topk_idx.data_ptr<int64_t>(), delta_c);
+    forward_impl<float>(P, xc, xec, W, mask.data_ptr<bool>(), probs.data_ptr<float>(), topk_idx.data_ptr<int64_t>(),
+                        delta_c);
   }
   return {delta_c.to(x.scalar_type()), probs, topk_idx};
 }
@@ -548,8 +772,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& shared_b, const at::Tensor& expert_mask, const at::Tensor& probs,
     const at::Tensor& topk_idx, int64_t top_k, double scaling, c10::string_view router_type) {
   at::AutoDispatchBelowADInplaceOrView guard;
-  const Problem P = make_problem(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b,
-                                 expert_mask, top_k, scaling, router_type);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  Problem P = make_problem(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
+                           top_k, scaling, router_type);
+  P.split = use_split(P.T, kSplitMaxTokensBwd);
   check_float(grad_delta, "grad_delta", 2, x.scalar_type());
   check_shape(grad_delta, "grad_delta", {P.T, P.O});
   check_float(probs, "probs", 2, P.cd);
@@ -569,32 +795,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor xc = in_cd(x, P.cd);
   const at::Tensor xec = P.has_xe ? in_cd(*expert_input, P.cd) : at::Tensor();
   const at::Tensor gc = in_cd(grad_delta, P.cd);
-  const at::Tensor wc = stack_down(P, router.detach(), lora_a.detach(), shared_a);
-  const at::Tensor bc = stack_up(P, lora_b.detach(), shared_b);
+  const Weights W = make_weights(P, router, lora_a, shared_a, lora_b, shared_b);
   const at::Tensor pc = probs.detach().contiguous();
   const at::Tensor ic = topk_idx.contiguous();
-
-  at::Tensor gx = at::empty({P.T, P.D}, xc.options());
-  at::Tensor gxe = P.has_xe ? at::empty({P.T, P.D}, xc.options()) : at::Tensor();
-  at::Tensor gwc = at::zeros({P.S, P.Kc, P.D}, xc.options());
-  at::Tensor gbc = at::zeros({P.S, P.O, P.Ke}, xc.options());
-  if (P.cd == at::kDouble) {
-    backward_impl<double>(P, xc, xec, gc, gp.defined() ? gp.data_ptr<double>() : nullptr, wc, bc,
-                          pc.data_ptr<double>(), ic.data_ptr<int64_t>(), gx, gxe, gwc, gbc);
-  } else {
-    backward_impl<float>(P, xc, xec, gc, gp.defined() ? gp.data_ptr<float>() : nullptr, wc, bc,
-                         pc.data_ptr<float>(), ic.data_ptr<int64_t>(), gx, gxe, gwc, gbc);
-  }
   const auto dtype = x.scalar_type();
   const int64_t Er = P.E * P.r;
-  // Weight grads are slices of two buffers: copy them out, since op outputs must not alias each other.
-  auto cast = [&](const at::Tensor& t) { return t.to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous(); };
+  const at::TensorOptions opts = xc.options();
+
+  at::Tensor gx = at::empty({P.T, P.D}, opts);
+  at::Tensor gxe = P.has_xe ? at::empty({P.T, P.D}, opts) : at::Tensor();
+  at::Tensor gwc, gbc;
+  SplitGrads sg;
+  if (P.split) {
+    sg.router = at::empty({P.S, P.R, P.D}, opts);
+    sg.a = at::empty({P.S, Er, P.D}, opts);
+    sg.b = at::zeros({P.S, P.E, P.O, P.r}, opts);  // unselected slots: one fill rather than one zero_() each
+    if (P.shared) {
+      sg.sa = at::empty({P.S, P.r, P.D}, opts);
+      sg.sb = at::empty({P.S, P.O, P.r}, opts);
+    }
+  } else {
+    gwc = at::zeros({P.S, P.Kc, P.D}, opts);
+    gbc = at::zeros({P.S, P.O, P.Ke}, opts);
+  }
+  if (P.cd == at::kDouble) {
+    backward_impl<double>(P, xc, xec, gc, gp.defined() ? gp.data_ptr<double>() : nullptr, W, pc.data_ptr<double>(),
+                          ic.data_ptr<int64_t>(), gx, gxe, gwc, gbc, &sg);
+  } else {
+    backward_impl<float>(P, xc, xec, gc, gp.defined() ? gp.data_ptr<float>() : nullptr, W, pc.data_ptr<float>(),
+                         ic.data_ptr<int64_t>(), gx, gxe, gwc, gbc, &sg);
+  }
   const at::Tensor empty = at::empty({0}, x.options());
-  at::Tensor g_router = cast(gwc.narrow(1, 0, P.R));
-  at::Tensor g_a = cast(gwc.narrow(1, P.R, Er).reshape({P.S, P.E, P.r, P.D}));
-  at::Tensor g_b = cast(gbc.narrow(2, 0, Er).reshape({P.S, P.O, P.E, P.r}).permute({0, 2, 1, 3}));
-  at::Tensor g_sa = P.shared ? cast(gwc.narrow(1, P.R + Er, P.r)) : empty;
-  at::Tensor g_sb = P.shared ? cast(gbc.narrow(2, Er, P.r)) : empty;
+  at::Tensor g_router, g_a, g_b, g_sa, g_sb;
+  if (P.split) {
+    for (int64_t s = 0; s < P.S; ++s) {
+      if (P.offsets[s + 1] > P.offsets[s]) continue;
+      for (at::Tensor* t : {&sg.router, &sg.a, &sg.b, &sg.sa, &sg.sb}) {
+        if (t->defined()) (*t)[s].zero_();  // empty segment: no gradient
+      }
+    }
+    // Fresh buffers in the compute dtype: returned as they are when that is x's dtype.
+    g_router = sg.router.to(dtype);
+    g_a = sg.a.view({P.S, P.E, P.r, P.D}).to(dtype);
+    g_b = sg.b.to(dtype);
+    g_sa = P.shared ? sg.sa.to(dtype) : empty;
+    g_sb = P.shared ? sg.sb.to(dtype) : empty;
+  } else {
+    // Weight grads are slices of two buffers: copy them out (one pass each), since op outputs must not alias each
+    // other.
+    auto cast = [&](const at::Tensor& t) {
+      at::Tensor out = at::empty(t.sizes(), x.options().dtype(dtype));
+      out.copy_(t);
+      return out;
+    };
+    g_router = cast(gwc.narrow(1, 0, P.R));
+    g_a = cast(gwc.narrow(1, P.R, Er).view({P.S, P.E, P.r, P.D}));
+    g_b = cast(gbc.narrow(2, 0, Er).view({P.S, P.O, P.E, P.r}).permute({0, 2, 1, 3}));
+    g_sa = P.shared ? cast(gwc.narrow(1, P.R + Er, P.r)) : empty;
+    g_sb = P.shared ? cast(gbc.narrow(2, Er, P.r)) : empty;
+  }
   return {gx.to(dtype), P.has_xe ? gxe.to(dtype) : empty, g_a, g_b, g_router, g_sa, g_sb};
 }
 
@@ -603,6 +862,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_route_cpu(const at::Tensor& 
                                                               const at::Tensor& expert_mask, int64_t top_k,
                                                               c10::string_view router_type) {
   at::AutoDispatchBelowADInplaceOrView guard;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_float(lora_a, "lora_a", 4, x.scalar_type());
   // Routing never reads B: a [S, E, 1, r] stand-in satisfies the shape checks without touching memory.
   const at::Tensor fake_b = at::empty({lora_a.size(0), lora_a.size(1), 1, lora_a.size(2)}, lora_a.options());

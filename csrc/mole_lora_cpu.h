@@ -31,4 +31,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_route_cpu(const at::Tensor& 
                                                               const at::Tensor& expert_mask, int64_t top_k,
                                                               c10::string_view router_type);
 
+// fedamole_ext::mole_lora (csrc/mole_lora_autograd.cpp): forward with a C++ autograd node whose backward is
+// mole_lora_bwd; the Autograd kernel, and the kernel for dispatch below autograd (inference mode). Weights may also
+// come without their segment dimension (one segment: lora_a [E, r, d_in], ..., expert_mask [E]); their gradients
+// then have that shape too.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_lora_autograd(
+    const at::Tensor& x, const std::optional<at::Tensor>& expert_input, const at::Tensor& seg_offsets,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& router,
+    const std::optional<at::Tensor>& shared_a, const std::optional<at::Tensor>& shared_b,
+    const at::Tensor& expert_mask, int64_t top_k, double scaling, c10::string_view router_type);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_lora_no_autograd(
+    const at::Tensor& x, const std::optional<at::Tensor>& expert_input, const at::Tensor& seg_offsets,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& router,
+    const std::optional<at::Tensor>& shared_a, const std::optional<at::Tensor>& shared_b,
+    const at::Tensor& expert_mask, int64_t top_k, double scaling, c10::string_view router_type);
+
 }  // namespace fedamole

@@ -44,13 +44,20 @@ def _load(name: str) -> ModuleType | None:
         return None
 
 
+_LOADED: dict[str, ModuleType] = {}
+
+
 def get_backend(name: str) -> ModuleType:
     """The backend module `name`; raises ValueError if unknown, RuntimeError if it cannot be imported."""
+    module = _LOADED.get(name)  # every op call asks: a dict hit instead of importlib (~1 us per call)
+    if module is not None:
+        return module
     if name not in BACKEND_MODULES:
         raise ValueError(f"backend must be one of {sorted(BACKEND_MODULES)} or None, got {name!r}")
     module = _load(name)
     if module is None:
         raise RuntimeError(f"backend {name!r} is not installed in this build (see available_backends())")
+    _LOADED[name] = module
     return module
 
 

@@ -15,6 +15,10 @@ from torch import Tensor
 from fedamole_kernels._ext import HAS_CPU_EXT
 
 NAME = "cpu"
+# The fused autograd op (csrc/mole_lora_autograd.cpp); None with an extension built before it existed, and then
+# `mole_lora_autograd` is not defined either (callers fall back to the Python autograd.Function).
+_FUSED = getattr(torch.ops.fedamole_ext, "mole_lora", None) if HAS_CPU_EXT else None
+_FUSED_OP = None if _FUSED is None else _FUSED.default
 
 
 def is_available(device: torch.device) -> bool:
@@ -27,6 +31,11 @@ def _require_ext() -> None:
         from fedamole_kernels._ext import EXT_IMPORT_ERROR
 
         raise RuntimeError(f"backend 'cpu' needs the compiled extension fedamole_kernels._C ({EXT_IMPORT_ERROR})")
+
+
+def _int64(offsets: Tensor) -> Tensor:
+    # Offsets arrive as int64 from every caller in the package; skipping the no-op .to() saves an op call per call.
+    return offsets if offsets.dtype == torch.int64 else offsets.to(torch.int64)
 
 
 def mole_lora_forward(
@@ -44,10 +53,21 @@ def mole_lora_forward(
     router_type: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Forward on validated inputs: (delta [T, d_out] x.dtype, probs [T, E] f32/f64, topk_idx [T, top_k] int64)."""
-    _require_ext()
+    if not HAS_CPU_EXT:
+        _require_ext()
     delta, probs, topk_idx = torch.ops.fedamole_ext.mole_lora_fwd(
-        x, expert_input, seg_offsets.to(torch.int64), lora_a, lora_b, router, shared_a, shared_b, expert_mask,
-        int(top_k), float(scaling), router_type,
+        x,
+        expert_input,
+        _int64(seg_offsets),
+        lora_a,
+        lora_b,
+        router,
+        shared_a,
+        shared_b,
+        expert_mask,
+        int(top_k),
+        float(scaling),
+        router_type,
     )
     return delta, probs, topk_idx
 
@@ -71,10 +91,25 @@ def mole_lora_backward(
     router_type: str,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Backward: grads of (x, expert_input, lora_a, lora_b, router, shared_a, shared_b), None for absent inputs."""
-    _require_ext()
+    if not HAS_CPU_EXT:
+        _require_ext()
     g_x, g_xe, g_a, g_b, g_r, g_sa, g_sb = torch.ops.fedamole_ext.mole_lora_bwd(
-        grad_delta, grad_probs, x, expert_input, seg_offsets.to(torch.int64), lora_a, lora_b, router, shared_a,
-        shared_b, expert_mask, probs, topk_idx, int(top_k), float(scaling), router_type,
+        grad_delta,
+        grad_probs,
+        x,
+        expert_input,
+        _int64(seg_offsets),
+        lora_a,
+        lora_b,
+        router,
+        shared_a,
+        shared_b,
+        expert_mask,
+        probs,
+        topk_idx,
+        int(top_k),
+        float(scaling),
+        router_type,
     )
     return (
         g_x,
@@ -87,8 +122,36 @@ def mole_lora_backward(
     )
 
 
+def mole_lora_autograd(
+    x: Tensor,
+    expert_input: Tensor | None,
+    seg_offsets: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    router: Tensor,
+    shared_a: Tensor | None,
+    shared_b: Tensor | None,
+    expert_mask: Tensor,
+    top_k: int,
+    scaling: float,
+    router_type: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Differentiable forward in one dispatcher call: `fedamole_ext::mole_lora`, whose C++ autograd node runs
+    `mole_lora_bwd` (no Python in the backward). Weights with their segment dimension, or without it for one segment
+    (lora_a [E, r, d_in], ..., expert_mask [E]; their gradients then have that shape). Eager only (no fake kernel)."""
+    return _FUSED_OP(
+        x, expert_input, _int64(seg_offsets), lora_a, lora_b, router, shared_a, shared_b, expert_mask,
+        int(top_k), float(scaling), router_type,
+    )  # fmt: skip
+
+
 def mole_route(
-    x: Tensor, seg_offsets: Tensor, lora_a: Tensor, router: Tensor, expert_mask: Tensor, top_k: int = 2,
+    x: Tensor,
+    seg_offsets: Tensor,
+    lora_a: Tensor,
+    router: Tensor,
+    expert_mask: Tensor,
+    top_k: int = 2,
     router_type: str = "embedding",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Routing only (no gradient): (probs [T, E], topk_idx [T, top_k], counts [S, E] int64 of top-k slots per slot).
@@ -98,7 +161,16 @@ def mole_route(
     _require_ext()
     return tuple(
         torch.ops.fedamole_ext.mole_route(
-            x.contiguous(), seg_offsets.to(torch.int64).contiguous(), lora_a.contiguous(), router.contiguous(),
-            expert_mask.contiguous(), int(top_k), router_type,
+            x.contiguous(),
+            seg_offsets.to(torch.int64).contiguous(),
+            lora_a.contiguous(),
+            router.contiguous(),
+            expert_mask.contiguous(),
+            int(top_k),
+            router_type,
         )
     )
+
+
+if _FUSED_OP is None:
+    del mole_lora_autograd

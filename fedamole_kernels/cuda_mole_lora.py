@@ -10,9 +10,6 @@ float64 is not supported on this backend (use "cpu" or "reference").
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 from torch import Tensor
 
@@ -39,26 +36,109 @@ def _require_ext(x: Tensor, lora_a: Tensor, top_k: int) -> None:
         )
     if x.dtype == torch.float64:
         raise TypeError("backend 'cuda' supports float32/float16/bfloat16 x, got float64 (use backend 'cpu')")
-    if lora_a.shape[1] > MAX_SLOTS:
-        raise ValueError(f"backend 'cuda' supports at most {MAX_SLOTS} expert slots, lora_a has {lora_a.shape[1]}")
+    if lora_a.shape[-3] > MAX_SLOTS:  # [S, E, r, d_in], or [E, r, d_in] for one segment
+        raise ValueError(f"backend 'cuda' supports at most {MAX_SLOTS} expert slots, lora_a has {lora_a.shape[-3]}")
     if top_k > MAX_TOP_K:
         raise ValueError(f"backend 'cuda' supports top_k <= {MAX_TOP_K}, got {top_k}")
 
 
-def _checked(wrapper):
-    """The device-agnostic extension wrapper `wrapper` of the cpu backend, behind this backend's limits."""
-    signature = inspect.signature(wrapper)
+# Explicit wrappers rather than a generic one: binding the arguments with inspect.signature cost ~5 us per call.
+def mole_lora_forward(
+    x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, top_k, scaling, router_type
+):
+    """`cpu_mole_lora.mole_lora_forward` (the ops dispatch on the device) behind this backend's limits."""
+    _require_ext(x, lora_a, top_k)
+    return _ext_wrappers.mole_lora_forward(
+        x,
+        expert_input,
+        seg_offsets,
+        lora_a,
+        lora_b,
+        router,
+        shared_a,
+        shared_b,
+        expert_mask,
+        top_k,
+        scaling,
+        router_type,
+    )
 
-    @functools.wraps(wrapper)
-    def call(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        _require_ext(bound.arguments["x"], bound.arguments["lora_a"], bound.arguments["top_k"])
-        return wrapper(*args, **kwargs)
 
-    return call
+def mole_lora_backward(
+    grad_delta,
+    grad_probs,
+    x,
+    expert_input,
+    seg_offsets,
+    lora_a,
+    lora_b,
+    router,
+    shared_a,
+    shared_b,
+    expert_mask,
+    probs,
+    topk_idx,
+    top_k,
+    scaling,
+    router_type,
+):
+    """`cpu_mole_lora.mole_lora_backward` behind this backend's limits."""
+    _require_ext(x, lora_a, top_k)
+    return _ext_wrappers.mole_lora_backward(
+        grad_delta,
+        grad_probs,
+        x,
+        expert_input,
+        seg_offsets,
+        lora_a,
+        lora_b,
+        router,
+        shared_a,
+        shared_b,
+        expert_mask,
+        probs,
+        topk_idx,
+        top_k,
+        scaling,
+        router_type,
+    )
 
 
-mole_lora_forward = _checked(_ext_wrappers.mole_lora_forward)
-mole_lora_backward = _checked(_ext_wrappers.mole_lora_backward)
-mole_route = _checked(_ext_wrappers.mole_route)
+if hasattr(_ext_wrappers, "mole_lora_autograd"):
+
+    def mole_lora_autograd(
+        x,
+        expert_input,
+        seg_offsets,
+        lora_a,
+        lora_b,
+        router,
+        shared_a,
+        shared_b,
+        expert_mask,
+        top_k,
+        scaling,
+        router_type,
+    ):
+        """`cpu_mole_lora.mole_lora_autograd` (one dispatcher call, C++ autograd node) behind this backend's limits."""
+        _require_ext(x, lora_a, top_k)
+        return _ext_wrappers.mole_lora_autograd(
+            x,
+            expert_input,
+            seg_offsets,
+            lora_a,
+            lora_b,
+            router,
+            shared_a,
+            shared_b,
+            expert_mask,
+            top_k,
+            scaling,
+            router_type,
+        )
+
+
+def mole_route(x, seg_offsets, lora_a, router, expert_mask, top_k=2, router_type="embedding"):
+    """`cpu_mole_lora.mole_route` behind this backend's limits."""
+    _require_ext(x, lora_a, top_k)
+    return _ext_wrappers.mole_route(x, seg_offsets, lora_a, router, expert_mask, top_k, router_type)

@@ -1,10 +1,44 @@
 """`mole_lora`: top-k routed mixture of LoRA experts over segments (clients), forward and backward.
 
-Three layers, as in the rest of the package:
+Layers, as in the rest of the package:
   1. `torch.library.custom_op`s `fedamole::mole_lora_fwd` / `fedamole::mole_lora_bwd` (+ `register_fake`, so
      `torch.compile` traces through them without graph breaks), dispatching to a backend module;
-  2. `MoLELoRAFunction`, the autograd.Function tying them together;
-  3. `mole_lora`, the validated functional API.
+  2. `MoLELoRAFunction`, the autograd.Function tying them together (under torch.compile, and in eager mode for the
+     reference and triton backends, where it calls the backend directly: the custom op cost ~28 us per eager call);
+  3. the cpu and cuda backends' fused op `fedamole_ext::mole_lora` (C++ autograd node: one dispatcher call per
+     forward, no Python in the backward), which eager calls use instead of 1-2;
+  4. `mole_lora`, the validated functional API, and `mole_lora_prevalidated` for callers that checked their tensors
+     once (`MoLEExperts` calls the fused op itself when it can).
+
+Work per call of the layer path (`MoLEExperts`, one segment, E=8, r=8, top-2, shared expert, no dropout; the base
+linear and the `base(x) + delta` add not counted). reference / cpu: counted with torch.profiler on CPU at d=16
+(T=1 | T=64); "from Python" = dispatcher calls entered from Python, "ATen ops" = all of them including views,
+"GEMMs" = mm/addmm/bmm calls (fwd+bwd includes the `y.backward(ones_like(y))` call's own ops); triton / cuda:
+kernel launches counted from the code (no GPU in this session):
+
+    backend    fwd: from Python / ATen ops / GEMMs      fwd+bwd: from Python / ATen ops / GEMMs   host syncs
+    reference  70 / 227 / 8  (T=64 the same)            205 / 677 / 29  (T=64: 205 / 716 / 32)      1 fwd + 1 bwd
+    cpu         1 / 106 / 6  (T=64:  1 / 68 / 2)          9 / 344 / 21  (T=64:   9 / 232 / 7)       0
+
+    backend    kernel launches fwd        kernel launches bwd                                  host syncs
+    triton     2 (route_shrink, expand)   4: route_bwd, 2 seg_wgrad, 1 seg_gemm (+1 with       0 (autotune syncs once
+                                          dropout); +1 zero-fill if only probs get a gradient   per problem-size key)
+    cuda       6: 3 weight stacking       15: 3 stacking, shrink, g B GEMM, routing backward,  0
+               copies, shrink GEMM,       dx GEMM, dW GEMM, dB GEMM, 6 copies of the weight
+               routing, expand (+1 with   grads out of the stacked buffers (+3 with dropout)
+               dropout)
+
+The reference's syncs are the `seg_offsets.tolist()` of its Python loop over segments (its `mask.any()` branch, one
+sync per segment, is gone); the fused backends never read seg_offsets or any other device value on the host, the
+layer caches its offsets per (T, S, device) and `mole_lora(seg_offsets=None)` its [0, T] per (T, device), so no
+tensor is built from Python per call. Not counted: under autocast the layer's casts of x and the five weights to the
+autocast dtype (one kernel each when the dtypes differ), and in training the dropout on the experts' input.
+
+Autocast: the layer casts x and the weights to the autocast dtype itself (`MoLEExperts.forward`), and the kernels
+turn autocast off around their own fp32 GEMMs. The op is not registered with `torch.library.register_autocast`:
+that API casts every floating input to one dtype fixed at registration, while the layer follows the dtype of the
+enclosing `torch.autocast` (bf16 or fp16), and the eager cpu/cuda path does not go through the custom op at all.
+`probs` stays float32 either way (the kernels compute it in fp32 from any input dtype).
 """
 
 from __future__ import annotations
@@ -50,14 +84,37 @@ def _mole_lora_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     with _no_autocast(x.device.type):
         return get_backend(backend).mole_lora_forward(
-            x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
-            top_k, scaling, router_type,
+            x,
+            expert_input,
+            seg_offsets,
+            lora_a,
+            lora_b,
+            router,
+            shared_a,
+            shared_b,
+            expert_mask,
+            top_k,
+            scaling,
+            router_type,
         )
 
 
 @_mole_lora_fwd.register_fake
-def _(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, top_k, scaling,
-      router_type, backend):
+def _(
+    x,
+    expert_input,
+    seg_offsets,
+    lora_a,
+    lora_b,
+    router,
+    shared_a,
+    shared_b,
+    expert_mask,
+    top_k,
+    scaling,
+    router_type,
+    backend,
+):
     num_tokens, num_slots, d_out = x.shape[0], lora_a.shape[1], lora_b.shape[2]
     delta = x.new_empty(num_tokens, d_out)
     probs = x.new_empty(num_tokens, num_slots, dtype=_probs_dtype(x))
@@ -87,64 +144,171 @@ def _mole_lora_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _no_autocast(x.device.type):
         grads = get_backend(backend).mole_lora_backward(
-            grad_delta, grad_probs, x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b,
-            expert_mask, probs, topk_idx, top_k, scaling, router_type,
+            grad_delta,
+            grad_probs,
+            x,
+            expert_input,
+            seg_offsets,
+            lora_a,
+            lora_b,
+            router,
+            shared_a,
+            shared_b,
+            expert_mask,
+            probs,
+            topk_idx,
+            top_k,
+            scaling,
+            router_type,
         )
     # Custom ops cannot return None: absent inputs get an empty placeholder that the Function maps back to None.
     return tuple(x.new_empty(_EMPTY_SHAPE) if g is None else g for g in grads)
 
 
 @_mole_lora_bwd.register_fake
-def _(grad_delta, grad_probs, x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
-      probs, topk_idx, top_k, scaling, router_type, backend):
+def _(
+    grad_delta,
+    grad_probs,
+    x,
+    expert_input,
+    seg_offsets,
+    lora_a,
+    lora_b,
+    router,
+    shared_a,
+    shared_b,
+    expert_mask,
+    probs,
+    topk_idx,
+    top_k,
+    scaling,
+    router_type,
+    backend,
+):
     def like(t):
         return x.new_empty(_EMPTY_SHAPE) if t is None else torch.empty_like(t)
 
     return like(x), like(expert_input), like(lora_a), like(lora_b), like(router), like(shared_a), like(shared_b)
 
 
+def _run_forward(tensors: tuple, top_k: int, scaling: float, router_type: str, backend: str) -> tuple:
+    """Forward on the op's (stacked) tensors: the custom op under torch.compile (one opaque node in the graph), else
+    the backend module directly. The custom op costs ~28 us per eager call by itself (dispatcher, its Python kernel,
+    the dynamo-disable wrapper: 47 us through the op vs 19 us for the bare backend at d=16, T=1, 1 thread). Autocast
+    is turned off around the backend as in the custom ops (`_no_autocast`), without a context manager when it is
+    off already."""
+    if torch.compiler.is_compiling():
+        return torch.ops.fedamole.mole_lora_fwd(*tensors, top_k, scaling, router_type, backend)
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return get_backend(backend).mole_lora_forward(*tensors, top_k, scaling, router_type)
+    return get_backend(backend).mole_lora_forward(*tensors, top_k, scaling, router_type)
+
+
+def _run_backward(grad_delta, grad_probs, tensors: tuple, probs, topk_idx, top_k, scaling, router_type, backend):
+    """Backward counterpart of `_run_forward`: gradients of the 9 op tensors but seg_offsets and expert_mask, None for
+    absent (None) inputs."""
+    if torch.compiler.is_compiling():
+        grads = torch.ops.fedamole.mole_lora_bwd(
+            grad_delta, grad_probs, *tensors, probs, topk_idx, top_k, scaling, router_type, backend
+        )
+        present = (True, tensors[1] is not None, True, True, True, tensors[6] is not None, tensors[7] is not None)
+        return tuple(g if keep else None for g, keep in zip(grads, present))
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):  # see _no_autocast
+        with torch.autocast(device_type, enabled=False):
+            return get_backend(backend).mole_lora_backward(
+                grad_delta, grad_probs, *tensors, probs, topk_idx, top_k, scaling, router_type
+            )
+    return get_backend(backend).mole_lora_backward(
+        grad_delta, grad_probs, *tensors, probs, topk_idx, top_k, scaling, router_type
+    )
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _stacked(tensors: tuple) -> tuple:
+    """One-segment weights (lora_a [E, r, d_in], ..., expert_mask [E]) -> the op's [1, E, r, d_in], ... (views)."""
+    x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask = tensors
+    return (
+        x,
+        expert_input,
+        seg_offsets,
+        lora_a.unsqueeze(0),
+        lora_b.unsqueeze(0),
+        router.unsqueeze(0),
+        None if shared_a is None else shared_a.unsqueeze(0),
+        None if shared_b is None else shared_b.unsqueeze(0),
+        expert_mask.unsqueeze(0),
+    )
+
+
+_OFFSETS: dict[tuple, Tensor] = {}
+
+
+def _one_segment(x: Tensor) -> Tensor:
+    """seg_offsets [0, T] for x, cached per (T, device) in eager mode: building it per call is a host->device copy per
+    call on a GPU."""
+    if torch.compiler.is_compiling():
+        return torch.tensor([0, x.shape[0]], dtype=torch.int64, device=x.device)
+    key = (x.shape[0], x.device)
+    offsets = _OFFSETS.get(key)
+    if offsets is None:
+        if len(_OFFSETS) >= 64:
+            _OFFSETS.clear()
+        offsets = _OFFSETS[key] = torch.tensor([0, x.shape[0]], dtype=torch.int64, device=x.device)
+    return offsets
+
+
 class MoLELoRAFunction(torch.autograd.Function):
-    """Autograd glue: forward and backward are the custom ops above; `topk_idx` is not differentiable."""
+    """Autograd glue: forward and backward of the backend (through the custom ops above under torch.compile);
+    `topk_idx` is not differentiable.
+
+    The weights may also come without their segment dimension (lora_a [E, r, d_in], ..., expert_mask [E]: one
+    segment, the `MoLEExperts` layout); the segment dimension is then added here, outside autograd, rather than by
+    five tracked views in the caller, each of which would add a view node to every backward.
+    """
 
     @staticmethod
-    def forward(ctx, x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
-                top_k, scaling, router_type, backend):
-        delta, probs, topk_idx = torch.ops.fedamole.mole_lora_fwd(
-            x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
-            top_k, scaling, router_type, backend,
-        )
-        ctx.save_for_backward(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
-                              probs, topk_idx)
-        ctx.config = (top_k, scaling, router_type, backend)
-        ctx.mark_non_differentiable(topk_idx)
+    def forward(ctx, *args):
+        tensors, (top_k, scaling, router_type, backend) = args[:9], args[9:]
+        unstacked = tensors[3].dim() == 3
         ctx.set_materialize_grads(False)
+        ctx.config = (top_k, scaling, router_type, backend, unstacked)
+        delta, probs, topk_idx = _run_forward(
+            _stacked(tensors) if unstacked else tensors, top_k, scaling, router_type, backend
+        )
+        ctx.save_for_backward(*tensors, probs, topk_idx)
+        ctx.mark_non_differentiable(topk_idx)
         return delta, probs, topk_idx
 
     @staticmethod
     def backward(ctx, grad_delta, grad_probs, _grad_idx):
-        x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, probs, topk_idx = (
-            ctx.saved_tensors
-        )
-        top_k, scaling, router_type, backend = ctx.config
+        *tensors, probs, topk_idx = ctx.saved_tensors
+        top_k, scaling, router_type, backend, unstacked = ctx.config
+        x, lora_b = tensors[0], tensors[4]
         if grad_delta is None:
-            grad_delta = torch.zeros(x.shape[0], lora_b.shape[2], dtype=x.dtype, device=x.device)
-        grads = torch.ops.fedamole.mole_lora_bwd(
-            grad_delta.contiguous(), None if grad_probs is None else grad_probs.contiguous(), x, expert_input,
-            seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, probs, topk_idx,
-            top_k, scaling, router_type, backend,
+            grad_delta = torch.zeros(x.shape[0], lora_b.shape[-2], dtype=x.dtype, device=x.device)
+        grads = _run_backward(
+            grad_delta.contiguous(),
+            None if grad_probs is None else grad_probs.contiguous(),
+            _stacked(tensors) if unstacked else tuple(tensors),
+            probs,
+            topk_idx,
+            top_k,
+            scaling,
+            router_type,
+            backend,
         )
         g_x, g_xe, g_a, g_b, g_r, g_sa, g_sb = grads
-        return (
-            g_x,
-            None if expert_input is None else g_xe,
-            None,
-            g_a,
-            g_b,
-            g_r,
-            None if shared_a is None else g_sa,
-            None if shared_b is None else g_sb,
-            None, None, None, None, None,
-        )
+        if unstacked:
+            g_a, g_b, g_r = g_a.squeeze(0), g_b.squeeze(0), g_r.squeeze(0)
+            g_sa = None if g_sa is None else g_sa.squeeze(0)
+            g_sb = None if g_sb is None else g_sb.squeeze(0)
+        return g_x, g_xe, None, g_a, g_b, g_r, g_sa, g_sb, None, None, None, None, None
 
 
 def mole_lora(
@@ -189,23 +353,16 @@ def mole_lora(
     """
     trusted = seg_offsets is None or not check_offsets or torch.compiler.is_compiling()
     if seg_offsets is None and isinstance(x, Tensor):
-        seg_offsets = torch.tensor([0, x.shape[0]], dtype=torch.int64, device=x.device)
+        seg_offsets = _one_segment(x)
     validate_mole_args(
-        x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input,
-        top_k, scaling, router_type, check_values=not trusted,
-    )
+        x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling,
+        router_type, check_values=not trusted,
+    )  # fmt: skip
     name = (resolve_backend_for_trace if torch.compiler.is_compiling() else resolve_backend)(backend, x.device)
     if expert_mask is None:
         expert_mask = torch.ones(lora_a.shape[:2], dtype=torch.bool, device=x.device)
-
-    def contiguous(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.contiguous()
-
-    return MoLELoRAFunction.apply(
-        x.contiguous(), contiguous(expert_input), seg_offsets.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
-        router.contiguous(), contiguous(shared_a), contiguous(shared_b), expert_mask.contiguous(),
-        int(top_k), float(scaling), router_type, name,
-    )
+    tensors = (x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask)
+    return _apply(tuple(map(_contiguous, tensors)), int(top_k), float(scaling), router_type, name)
 
 
 def mole_lora_prevalidated(
@@ -227,19 +384,34 @@ def mole_lora_prevalidated(
 
     Same semantics and shapes as `mole_lora`; `expert_mask` is required, every tensor must already have the shape,
     dtype and device `mole_lora` would accept, and `seg_offsets` must hold valid values (it is never read on the
-    host). `backend` is a resolved backend name (None only under torch.compile, resolved at trace time).
-    `MoLEExperts` validates its own weights when they change and uses this on every forward.
+    host). The weights may also come without their segment dimension (lora_a [E, r, d_in], lora_b [E, d_out, r],
+    router [r | E, d_in], shared_a [r, d_in], shared_b [d_out, r], expert_mask [E]: one segment). `backend` is a
+    resolved backend name (None only under torch.compile, resolved at trace time). `MoLEExperts` validates its own
+    weights when they change and uses this on every forward.
+
+    Eager calls on the cpu and cuda backends are one dispatcher call (see `_apply`).
     """
     if seg_offsets is None:
-        seg_offsets = torch.tensor([0, x.shape[0]], dtype=torch.int64, device=x.device)
+        seg_offsets = _one_segment(x)
     if backend is None or torch.compiler.is_compiling():
         backend = resolve_backend_for_trace(backend, x.device)
+    tensors = (x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask)
+    return _apply(tuple(map(_contiguous, tensors)), int(top_k), float(scaling), router_type, backend)
 
-    def contiguous(t: Tensor | None) -> Tensor | None:
-        return t if t is None or t.is_contiguous() else t.contiguous()
 
-    return MoLELoRAFunction.apply(
-        contiguous(x), contiguous(expert_input), seg_offsets, contiguous(lora_a), contiguous(lora_b),
-        contiguous(router), contiguous(shared_a), contiguous(shared_b), contiguous(expert_mask),
-        int(top_k), float(scaling), router_type, backend,
-    )
+def _apply(tensors: tuple, top_k: int, scaling: float, router_type: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The differentiable op on checked, contiguous tensors (weights with or without the segment dimension).
+
+    Eager: the backend's fused autograd op where it has one (cpu, cuda: one dispatcher call, C++ backward node), else
+    with gradients off the bare backend forward, else `MoLELoRAFunction`. Under torch.compile: `MoLELoRAFunction`
+    over the traceable custom ops. Per call at d=16, T=1, 1 thread, forward with grad: ~35 us less through the fused
+    op than through the Function, and its backward ~40 us less (no Python)."""
+    if not torch.compiler.is_compiling():
+        fused = getattr(get_backend(backend), "mole_lora_autograd", None)
+        if fused is not None:
+            return fused(*tensors, top_k, scaling, router_type)
+        if not torch.is_grad_enabled():
+            return _run_forward(
+                _stacked(tensors) if tensors[3].dim() == 3 else tensors, top_k, scaling, router_type, backend
+            )
+    return MoLELoRAFunction.apply(*tensors, top_k, scaling, router_type, backend)

@@ -52,10 +52,9 @@ def route_segment(
     else:
         h = t = None
         z = x @ router.T
-    if bool(mask.any()):
-        probs = torch.softmax(z.masked_fill(~mask, float("-inf")), dim=-1).masked_fill(~mask, 0.0)
-    else:
-        probs = z.new_zeros(n, num_slots)
+    # No branch on mask.any() (a device->host sync per segment on a GPU): with every slot masked the softmax row is
+    # NaN and the masked_fill zeroes all of it, the same probs = 0.
+    probs = torch.softmax(z.masked_fill(~mask, float("-inf")), dim=-1).masked_fill(~mask, 0.0)
     kk = min(top_k, num_slots)
     vals, idx = probs.masked_fill(~mask, -1.0).topk(kk, dim=-1)
     idx = torch.where(vals < 0, torch.full_like(idx, -1), idx)
@@ -75,6 +74,8 @@ def _dense_gates(idx: Tensor, gates: Tensor, num_slots: int) -> Tensor:
 
 
 def _segments(seg_offsets: Tensor) -> list[tuple[int, int, int]]:
+    # The reference loops over segments in Python: one device->host read of the bounds per forward and per backward
+    # (the only host syncs of this backend; the fused backends never read seg_offsets on the host).
     bounds = seg_offsets.tolist()
     return [(s, bounds[s], bounds[s + 1]) for s in range(len(bounds) - 1) if bounds[s + 1] > bounds[s]]
 

@@ -89,9 +89,17 @@ CASES = {
 }
 
 
+# The C++ kernels run small problems on the weights in place (one GEMM per part, only the selected experts'
+# up-projections) and larger ones on stacked weights; $FEDAMOLE_CPU_SPLIT_MAX_TOKENS forces either path.
+SPLIT_PATHS = {"default": None, "split": "128", "stacked": "0"}
+
+
+@pytest.mark.parametrize("path", sorted(SPLIT_PATHS))
 @pytest.mark.parametrize("router_type", ["embedding", "linear"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_reference_fp32(case, router_type):
+def test_matches_reference_fp32(case, router_type, path, monkeypatch):
+    if SPLIT_PATHS[path] is not None:
+        monkeypatch.setenv("FEDAMOLE_CPU_SPLIT_MAX_TOKENS", SPLIT_PATHS[path])
     kwargs, top_k = CASES[case]
     inputs, offsets, mask = make_inputs(router_type=router_type, **kwargs)
     ref = run("reference", inputs, offsets, mask, top_k, router_type)
@@ -253,3 +261,64 @@ def test_cpp_checks_name_the_tensor():
         op(x, None, torch.tensor([0, 3]), a, b, w, None, None, mask, 2, 2.0, "embedding")
     with pytest.raises(RuntimeError, match="router_type"):
         op(x, None, offsets, a, b, w, None, None, mask, 2, 2.0, "bogus")
+
+
+@pytest.mark.parametrize("path", sorted(SPLIT_PATHS))
+@pytest.mark.parametrize("num_tokens", [1, 5, 17])
+@pytest.mark.parametrize("router_type", ["embedding", "linear"])
+@pytest.mark.parametrize("expert_input", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_small_and_stacked_paths_match_reference(num_tokens, router_type, expert_input, shared, path, monkeypatch):
+    if SPLIT_PATHS[path] is not None:
+        monkeypatch.setenv("FEDAMOLE_CPU_SPLIT_MAX_TOKENS", SPLIT_PATHS[path])
+    inputs, offsets, mask = make_inputs([num_tokens], num_slots=6, router_type=router_type, shared=shared,
+                                        expert_input=expert_input, mask=[[1, 1, 0, 1, 1, 1]])
+    ref = run("reference", inputs, offsets, mask, 2, router_type)
+    out = run("cpu", inputs, offsets, mask, 2, router_type)
+    assert torch.equal(out[2], ref[2])
+    assert_close(out[0], ref[0], 1e-5, 1e-5, "delta")
+    assert set(out[3]) == set(ref[3])
+    for name in ref[3]:
+        assert_close(out[3][name], ref[3][name], 1e-4, 1e-5, f"grad {name}")
+    assert (out[3]["lora_b"][0, 2] == 0).all(), "a masked slot gets no B gradient"
+
+
+def _fused(tensors, top_k=2, scaling=1.5, router_type="embedding"):
+    names = ("x", "expert_input", "seg_offsets", "lora_a", "lora_b", "router", "shared_a", "shared_b", "expert_mask")
+    return torch.ops.fedamole_ext.mole_lora(*(tensors[n] for n in names), top_k, scaling, router_type)
+
+
+@pytest.mark.parametrize("num_tokens", [3, 40])
+def test_fused_autograd_op_one_segment_weights(num_tokens):
+    """fedamole_ext::mole_lora takes one segment's weights without the segment dimension (the layer's layout) and
+    returns their gradients in that shape, equal to the stacked call's."""
+    inputs, offsets, _ = make_inputs([num_tokens], expert_input=True)
+    stacked = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    flat = {k: (v[0] if k not in ("x", "expert_input") else v).clone().requires_grad_() for k, v in inputs.items()}
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    d1, p1, i1 = _fused({**stacked, "seg_offsets": offsets, "expert_mask": mask})
+    d2, p2, i2 = _fused({**flat, "seg_offsets": offsets, "expert_mask": mask[0]})
+    assert torch.equal(d1, d2) and torch.equal(p1, p2) and torch.equal(i1, i2)
+    assert not i2.requires_grad and d2.requires_grad and p2.requires_grad
+    w = torch.randn_like(p1)
+    (d1.sum() + (p1 * w).sum()).backward()
+    (d2.sum() + (p2 * w).sum()).backward()
+    for name in stacked:
+        assert flat[name].grad.shape == flat[name].shape, name
+        torch.testing.assert_close(flat[name].grad, stacked[name].grad.reshape(flat[name].shape), msg=name)
+
+
+def test_fused_autograd_op_inference_mode_and_no_grad_input():
+    inputs, offsets, _ = make_inputs([5])
+    tensors = {**inputs, "seg_offsets": offsets, "expert_mask": torch.ones(1, 4, dtype=torch.bool)}
+    with torch.inference_mode():
+        delta, probs, idx = _fused(tensors)
+    expected = mole_lora(inputs["x"], offsets, inputs["lora_a"], inputs["lora_b"], inputs["router"],
+                         inputs["shared_a"], inputs["shared_b"], top_k=2, scaling=1.5, backend="reference")
+    torch.testing.assert_close(delta, expected[0])
+    assert torch.equal(idx, expected[2])
+    # Only the probabilities carry a gradient: the delta's grad is materialised as zeros inside the node.
+    leaf = inputs["router"].clone().requires_grad_()
+    _, probs, _ = _fused({**tensors, "router": leaf})
+    (probs[:, 0].sum()).backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
