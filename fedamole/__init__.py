@@ -1,13 +1,13 @@
 """fedamole: personalised federated fine-tuning with adaptive mixtures of LoRA experts (FedAMoLE), fast.
 
-    import fedamole
-    model = fedamole.get_mole_model(hf_model, fedamole.MoLEPeftConfig(num_experts=8))   # a peft.PeftModel
-    out = model(**batch)                          # out.loss includes load_balance_coef * out.aux_loss
+import fedamole
+model = fedamole.get_mole_model(hf_model, fedamole.MoLEPeftConfig(num_experts=8))   # a peft.PeftModel
+out = model(**batch)                          # out.loss includes load_balance_coef * out.aux_loss
 
-    model = fedamole.inject_mole(hf_model, fedamole.MoLEConfig(num_experts=8))        # low level, in place
-    with fedamole.record_routing(model) as routing:
-        out = model(**batch)
-    loss = out.loss + model.fedamole_config.load_balance_coef * routing.load_balance_loss(batch["attention_mask"])
+model = fedamole.inject_mole(hf_model, fedamole.MoLEConfig(num_experts=8))        # low level, in place
+with fedamole.record_routing(model) as routing:
+    out = model(**batch)
+loss = out.loss + model.fedamole_config.load_balance_coef * routing.load_balance_loss(batch["attention_mask"])
 """
 
 from fedamole.config import MoLEConfig

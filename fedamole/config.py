@@ -51,19 +51,27 @@ class MoLEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MoLEConfig.{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
-                or self.alpha <= 0:
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float))
+            or not math.isfinite(self.alpha)
+            or self.alpha <= 0
+        ):
             raise ValueError(f"MoLEConfig.alpha must be a finite number > 0, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise ValueError(f"MoLEConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
         if self.router not in ROUTERS:
             raise ValueError(f"MoLEConfig.router must be one of {ROUTERS}, got {self.router!r}")
         if not isinstance(self.shared_expert, bool):
             raise ValueError(f"MoLEConfig.shared_expert must be a bool, got {self.shared_expert!r}")
         self.target_modules = normalize_target_spec(self.target_modules, "MoLEConfig.target_modules")
-        self.exclude_modules = normalize_target_spec(self.exclude_modules, "MoLEConfig.exclude_modules",
-                                                     allow_all_linear=False)
+        self.exclude_modules = normalize_target_spec(
+            self.exclude_modules, "MoLEConfig.exclude_modules", allow_all_linear=False
+        )
         coef = self.load_balance_coef
         if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
             raise ValueError(f"MoLEConfig.load_balance_coef must be a finite number >= 0, got {coef!r}")

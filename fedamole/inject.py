@@ -59,8 +59,11 @@ def inject_mole(model: nn.Module, config: MoLEConfig, extra_trainable: Sequence[
         setattr(parent, leaf, MoLELinear(base, resolved).train(base.training))
     extra_names = []
     for wanted in extra_trainable:
-        hits = [n for n, m in model.named_modules() if n and (n == wanted or n.rsplit(".", 1)[-1] == wanted)
-                and not isinstance(m, MoLELinear)]
+        hits = [
+            n
+            for n, m in model.named_modules()
+            if n and (n == wanted or n.rsplit(".", 1)[-1] == wanted) and not isinstance(m, MoLELinear)
+        ]
         if not hits:
             raise ValueError(f"extra_trainable entry {wanted!r} matches no module of the model")
         for hit in hits:
@@ -96,15 +99,18 @@ def load_mole_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> Non
     missing = sorted(set(target) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(target))
     if missing or unexpected:
-        raise ValueError(f"state_dict does not match the model's MoLE modules: missing keys {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
+        raise ValueError(
+            f"state_dict does not match the model's MoLE modules: missing keys {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''}"
+        )
     for key, value in state_dict.items():
         if not isinstance(value, Tensor):
             raise TypeError(f"state_dict[{key!r}] must be a tensor, got {type(value).__name__}")
         if tuple(value.shape) != tuple(target[key].shape):
-            raise ValueError(f"state_dict[{key!r}] has shape {list(value.shape)}, the model expects "
-                             f"{list(target[key].shape)}")
+            raise ValueError(
+                f"state_dict[{key!r}] has shape {list(value.shape)}, the model expects {list(target[key].shape)}"
+            )
         if (value.dtype == torch.bool) != (target[key].dtype == torch.bool):
             raise TypeError(f"state_dict[{key!r}] has dtype {value.dtype}, the model expects {target[key].dtype}")
         if value.dtype != torch.bool and not bool(torch.isfinite(value).all()):
@@ -148,8 +154,10 @@ def load_mole(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{folder / CONFIG_FILE} is not a fedamole MoLE config (format != {FORMAT_NAME!r})")
     if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{folder / CONFIG_FILE} has format version {meta.get('version')}, this fedamole reads "
-                         f"version {FORMAT_VERSION}")
+        raise ValueError(
+            f"{folder / CONFIG_FILE} has format version {meta.get('version')}, this fedamole reads "
+            f"version {FORMAT_VERSION}"
+        )
     config = MoLEConfig.from_dict(meta["config"])
     try:
         tensors = load_file(str(folder / WEIGHTS_FILE))
@@ -160,8 +168,10 @@ def load_mole(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         saved = config.to_dict()
         differing = sorted(k for k in saved if k != "backend" and saved[k] != current.get(k))
         if differing:
-            raise ValueError(f"saved MoLE config differs from the model's in {differing}: saved "
-                             f"{ {k: saved[k] for k in differing} }, model { {k: current[k] for k in differing} }")
+            raise ValueError(
+                f"saved MoLE config differs from the model's in {differing}: saved "
+                f"{ {k: saved[k] for k in differing} }, model { {k: current[k] for k in differing} }"
+            )
         load_mole_state_dict(model, tensors)
         return model
     # Validate against a fresh injection before touching the caller's model: inject into it, and undo on error.

@@ -12,15 +12,27 @@ pytestmark = pytest.mark.skipif(not HAS_CPU_EXT, reason="C++ extension not built
 FLOAT_INPUTS = ("x", "expert_input", "lora_a", "lora_b", "router", "shared_a", "shared_b")
 
 
-def make_inputs(seg_sizes, num_slots=4, rank=4, d_in=24, d_out=20, router_type="embedding", shared=True,
-                expert_input=False, mask=None, skew=0.0, dtype=torch.float32, seed=0):
+def make_inputs(
+    seg_sizes,
+    num_slots=4,
+    rank=4,
+    d_in=24,
+    d_out=20,
+    router_type="embedding",
+    shared=True,
+    expert_input=False,
+    mask=None,
+    skew=0.0,
+    dtype=torch.float32,
+    seed=0,
+):
     """Random inputs; `skew` > 0 makes slot 0 dominate the routing (most tokens pick it)."""
     g = torch.Generator().manual_seed(seed)
     num_segments = len(seg_sizes)
     num_tokens = sum(seg_sizes)
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale)
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
 
     router_rows = rank if router_type == "embedding" else num_slots
     inputs = {
@@ -49,8 +61,19 @@ def run(backend, inputs, offsets, mask, top_k, router_type, scaling=2.0, probs_l
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
     full = {k: leaves.get(k) for k in FLOAT_INPUTS}
     delta, probs, idx = mole_lora(
-        full["x"], offsets, full["lora_a"], full["lora_b"], full["router"], full["shared_a"], full["shared_b"],
-        mask, full["expert_input"], top_k=top_k, scaling=scaling, router_type=router_type, backend=backend,
+        full["x"],
+        offsets,
+        full["lora_a"],
+        full["lora_b"],
+        full["router"],
+        full["shared_a"],
+        full["shared_b"],
+        mask,
+        full["expert_input"],
+        top_k=top_k,
+        scaling=scaling,
+        router_type=router_type,
+        backend=backend,
     )
     g = torch.Generator().manual_seed(seed)
     loss = (delta.double() * torch.randn(delta.shape, generator=g, dtype=torch.float64)).sum()
@@ -82,7 +105,9 @@ CASES = {
     "no_shared": (dict(seg_sizes=[10, 12], shared=False), 2),
     "expert_input": (dict(seg_sizes=[13, 4], expert_input=True), 2),
     "expert_input_no_shared_masked": (
-        dict(seg_sizes=[7, 9], expert_input=True, shared=False, mask=[[1, 1, 0, 1], [0, 1, 0, 0]]), 2),
+        dict(seg_sizes=[7, 9], expert_input=True, shared=False, mask=[[1, 1, 0, 1], [0, 1, 0, 0]]),
+        2,
+    ),
     "skewed": (dict(seg_sizes=[40, 25], skew=4.0), 2),
     "many_tokens_blocks": (dict(seg_sizes=[150, 3, 200], d_in=40, d_out=300), 2),
     "top1": (dict(seg_sizes=[12], num_slots=6), 1),
@@ -127,8 +152,13 @@ def test_grad_probs_optional(probs_loss):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("router_type", ["embedding", "linear"])
 def test_low_precision(dtype, router_type):
-    inputs, offsets, mask = make_inputs([20, 0, 13], expert_input=True, router_type=router_type, dtype=dtype,
-                                        mask=[[1, 1, 0, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
+    inputs, offsets, mask = make_inputs(
+        [20, 0, 13],
+        expert_input=True,
+        router_type=router_type,
+        dtype=dtype,
+        mask=[[1, 1, 0, 1], [1, 1, 1, 1], [0, 1, 1, 1]],
+    )
     ref = run("reference", inputs, offsets, mask, 2, router_type)
     out = run("cpu", inputs, offsets, mask, 2, router_type)
     assert out[0].dtype == dtype and out[1].dtype == torch.float32
@@ -144,16 +174,36 @@ def test_low_precision(dtype, router_type):
 @pytest.mark.parametrize("router_type", ["embedding", "linear"])
 @pytest.mark.parametrize("expert_input", [False, True])
 def test_gradcheck_float64(router_type, expert_input):
-    inputs, offsets, mask = make_inputs([4, 0, 3], num_slots=3, rank=2, d_in=5, d_out=4, router_type=router_type,
-                                        expert_input=expert_input, dtype=torch.float64,
-                                        mask=[[1, 1, 1], [1, 0, 1], [0, 1, 1]])
+    inputs, offsets, mask = make_inputs(
+        [4, 0, 3],
+        num_slots=3,
+        rank=2,
+        d_in=5,
+        d_out=4,
+        router_type=router_type,
+        expert_input=expert_input,
+        dtype=torch.float64,
+        mask=[[1, 1, 1], [1, 0, 1], [0, 1, 1]],
+    )
     names = [n for n in FLOAT_INPUTS if inputs[n] is not None]
 
     def fn(*tensors):
         t = dict(zip(names, tensors))
-        delta, probs, _ = mole_lora(t["x"], offsets, t["lora_a"], t["lora_b"], t["router"], t.get("shared_a"),
-                                    t.get("shared_b"), mask, t.get("expert_input"), top_k=2, scaling=1.5,
-                                    router_type=router_type, backend="cpu")
+        delta, probs, _ = mole_lora(
+            t["x"],
+            offsets,
+            t["lora_a"],
+            t["lora_b"],
+            t["router"],
+            t.get("shared_a"),
+            t.get("shared_b"),
+            mask,
+            t.get("expert_input"),
+            top_k=2,
+            scaling=1.5,
+            router_type=router_type,
+            backend="cpu",
+        )
         return delta, probs
 
     args = [inputs[n].clone().requires_grad_() for n in names]
@@ -164,8 +214,15 @@ def test_gradcheck_float64(router_type, expert_input):
 def test_one_and_two_threads_identical(monkeypatch, partial_budget):
     if partial_budget is not None:
         monkeypatch.setenv("FEDAMOLE_CPU_PARTIAL_BYTES", partial_budget)
-    inputs, offsets, mask = make_inputs([300, 0, 170, 90], num_slots=5, rank=4, d_in=530, d_out=270,
-                                        expert_input=True, mask=[[1] * 5, [1] * 5, [1, 0, 1, 1, 0], [1] * 5])
+    inputs, offsets, mask = make_inputs(
+        [300, 0, 170, 90],
+        num_slots=5,
+        rank=4,
+        d_in=530,
+        d_out=270,
+        expert_input=True,
+        mask=[[1] * 5, [1] * 5, [1, 0, 1, 1, 0], [1] * 5],
+    )
     before = torch.get_num_threads()
     try:
         results = []
@@ -185,8 +242,9 @@ def test_one_and_two_threads_identical(monkeypatch, partial_budget):
 def test_two_pass_weight_grads(monkeypatch, expert_input):
     # Large T switches the weight grads from per-block partials to a second pass; force it on a small problem.
     monkeypatch.setenv("FEDAMOLE_CPU_PARTIAL_BYTES", "0")
-    inputs, offsets, mask = make_inputs([140, 0, 9], d_in=300, expert_input=expert_input,
-                                        mask=[[1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]])
+    inputs, offsets, mask = make_inputs(
+        [140, 0, 9], d_in=300, expert_input=expert_input, mask=[[1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]]
+    )
     ref = run("reference", inputs, offsets, mask, 2, "embedding")
     out = run("cpu", inputs, offsets, mask, 2, "embedding")
     for name in ref[3]:
@@ -226,7 +284,7 @@ def test_route_op_counts():
     torch.testing.assert_close(r_probs, probs)
     assert counts.shape == (3, 4) and counts.dtype == torch.int64
     for s in range(3):
-        seg = idx[offsets[s]:offsets[s + 1]].flatten()
+        seg = idx[offsets[s] : offsets[s + 1]].flatten()
         expected = torch.bincount(seg[seg >= 0], minlength=4)
         assert torch.equal(counts[s], expected)
 
@@ -271,8 +329,14 @@ def test_cpp_checks_name_the_tensor():
 def test_small_and_stacked_paths_match_reference(num_tokens, router_type, expert_input, shared, path, monkeypatch):
     if SPLIT_PATHS[path] is not None:
         monkeypatch.setenv("FEDAMOLE_CPU_SPLIT_MAX_TOKENS", SPLIT_PATHS[path])
-    inputs, offsets, mask = make_inputs([num_tokens], num_slots=6, router_type=router_type, shared=shared,
-                                        expert_input=expert_input, mask=[[1, 1, 0, 1, 1, 1]])
+    inputs, offsets, mask = make_inputs(
+        [num_tokens],
+        num_slots=6,
+        router_type=router_type,
+        shared=shared,
+        expert_input=expert_input,
+        mask=[[1, 1, 0, 1, 1, 1]],
+    )
     ref = run("reference", inputs, offsets, mask, 2, router_type)
     out = run("cpu", inputs, offsets, mask, 2, router_type)
     assert torch.equal(out[2], ref[2])
@@ -313,8 +377,18 @@ def test_fused_autograd_op_inference_mode_and_no_grad_input():
     tensors = {**inputs, "seg_offsets": offsets, "expert_mask": torch.ones(1, 4, dtype=torch.bool)}
     with torch.inference_mode():
         delta, probs, idx = _fused(tensors)
-    expected = mole_lora(inputs["x"], offsets, inputs["lora_a"], inputs["lora_b"], inputs["router"],
-                         inputs["shared_a"], inputs["shared_b"], top_k=2, scaling=1.5, backend="reference")
+    expected = mole_lora(
+        inputs["x"],
+        offsets,
+        inputs["lora_a"],
+        inputs["lora_b"],
+        inputs["router"],
+        inputs["shared_a"],
+        inputs["shared_b"],
+        top_k=2,
+        scaling=1.5,
+        backend="reference",
+    )
     torch.testing.assert_close(delta, expected[0])
     assert torch.equal(idx, expected[2])
     # Only the probabilities carry a gradient: the delta's grad is materialised as zeros inside the node.

@@ -45,8 +45,19 @@ def test_forward_equals_the_functional_op():
         layer.lora_b.normal_()
         layer.shared_b.normal_()
     x = torch.randn(6, 12)
-    delta, _, _ = mole_lora(x, None, layer.lora_a[None], layer.lora_b[None], layer.router[None],
-                            layer.shared_a[None], layer.shared_b[None], None, None, top_k=2, scaling=2.0)
+    delta, _, _ = mole_lora(
+        x,
+        None,
+        layer.lora_a[None],
+        layer.lora_b[None],
+        layer.router[None],
+        layer.shared_a[None],
+        layer.shared_b[None],
+        None,
+        None,
+        top_k=2,
+        scaling=2.0,
+    )
     torch.testing.assert_close(layer(x), layer.base(x) + delta)
 
 
@@ -151,9 +162,21 @@ def test_bad_constructor_arguments():
         _layer()(torch.randn(3, 11))
 
 
-@pytest.mark.parametrize("field,value", [("num_experts", 0), ("rank", -1), ("top_k", 1.5), ("alpha", float("nan")),
-                                         ("dropout", 1.0), ("router", "mlp"), ("shared_expert", "yes"),
-                                         ("target_modules", []), ("load_balance_coef", -1.0), ("backend", "gpu")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("num_experts", 0),
+        ("rank", -1),
+        ("top_k", 1.5),
+        ("alpha", float("nan")),
+        ("dropout", 1.0),
+        ("router", "mlp"),
+        ("shared_expert", "yes"),
+        ("target_modules", []),
+        ("load_balance_coef", -1.0),
+        ("backend", "gpu"),
+    ],
+)
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         MoLEConfig(**{field: value})

@@ -4,24 +4,10 @@ import json
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_bert, tiny_llama
 
 import fedamole
 from fedamole import MoLEConfig, MoLELinear
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=64, num_labels=3)
-    return BertForSequenceClassification(config).eval()
 
 
 def _perturb_experts(model):
@@ -66,8 +52,9 @@ def test_llama_train_step_only_mole_params_get_gradients():
 
 
 def test_bert_forward_backward():
-    model = fedamole.inject_mole(tiny_bert(), MoLEConfig(num_experts=3, router="linear"),
-                                 extra_trainable=["classifier"])
+    model = fedamole.inject_mole(
+        tiny_bert(), MoLEConfig(num_experts=3, router="linear"), extra_trainable=["classifier"]
+    )
     model.train()
     out = model(input_ids=torch.randint(0, 97, (3, 7)), labels=torch.tensor([0, 1, 2]))
     out.loss.backward()

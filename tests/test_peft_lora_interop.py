@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_bert, tiny_llama
 
 import fedamole
 from fedamole import MoLEConfig
@@ -17,34 +17,6 @@ peft = pytest.importorskip("peft")
 
 IDS = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
 ATOL = 1e-5  # fp32; the adapters below move the logits by > 1e-2
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(config).eval()
 
 
 def peft_adapter(tmp_path, r=4, alpha=8, targets=("q_proj", "v_proj"), **options):

@@ -45,12 +45,17 @@ class _Base:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def batches(self, examples: Sequence[Example], batch_size: int, steps: int | None = None,
-                rng: np.random.Generator | None = None) -> Iterator[dict]:
+    def batches(
+        self,
+        examples: Sequence[Example],
+        batch_size: int,
+        steps: int | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> Iterator[dict]:
         """``steps`` shuffled training batches (cycling through epochs), or one ordered pass when steps is None."""
         if steps is None:
             for i in range(0, len(examples), batch_size):
-                yield self.collate(examples[i:i + batch_size])
+                yield self.collate(examples[i : i + batch_size])
             return
         rng = rng or np.random.default_rng(0)
         order: list[int] = []
@@ -101,9 +106,12 @@ class _Base:
             task = self.task_losses(batch, num_clients)
         if self.coef > 0 and routing.calls:
             mask = batch["attention_mask"].bool()
-            lb = [load_balance_from_routing(call.probs, call.topk_idx, call.active.expand(num_clients, -1), mask,
-                                            per_client=True)
-                  for call in routing.calls]
+            lb = [
+                load_balance_from_routing(
+                    call.probs, call.topk_idx, call.active.expand(num_clients, -1), mask, per_client=True
+                )
+                for call in routing.calls
+            ]
             task = task + self.coef * torch.stack(lb).float().sum(0).to(task.device)
         return task
 
@@ -117,8 +125,9 @@ class _Base:
 class CausalLMWorkload(_Base):
     """A causal LM with MoLE; examples are (prompt = ``text``, response = ``target``)."""
 
-    def __init__(self, model: nn.Module, tokenizer, max_length: int = 256, max_new_tokens: int = 128,
-                 batch_size_eval: int = 16) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, max_length: int = 256, max_new_tokens: int = 128, batch_size_eval: int = 16
+    ) -> None:
         super().__init__(model, batch_size_eval)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -131,7 +140,7 @@ class CausalLMWorkload(_Base):
         if eos and self.eos_id is not None:
             r = r + [self.eos_id]
         r = r[: self.max_length - 1]
-        p = p[-(self.max_length - len(r)):]
+        p = p[-(self.max_length - len(r)) :]
         return p + r, [-100] * len(p) + r
 
     def _pad(self, seqs: list[tuple[list[int], list[int]]]) -> dict:
@@ -170,13 +179,14 @@ class CausalLMWorkload(_Base):
         pairs = [self._pair(ex.text, ch, eos=False) for ex in examples for ch in choices]
         out = []
         for i in range(0, len(pairs), self.batch_size_eval):
-            losses, valid = self._token_losses(self._pad(pairs[i:i + self.batch_size_eval]))
+            losses, valid = self._token_losses(self._pad(pairs[i : i + self.batch_size_eval]))
             out.append(((losses * valid).sum(1) / valid.sum(1).clamp(min=1)).cpu())
         return torch.cat(out).numpy().reshape(len(examples), len(choices))
 
     @torch.no_grad()
-    def evaluate_per_client(self, tests: Sequence[Sequence[Example]], kind: str,
-                            choices: Sequence[str] | None = None, max_rows: int = 4096) -> list[float] | None:
+    def evaluate_per_client(
+        self, tests: Sequence[Sequence[Example]], kind: str, choices: Sequence[str] | None = None, max_rows: int = 4096
+    ) -> list[float] | None:
         """`evaluate` of S clients at once on a client-stacked model (S = len(tests)); None where not batched
         (generation). Each forward takes the same number of candidate rows from every client (a client with fewer
         repeats its last row, ignored), at most ``max_rows`` rows in all."""
@@ -192,7 +202,7 @@ class CausalLMWorkload(_Base):
             count = min(step, longest - i)
             rows = []
             for p in pairs:
-                chunk = p[i:i + count] or [p[-1] if p else dummy]
+                chunk = p[i : i + count] or [p[-1] if p else dummy]
                 rows.extend(chunk + [chunk[-1]] * (count - len(chunk)))
             losses, valid = self._token_losses(self._pad(rows))
             mean = ((losses * valid).sum(1) / valid.sum(1).clamp(min=1)).cpu().reshape(num, count)
@@ -212,12 +222,17 @@ class CausalLMWorkload(_Base):
         """Greedy decoding, one prompt at a time (no padding effects), up to ``max_new_tokens``."""
         outs = []
         for prompt in prompts:
-            ids = _encode(self.tokenizer, prompt)[-(self.max_length - 1):]
+            ids = _encode(self.tokenizer, prompt)[-(self.max_length - 1) :]
             x = torch.tensor([ids], device=self.device)
-            gen = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
-                                      max_new_tokens=self.max_new_tokens, eos_token_id=self.eos_id,
-                                      pad_token_id=self.pad_id)
-            new = gen[0, x.shape[1]:].tolist()
+            gen = self.model.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
+                eos_token_id=self.eos_id,
+                pad_token_id=self.pad_id,
+            )
+            new = gen[0, x.shape[1] :].tolist()
             if self.eos_id in new:
                 new = new[: new.index(self.eos_id)]
             outs.append(self.tokenizer.decode(new, skip_special_tokens=True))
@@ -258,11 +273,15 @@ class SeqClsWorkload(_Base):
         self.max_length = max_length
 
     def collate(self, examples: Sequence[Example]) -> dict:
-        enc = self.tokenizer([ex.text for ex in examples], padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(
+            [ex.text for ex in examples], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         dev = self.device
-        return {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev),
-                "labels": torch.tensor([ex.label for ex in examples], device=dev)}
+        return {
+            "input_ids": enc["input_ids"].to(dev),
+            "attention_mask": enc["attention_mask"].to(dev),
+            "labels": torch.tensor([ex.label for ex in examples], device=dev),
+        }
 
     def _logits(self, batch: dict) -> Tensor:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
