@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -27,18 +28,62 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="disable the progress bars")
 
 
+_EXAMPLES = """examples:
+  fedamole simulate --out runs/default                    # the embedded default: MiniLM, 10 clients, 5 rounds
+  fedamole simulate --preset tiny --clients 8 --rounds 3 --out runs/tiny --engine cohort
+  fedamole compare --preset tiny --algorithms fedamole,fedit-ft,local --seeds 42,62,82 --out runs/cmp
+  fedamole simulate --config my.yaml --out runs/mine  # YAML of SimConfig fields: {rounds: 20, mole: {rank: 16}}
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's own default (flags whose value comes from the preset say so in the description) and
+    keeps the examples' layout."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _describe(text: str) -> str:
+    return textwrap.fill(text, width=100)
+
+
+def _preset_defaults() -> str:
+    """The values the flags fall back to (from the 'default' preset) for the help text."""
+    from fedamole.presets import make_config
+
+    cfg = make_config("default")
+    keys = ("clients", "rounds", "local_steps", "batch_size", "lr", "seed", "engine", "device")
+    return "Flags left out take the preset's values; the default preset has " + ", ".join(
+        f"{k}={getattr(cfg, k)}" for k in keys
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fedamole.presets import ALGORITHMS
 
-    parser = argparse.ArgumentParser(prog="fedamole", description="Personalised federated fine-tuning with FedAMoLE")
+    parser = argparse.ArgumentParser(prog="fedamole", description="Personalised federated fine-tuning with FedAMoLE",
+                                     epilog=_EXAMPLES, formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="simulate one algorithm; writes DIR/summary.json and DIR/metrics.png")
+    sim = sub.add_parser("simulate", help="simulate one algorithm; writes DIR/summary.json, metrics.jsonl and plots",
+                         description=_describe("Simulate one algorithm. Writes DIR/summary.json, DIR/metrics.jsonl (a "
+                                               "line per round), DIR/per_client.csv and the plots metrics.png, "
+                                               "communication.png and assignment.png. " + _preset_defaults() + "."),
+                         epilog=_EXAMPLES, formatter_class=_HelpFormatter)
     _common(sim)
-    sim.add_argument("--algorithm", default=None, choices=ALGORITHMS, help="algorithm (default fedamole)")
+    sim.add_argument("--algorithm", default=None, choices=ALGORITHMS, help="algorithm (default: fedamole)")
     sim.add_argument("--out", type=Path, default=Path("runs/simulate"), help="output directory")
     sim.add_argument("--resume", action="store_true",
                      help="continue from the last complete round checkpointed in DIR/checkpoint (written every round)")
-    cmp_ = sub.add_parser("compare", help="run several algorithms on one scenario; writes a table and a plot")
+    cmp_ = sub.add_parser("compare", help="run several algorithms on one scenario; writes a table and a plot",
+                          description=_describe("Run several algorithms (and seeds) on one scenario. Writes "
+                                                "DIR/compare.md (final-round and best-round client means, mean ± "
+                                                "std over seeds), compare.json, compare.png (seed bands) and one run "
+                                                "folder per algorithm and seed. " + _preset_defaults() + "."),
+                          epilog=_EXAMPLES, formatter_class=_HelpFormatter)
     _common(cmp_)
     cmp_.add_argument("--algorithms", default="fedamole,fedit-ft,fedit,local,fedamole-static",
                       help="comma-separated algorithms")
@@ -71,20 +116,22 @@ def _config(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from fedamole.fl.reporting import RoundReporter
     from fedamole.fl.runner import compare, simulate, write_summary
 
     try:
         cfg = _config(args)
         if args.command == "simulate":
             summary = simulate(cfg, progress=not args.no_progress, checkpoint_dir=args.out / "checkpoint",
-                               resume=args.resume)
+                               resume=args.resume, on_round=RoundReporter(args.out))
             path = write_summary(summary, args.out)
-            brief = {k: summary[k] for k in ("algorithm", "metric", "final_mean", "wall_seconds")}
+            brief = {k: summary[k] for k in ("algorithm", "metric", "final_mean", "best_mean", "best_round",
+                                             "wall_seconds")}
             for k in ("initial_mean", "chance"):
                 if k in summary:
                     brief[k] = summary[k]
             print(json.dumps(brief))
-            print(f"wrote {path} and {path.parent / 'metrics.png'}")
+            print(f"wrote {path}, metrics.jsonl, per_client.csv and the plots in {path.parent}")
         else:
             algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None

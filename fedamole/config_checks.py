@@ -67,7 +67,9 @@ TOP_LEVEL = {
 SECTIONS = {
     "model": {"type": Rule("choice", choices=MODEL_TYPES), "path": Rule("str", optional=True),
               "dtype": Rule("choice", choices=DTYPES, optional=True), "max_length": POS_INT,
-              "max_new_tokens": POS_INT, "hidden_size": POS_INT, "layers": POS_INT, "heads": POS_INT},
+              "max_new_tokens": POS_INT, "hidden_size": POS_INT, "layers": POS_INT, "heads": POS_INT,
+              "decoding": Rule("choice", choices=("greedy", "generation_config")),
+              "rouge": Rule("choice", choices=("rouge", "rouge-score"))},
     "data": {"source": Rule("choice", choices=DATA_SOURCES), "path": Rule("str", optional=True),
              "partition": Rule("choice", choices=PARTITIONS), "alpha": POS_FLOAT, "min_samples": POS_INT,
              "max_per_client": Rule("int", 1, optional=True), "n": POS_INT, "num_labels": Rule("int", 2),

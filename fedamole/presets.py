@@ -90,6 +90,10 @@ class SimConfig:
         return dataclasses.asdict(self)
 
 
+_PAPER_MODEL = {"type": "hf-causal", "path": "meta-llama/Llama-3.2-1B", "dtype": "bfloat16",
+                "decoding": "generation_config", "rouge": "rouge"}
+PAPER_PRESETS = ("snli", "dolly", "ni")
+
 PRESETS: dict[str, dict] = {
     "default": {
         "clients": 10, "rounds": 5, "local_steps": 10, "batch_size": 8, "lr": 1e-3,
@@ -107,11 +111,13 @@ PRESETS: dict[str, dict] = {
         "fedamole": {"num_experts": None, "clients_per_expert": 2, "min_experts": 2, "max_experts": 4},
         "fdlora": {"sync_every": 1},
     },
-    "snli": {"model": {"type": "hf-causal", "path": "meta-llama/Llama-3.2-1B", "dtype": "bfloat16"},
+    # The paper's scenarios, with the authors' protocol (SPEC §3): no gradient clipping, generations decoded with
+    # the model's own generation_config and scored by the `rouge` package.
+    "snli": {"max_grad_norm": None, "model": {**_PAPER_MODEL},
              "data": {"source": "snli", "partition": "dirichlet", "alpha": 0.1, "max_examples": 20000}},
-    "dolly": {"model": {"type": "hf-causal", "path": "meta-llama/Llama-3.2-1B", "dtype": "bfloat16"},
+    "dolly": {"max_grad_norm": None, "model": {**_PAPER_MODEL},
               "data": {"source": "dolly", "partition": "dirichlet", "alpha": 0.1}},
-    "ni": {"model": {"type": "hf-causal", "path": "meta-llama/Llama-3.2-1B", "dtype": "bfloat16"},
+    "ni": {"max_grad_norm": None, "model": {**_PAPER_MODEL},
            "data": {"source": "ni", "partition": "task", "max_per_task": 1000}},
 }
 
@@ -246,8 +252,9 @@ def build_workload(cfg: SimConfig, mole_cfg: MoLEConfig, scenario: Scenario):
         raise ValueError("a causal LM needs candidate answers (choices); this scenario has only class ids")
     fedamole.inject_mole(model, mole_cfg)
     model.to(dev)
-    return CausalLMWorkload(model, tok, max_length=m.get("max_length", 256), max_new_tokens=m.get("max_new_tokens",
-                                                                                                  128))
+    return CausalLMWorkload(model, tok, max_length=m.get("max_length", 256),
+                            max_new_tokens=m.get("max_new_tokens", 128), decoding=m.get("decoding", "greedy"),
+                            rouge=m.get("rouge", "rouge"))
 
 
 def make_algorithm(cfg: SimConfig):

@@ -15,8 +15,14 @@ import fedamole
 from fedamole.fl.checkpoint import load_checkpoint, save_checkpoint
 from fedamole.fl.client import state_nbytes
 from fedamole.fl.engine import make_engine
+from fedamole.fl.reporting import (
+    best_round,
+    plot_assignments,
+    plot_communication,
+    write_comparison,
+    write_per_client_table,
+)
 from fedamole.fl.validation import TRAINING_FAULTS, UPLOAD_FAULTS, check_upload, corrupt_upload
-from fedamole.metrics import mean_std
 from fedamole.presets import SimConfig, build_data, build_workload, make_algorithm, mole_config
 
 __all__ = ["simulate", "write_summary", "plot_history", "compare"]
@@ -66,8 +72,11 @@ def _down_bytes(payloads: list[dict]) -> int:
 
 
 def simulate(cfg: SimConfig, progress: bool = True, checkpoint_dir: str | Path | None = None,
-             resume: bool = False) -> dict:
+             resume: bool = False, on_round=None) -> dict:
     """Run one simulation; returns the summary (see `write_summary`).
+
+    `on_round(summary_so_far, history)` is called after every round, once the round is checkpointed (e.g.
+    `fedamole.fl.reporting.RoundReporter`, which prints a line and keeps DIR/metrics.jsonl).
 
     With `checkpoint_dir`, the complete state is checkpointed there after every round (`fedamole.fl.checkpoint`);
     with `resume=True` as well, the run continues from the last complete round found there (a run killed at any
@@ -80,7 +89,7 @@ def simulate(cfg: SimConfig, progress: bool = True, checkpoint_dir: str | Path |
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     try:
-        return _simulate(cfg, progress, None if checkpoint_dir is None else Path(checkpoint_dir), resume)
+        return _simulate(cfg, progress, None if checkpoint_dir is None else Path(checkpoint_dir), resume, on_round)
     finally:
         torch.set_num_threads(threads)
 
@@ -106,7 +115,7 @@ def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int,
     return done, state["summary"], state["history"]
 
 
-def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resume: bool) -> dict:
+def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resume: bool, on_round) -> dict:
     t0 = time.perf_counter()
     scenario = build_data(cfg)
     algo = make_algorithm(cfg)
@@ -118,7 +127,9 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
                          cohort_size=int(cfg.cohort_size), ray=dict(cfg.ray), config=cfg, mole_config=model_config)
     algo.setup(workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
     summary: dict = {"algorithm": cfg.algorithm, "engine": cfg.engine, "clients": cfg.clients, "rounds": cfg.rounds,
-                     "metric": scenario.metric, "scenario": scenario.name, "seed": cfg.seed}
+                     "metric": scenario.metric, "scenario": scenario.name, "seed": cfg.seed,
+                     "train_sizes": [len(c.train) for c in scenario.clients],
+                     "test_sizes": [len(c.test) for c in scenario.clients]}
     if scenario.kind == "classification":
         summary["chance"] = 1.0 / (len(scenario.choices) if scenario.choices else scenario.num_labels)
     done, restored, history = _restore(checkpoint_dir, cfg, algo, workload) if resume else (0, {}, [])
@@ -159,6 +170,9 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
             if hasattr(algo, "experts_per_client"):
                 counts = np.array(list(algo.experts_per_client().values()))
                 entry["experts_per_client_mean"] = counts.mean(0).round(3).tolist()
+            if getattr(algo, "history_assign", None):  # the assignment this round trained with, averaged over modules
+                share = np.mean([m.astype(float) for m in algo.history_assign[-1].values()], axis=0)
+                entry["assignment_share"] = share.round(3).tolist()
             history.append(entry)
             if checkpoint_dir is not None:
                 save_checkpoint(checkpoint_dir, r, {
@@ -166,10 +180,14 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
                     "model": fedamole.mole_state_dict(workload.model), "torch_rng": torch.get_rng_state(),
                     "summary": {k: v for k, v in summary.items() if k.startswith("initial_")}, "history": history,
                 })
+            if on_round is not None:
+                on_round(summary, history)
     finally:
         engine.close()
     summary.update({"final_mean": history[-1]["mean"], "final_per_client": history[-1]["per_client"],
                     "history": history, "wall_seconds": time.perf_counter() - t0, "config": cfg.to_dict()})
+    best = best_round(summary)
+    summary.update({"best_mean": best.mean, "best_round": best.round})
     return summary
 
 
@@ -209,11 +227,15 @@ def plot_history(summaries: dict[str, dict], path: str | Path, per_client: bool 
 
 
 def write_summary(summary: dict, out_dir: str | Path) -> Path:
-    """DIR/summary.json and DIR/metrics.png."""
+    """DIR/summary.json, DIR/metrics.png (metric per round), DIR/per_client.csv (sizes and metrics per client),
+    DIR/communication.png and, for runs with experts, DIR/assignment.png (experts x clients per round)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     plot_history({summary["algorithm"]: summary}, out / "metrics.png")
+    write_per_client_table(summary, out / "per_client.csv")
+    plot_communication(summary, out / "communication.png")
+    plot_assignments(summary, out / "assignment.png")
     return out / "summary.json"
 
 
@@ -227,32 +249,16 @@ def _json_default(obj):
 
 def compare(cfg: SimConfig, algorithms: list[str], out_dir: str | Path, seeds: list[int] | None = None,
             progress: bool = True) -> dict:
-    """Run several algorithms (and seeds) on one scenario; writes per-run summaries, compare.json, compare.md
-    (mean +- std over seeds of the final mean metric) and compare.png (seed-averaged curves of the first seed)."""
+    """Run several algorithms (and seeds) on one scenario; writes per-run summaries (DIR/<algorithm>-seed<s>/),
+    compare.json and compare.md (final-round and best-round client means, mean +- std over seeds) and compare.png
+    (mean over seeds per round with a +-std band; its last point is the table's final mean)."""
     import dataclasses
 
     out = Path(out_dir)
-    seeds = seeds or [cfg.seed]
-    table: dict[str, dict] = {}
-    curves: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}
     for algo in algorithms:
-        finals, walls = [], []
-        for seed in seeds:
-            run_cfg = dataclasses.replace(cfg, algorithm=algo, seed=seed)
-            s = simulate(run_cfg, progress=progress)
-            write_summary(s, out / f"{algo}-seed{seed}")
-            finals.append(s["final_mean"])
-            walls.append(s["wall_seconds"])
-            curves.setdefault(algo, s)
-        m, sd = mean_std(finals)
-        table[algo] = {"final_mean": m, "std": sd, "per_seed": finals, "wall_seconds": float(np.mean(walls)),
-                       "initial_mean": curves[algo].get("initial_mean")}
-    result = {"metric": curves[algorithms[0]]["metric"], "seeds": seeds, "results": table}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(result, indent=2, default=_json_default))
-    lines = [f"| algorithm | final {result['metric']} (mean ± std over {len(seeds)} seed(s)) | wall s |",
-             "|---|---|---|"]
-    lines += [f"| {a} | {r['final_mean']:.4f} ± {r['std']:.4f} | {r['wall_seconds']:.0f} |" for a, r in table.items()]
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
-    plot_history(curves, out / "compare.png", per_client=False)
-    return result
+        for seed in seeds or [cfg.seed]:
+            summary = simulate(dataclasses.replace(cfg, algorithm=algo, seed=seed), progress=progress)
+            write_summary(summary, out / f"{algo}-seed{seed}")
+            runs.setdefault(algo, []).append(summary)
+    return write_comparison(runs, out)[0]

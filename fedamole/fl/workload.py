@@ -22,10 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedamole.data.scenarios import Example
-from fedamole.metrics import accuracy_from_losses, rouge_l
+from fedamole.metrics import ROUGE_IMPLEMENTATIONS, accuracy_from_losses, rouge_l
 from fedamole.routing import load_balance_from_routing, record_routing
 
 __all__ = ["CausalLMWorkload", "SeqClsWorkload", "MeanPoolClassifier"]
+
+DECODINGS = ("greedy", "generation_config")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -123,15 +125,33 @@ class _Base:
 
 
 class CausalLMWorkload(_Base):
-    """A causal LM with MoLE; examples are (prompt = ``text``, response = ``target``)."""
+    """A causal LM with MoLE; examples are (prompt = ``text``, response = ``target``).
+
+    Generation tasks are scored by ROUGE-L F (``rouge``: "rouge" = the authors' package, or "rouge-score") on
+    generations of at most ``max_new_tokens``, decoded greedily (``decoding="greedy"``: deterministic, the default)
+    or with the model's own ``generation_config`` (``decoding="generation_config"``, as the authors: it may sample,
+    from torch's global RNG, which the simulation seeds).
+    """
 
     def __init__(
-        self, model: nn.Module, tokenizer, max_length: int = 256, max_new_tokens: int = 128, batch_size_eval: int = 16
+        self,
+        model: nn.Module,
+        tokenizer,
+        max_length: int = 256,
+        max_new_tokens: int = 128,
+        batch_size_eval: int = 16,
+        decoding: str = "greedy",
+        rouge: str = "rouge",
     ) -> None:
         super().__init__(model, batch_size_eval)
+        if decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+        if rouge not in ROUGE_IMPLEMENTATIONS:
+            raise ValueError(f"rouge must be one of {ROUGE_IMPLEMENTATIONS}, got {rouge!r}")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
+        self.decoding, self.rouge = decoding, rouge
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
 
@@ -219,18 +239,20 @@ class CausalLMWorkload(_Base):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str]) -> list[str]:
-        """Greedy decoding, one prompt at a time (no padding effects), up to ``max_new_tokens``."""
+        """Decode each prompt (one at a time: no padding effects) up to ``max_new_tokens`` (see the class docstring)."""
         outs = []
         for prompt in prompts:
             ids = _encode(self.tokenizer, prompt)[-(self.max_length - 1) :]
             x = torch.tensor([ids], device=self.device)
+            # generation_config: the model's own settings (sampling, temperature, eos) decide; only the length cap
+            # and the pad id (needed without a pad token) are ours.
+            options = {"do_sample": False, "eos_token_id": self.eos_id} if self.decoding == "greedy" else {}
             gen = self.model.generate(
                 input_ids=x,
                 attention_mask=torch.ones_like(x),
-                do_sample=False,
                 max_new_tokens=self.max_new_tokens,
-                eos_token_id=self.eos_id,
                 pad_token_id=self.pad_id,
+                **options,
             )
             new = gen[0, x.shape[1] :].tolist()
             if self.eos_id in new:
@@ -247,7 +269,8 @@ class CausalLMWorkload(_Base):
             if not choices:
                 raise ValueError("choices: candidate answers are needed to score causal-LM classification")
             return accuracy_from_losses(self.candidate_losses(examples, choices), [ex.label for ex in examples])
-        return float(np.mean(rouge_l(self.generate([ex.text for ex in examples]), [ex.target for ex in examples])))
+        predictions = self.generate([ex.text for ex in examples])
+        return float(np.mean(rouge_l(predictions, [ex.target for ex in examples], self.rouge)))
 
 
 class MeanPoolClassifier(nn.Module):
