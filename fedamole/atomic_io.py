@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,7 +41,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     path = Path(path)
     tmp = _create_temp(path)
     try:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 minus the umask, applied by the kernel at creation
         write(str(tmp))
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # writers that recreate the file (safetensors: 0o600)
+            os.chmod(tmp, mode)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

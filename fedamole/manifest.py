@@ -185,9 +185,12 @@ def read_manifest(path: str | os.PathLike, kind: str, allowed_names: Callable[[d
 
 def _verify(file: Path, record: FileRecord, manifest_path: Path) -> None:
     try:
-        size = os.lstat(file).st_size
+        info = os.lstat(file)
     except FileNotFoundError:
         raise FileNotFoundError(f"{file} is listed in {manifest_path} but missing") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{file} is not a regular file (links and special files are refused)")
+    size = info.st_size
     if size != record.size:
         raise ValueError(f"{file} has {size} bytes, {manifest_path} records {record.size} (truncated or tampered)")
     if file_record(file) != record:
