@@ -40,7 +40,7 @@ def test_only_the_latest_complete_checkpoint_is_kept_and_checked(tmp_path):
     assert load_checkpoint(tmp_path) is None
     save_checkpoint(tmp_path, 1, {"w": torch.zeros(3)})
     save_checkpoint(tmp_path, 2, {"w": torch.ones(3)})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "round-2.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "round-2.json", "round-2.safetensors"]
     weights = tmp_path / "round-2.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[:-4] + b"\x00\x00\x00\x01")

@@ -106,7 +106,7 @@ def test_load_errors_leave_the_model_untouched(tmp_path):
     weights = tmp_path / "a" / "mole.safetensors"
     weights.write_bytes(weights.read_bytes()[:-40])
     plain = tiny_llama()
-    with pytest.raises(ValueError, match="corrupted or truncated"):
+    with pytest.raises(ValueError, match="truncated"):
         fedamole.load_mole(plain, tmp_path / "a")
     assert not fedamole.mole_modules(plain)
 

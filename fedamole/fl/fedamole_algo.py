@@ -52,6 +52,10 @@ class Algorithm:
     def eval_payloads(self) -> list[dict]:
         raise NotImplementedError
 
+    def check_state(self) -> None:
+        """Raise ValueError, naming the attribute, if the state (restored from a checkpoint) breaks an invariant that
+        its shapes alone do not show."""
+
 
 def extra_state(model) -> dict[str, Tensor]:
     """Initial values of the extra trainable modules (the classification head), float32 CPU copies."""
@@ -190,6 +194,21 @@ class FedAMoLE(Algorithm):
         if self.assignment == "random":
             return self._assign(random_scores(self.num_experts, self.num_clients, self.rng))
         return self._assign(self.client_scores(name, ids, uploads))
+
+    def check_state(self) -> None:
+        """Every assignment (current and past) is bool [N_e, C] with exactly k_c clients per expert and between the
+        client bounds of experts per client."""
+        lo, hi = self._bounds(self.num_clients)
+        named = [(f"modules[{n!r}].assign", m["assign"]) for n, m in self.modules.items()]
+        named += [(f"history_assign[{i}][{n!r}]", a) for i, h in enumerate(self.history_assign) for n, a in h.items()]
+        for where, assign in named:
+            if not isinstance(assign, np.ndarray) or assign.dtype != bool or assign.shape != (self.num_experts,
+                                                                                              self.num_clients):
+                raise ValueError(f"{where} must be a bool array of shape [{self.num_experts}, {self.num_clients}]")
+            per_expert, per_client = assign.sum(1), assign.sum(0)
+            if (per_expert != self.k_c).any() or (per_client < lo).any() or (per_client > hi).any():
+                raise ValueError(f"{where}: every expert needs exactly {self.k_c} clients and every client between "
+                                 f"{lo} and {hi} experts; got {per_expert.tolist()} and {per_client.tolist()}")
 
     def experts_per_client(self) -> dict[str, list[int]]:
         """Current |S_c| per module (the heterogeneous architecture)."""

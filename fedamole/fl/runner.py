@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 import fedamole
-from fedamole.fl.checkpoint import load_checkpoint, save_checkpoint
+from fedamole.fl.checkpoint import check_resume_state, load_checkpoint, save_checkpoint
 from fedamole.fl.client import state_nbytes
 from fedamole.fl.engine import make_engine
 from fedamole.fl.reporting import (
@@ -104,12 +104,16 @@ def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int,
     if loaded is None:
         return 0, {}, []
     done, state = loaded
+    reference = {"config": cfg.to_dict(), "algorithm": dict(vars(algo)), "torch_rng": torch.get_rng_state(),
+                 "model": fedamole.mole_state_dict(workload.model), "summary": {}, "history": []}
+    check_resume_state(done, state, reference)
     saved, now = state["config"], cfg.to_dict()
     differing = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if differing:
         raise ValueError(f"cannot resume from {checkpoint_dir}: the configuration differs in {differing} "
                          f"(saved { {k: saved.get(k) for k in differing} })")
     vars(algo).update(state["algorithm"])
+    algo.check_state()
     fedamole.load_mole_state_dict(workload.model, state["model"])
     torch.set_rng_state(state["torch_rng"])
     return done, state["summary"], state["history"]
