@@ -248,7 +248,9 @@ class CohortEngine(Engine):
         groups: dict[tuple, list[int]] = {}
         alone = []
         for c, p in enumerate(payloads):
-            if p.get("fault") is not None or int(p.get("steps", 0)) <= 0 or not sc.clients[c].train:
+            # StackedAdam is Adam: a client that trains with another optimizer (FDLoRA's AdamW) trains alone.
+            if (p.get("fault") is not None or int(p.get("steps", 0)) <= 0 or not sc.clients[c].train
+                    or p.get("optimizer", "adam") != "adam"):
                 alone.append(c)
             else:
                 groups.setdefault(_shape(p), []).append(c)

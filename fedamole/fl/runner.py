@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import fedamole
 from fedamole.fl.checkpoint import load_checkpoint, save_checkpoint
 from fedamole.fl.client import state_nbytes
 from fedamole.fl.engine import make_engine
+from fedamole.fl.prompt_baselines import adapter_state_dict, load_adapter_state_dict
 from fedamole.fl.validation import TRAINING_FAULTS, UPLOAD_FAULTS, check_upload, corrupt_upload
 from fedamole.metrics import mean_std
 from fedamole.presets import SimConfig, build_data, build_workload, make_algorithm, mole_config
@@ -101,7 +101,7 @@ def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int,
         raise ValueError(f"cannot resume from {checkpoint_dir}: the configuration differs in {differing} "
                          f"(saved { {k: saved.get(k) for k in differing} })")
     vars(algo).update(state["algorithm"])
-    fedamole.load_mole_state_dict(workload.model, state["model"])
+    load_adapter_state_dict(workload.model, state["model"])
     torch.set_rng_state(state["torch_rng"])
     return done, state["summary"], state["history"]
 
@@ -163,7 +163,7 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
             if checkpoint_dir is not None:
                 save_checkpoint(checkpoint_dir, r, {
                     "config": cfg.to_dict(), "algorithm": dict(vars(algo)),
-                    "model": fedamole.mole_state_dict(workload.model), "torch_rng": torch.get_rng_state(),
+                    "model": adapter_state_dict(workload.model), "torch_rng": torch.get_rng_state(),
                     "summary": {k: v for k, v in summary.items() if k.startswith("initial_")}, "history": history,
                 })
     finally:
