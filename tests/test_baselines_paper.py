@@ -115,7 +115,7 @@ def test_fdlora_refresh_cadence_and_server_state(fdlora_setup):
             assert all(p is None for p in algo.private)
             for k in init:  # warm-up: the plain mean of the uploads (offsets 0.1 .. 0.4)
                 torch.testing.assert_close(algo.glob[k], init[k] + 0.25)
-            assert all(bool((algo.eval_payloads()[c]["fusion"] is None)) for c in range(4))
+            assert all(bool(algo.eval_payloads()[c]["fusion"] is None) for c in range(4))
         else:
             assert algo.glob.keys() == init.keys() and not torch.equal(algo.glob[k], glob_before[k])
         if r == 2:
@@ -158,8 +158,17 @@ def test_adafusion_improves_the_loss_and_loads_the_fused_state(fdlora_setup):
     cfg, scenario, algo, workload = fdlora_setup
     data = scenario.clients[0]
     glob = {k: v.clone() for k, v in algo.glob.items()}
-    payload = {"down": glob, "upload": list(glob), "keep": list(glob), "steps": 30, "lr": 3e-2, "batch_size": 4,
-               "evaluate": False, "stats": False, "optimizer": "adamw"}
+    payload = {
+        "down": glob,
+        "upload": list(glob),
+        "keep": list(glob),
+        "steps": 30,
+        "lr": 3e-2,
+        "batch_size": 4,
+        "evaluate": False,
+        "stats": False,
+        "optimizer": "adamw",
+    }
     private = client_update(workload, payload, data, seed=1, choices=scenario.choices)["private"]
     request = FusionRequest(private, budget=6, batches=2)
     batches = list(workload.batches(data.embed or data.train, 4, steps=2, rng=np.random.default_rng(7)))
@@ -192,8 +201,11 @@ def test_fdlora_fuses_and_resumes_like_an_uninterrupted_run(tmp_path):
     checkpoint); the scored rounds after the warm-up use AdaFusion."""
     cfg = _tiny(algorithm="fdlora", rounds=3, local_steps=2, eval_initial=False)
     full = simulate(cfg, progress=False, checkpoint_dir=tmp_path / "full")
-    simulate(_tiny(algorithm="fdlora", rounds=2, local_steps=2, eval_initial=False), progress=False,
-             checkpoint_dir=tmp_path / "cut")
+    simulate(
+        _tiny(algorithm="fdlora", rounds=2, local_steps=2, eval_initial=False),
+        progress=False,
+        checkpoint_dir=tmp_path / "cut",
+    )
     resumed = simulate(cfg, progress=False, checkpoint_dir=tmp_path / "cut", resume=True)
     assert [h["per_client"] for h in resumed["history"]] == [h["per_client"] for h in full["history"]]
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
@@ -218,8 +230,7 @@ def test_fdlora_and_prompt_baselines_give_the_same_results_on_the_cohort_engine(
 # -- FedAMoLE ablation and scalability setting -------------------------------------------------------------------
 def test_static_homogeneous_keeps_an_equal_random_assignment(fdlora_setup):
     _, _, _, workload = fdlora_setup
-    algo = FedAMoLE(num_experts=8, clients_per_expert=2, min_experts=2, max_experts=4,
-                    assignment="static-homogeneous")
+    algo = FedAMoLE(num_experts=8, clients_per_expert=2, min_experts=2, max_experts=4, assignment="static-homogeneous")
     algo.setup(workload.model, [10] * 4, seed=0)
     first = {n: m["assign"].copy() for n, m in algo.modules.items()}
     for r in (1, 2):

@@ -112,8 +112,9 @@ def test_prompt_loss_equals_peft_own_loss():
         batch = workload.collate(scenario.clients[0].train[:3])
         with torch.no_grad():
             ours = workload.task_loss(batch)
-            theirs = workload.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    labels=batch["labels"]).loss
+            theirs = workload.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            ).loss
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
@@ -124,8 +125,7 @@ def test_fedptuning_state_and_plain_mean():
     assert any(".mlp_head." in k and 7 in algo.glob[k].shape for k in keys)
     before = {k: v.clone() for k, v in algo.glob.items()}
     payloads = algo.payloads(1)
-    algo.aggregate(1, [{"up": {k: before[k] + c for k in p["upload"]}, "private": {}} for c, p in
-                       enumerate(payloads)])
+    algo.aggregate(1, [{"up": {k: before[k] + c for k in p["upload"]}, "private": {}} for c, p in enumerate(payloads)])
     for k in keys:
         torch.testing.assert_close(algo.glob[k], before[k] + 1.5)
     state = adapter_state_dict(workload.model)
@@ -137,8 +137,7 @@ def test_fedptuning_state_and_plain_mean():
 
 
 def test_prompt_baselines_need_a_causal_lm():
-    cfg = make_config("default", {"algorithm": "fedprompt", "clients": 2, "rounds": 1,
-                                  "data": {"max_per_client": 20}})
+    cfg = make_config("default", {"algorithm": "fedprompt", "clients": 2, "rounds": 1, "data": {"max_per_client": 20}})
     with pytest.raises(ValueError, match="causal LM"):
         simulate(cfg, progress=False)
 
@@ -146,7 +145,10 @@ def test_prompt_baselines_need_a_causal_lm():
 def test_fedprompt_ft_resumes(tmp_path):
     cfg = make_config("tiny", {"algorithm": "fedprompt-ft", "rounds": 2, "local_steps": 2, "eval_initial": False})
     full = simulate(cfg, progress=False)
-    simulate(make_config("tiny", {"algorithm": "fedprompt-ft", "rounds": 1, "local_steps": 2,
-                                  "eval_initial": False}), progress=False, checkpoint_dir=tmp_path)
+    simulate(
+        make_config("tiny", {"algorithm": "fedprompt-ft", "rounds": 1, "local_steps": 2, "eval_initial": False}),
+        progress=False,
+        checkpoint_dir=tmp_path,
+    )
     resumed = simulate(cfg, progress=False, checkpoint_dir=tmp_path, resume=True)
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]

@@ -37,8 +37,9 @@ def fedavg(states: list[dict], num_train: list[int], aggregation: str) -> dict:
 
 def single_lora_config(base: MoLEConfig) -> MoLEConfig:
     """The layer configuration of plain LoRA: one routed slot, top-1, no shared expert, no load-balance loss."""
-    return dataclasses.replace(base, num_experts=1, top_k=1, router="linear", shared_expert=False,
-                               load_balance_coef=0.0)
+    return dataclasses.replace(
+        base, num_experts=1, top_k=1, router="linear", shared_expert=False, load_balance_coef=0.0
+    )
 
 
 def initial_lora_state(model, seed: int) -> dict:
@@ -97,8 +98,17 @@ class LoRABaseline(Algorithm):
                 down, upload, keep = {}, [], list(private)
             else:
                 down, upload, keep = dict(self.glob), list(self.glob), []
-            out.append({"down": down, "private": private, "upload": upload, "keep": keep, "frozen": frozen,
-                        "evaluate": not self.evaluates_global, "stats": False})
+            out.append(
+                {
+                    "down": down,
+                    "private": private,
+                    "upload": upload,
+                    "keep": keep,
+                    "frozen": frozen,
+                    "evaluate": not self.evaluates_global,
+                    "stats": False,
+                }
+            )
         return out
 
     def aggregate(self, round_idx: int, uploads: list[dict | None]) -> None:
@@ -109,9 +119,18 @@ class LoRABaseline(Algorithm):
             self.private[c] = uploads[c]["private"]
         if self.name == "local" or not live:
             return
-        self.glob.update(fedavg([uploads[c]["up"] for c in live], [self.num_train[c] for c in live],
-                                self.aggregation))
+        self.glob.update(fedavg([uploads[c]["up"] for c in live], [self.num_train[c] for c in live], self.aggregation))
 
     def eval_payloads(self) -> list[dict]:
-        return [{"down": dict(self.glob), "private": {}, "upload": [], "keep": [], "steps": 0, "evaluate": True,
-                 "stats": False} for _ in range(self.num_clients)]
+        return [
+            {
+                "down": dict(self.glob),
+                "private": {},
+                "upload": [],
+                "keep": [],
+                "steps": 0,
+                "evaluate": True,
+                "stats": False,
+            }
+            for _ in range(self.num_clients)
+        ]

@@ -21,8 +21,15 @@ from torch import Tensor
 
 import fedamole
 
-__all__ = ["DP_MECHANISMS", "gamma_uniform_noise", "gamma_uniform_moments", "clip_rows", "dp_noise",
-           "example_norm_bounds", "privatize_stats"]
+__all__ = [
+    "DP_MECHANISMS",
+    "gamma_uniform_noise",
+    "gamma_uniform_moments",
+    "clip_rows",
+    "dp_noise",
+    "example_norm_bounds",
+    "privatize_stats",
+]
 
 DP_MECHANISMS = ("gamma-uniform", "metric-sphere")
 
@@ -48,8 +55,12 @@ def gamma_uniform_moments(dim: int, eta: float) -> dict[str, float]:
     """Closed-form moments of one coordinate X = G U of `gamma_uniform_noise` (G ~ Gamma(dim, rate eta),
     U ~ U(-1, 1), independent): E X = 0, E|X| = E G / 2, E X^2 = E G^2 / 3, E X^4 = E G^4 / 5."""
     k, eta = float(dim), _check_eta(eta)
-    return {"mean": 0.0, "abs_mean": k / eta / 2, "var": k * (k + 1) / eta**2 / 3,
-            "fourth": k * (k + 1) * (k + 2) * (k + 3) / eta**4 / 5}
+    return {
+        "mean": 0.0,
+        "abs_mean": k / eta / 2,
+        "var": k * (k + 1) / eta**2 / 3,
+        "fourth": k * (k + 1) * (k + 2) * (k + 3) / eta**4 / 5,
+    }
 
 
 def clip_rows(x: Tensor, bound: Tensor) -> Tensor:
@@ -103,6 +114,7 @@ def example_norm_bounds(workload, examples, batch_size: int = 16) -> dict[str, d
                 t = x_bar.norm(dim=-1).max()
             old = bounds["t"].get(name)
             bounds["t"][name] = t if old is None else torch.maximum(old, t)
+
         return hook
 
     hooks = [m.register_forward_pre_hook(make_hook(name, m)) for name, m in modules.items()]
@@ -119,14 +131,20 @@ def example_norm_bounds(workload, examples, batch_size: int = 16) -> dict[str, d
     return {part: {k: v.cpu() for k, v in vals.items()} for part, vals in bounds.items()}
 
 
-def privatize_stats(workload, stats: dict[str, dict[str, Tensor]], examples, mechanism: str, eta: float,
-                    seed: int) -> dict[str, dict[str, Tensor]]:
+def privatize_stats(
+    workload, stats: dict[str, dict[str, Tensor]], examples, mechanism: str, eta: float, seed: int
+) -> dict[str, dict[str, Tensor]]:
     """The statistics with ``mechanism``'s noise (see the module docstring); ``seed`` fixes the draws."""
     eta = _check_eta(eta)
     if mechanism == "metric-sphere":
         gen = torch.Generator().manual_seed(seed)
-        return {part: {name: dp_noise(v, eta, gen) if v.dim() == 1 else torch.stack([dp_noise(r, eta, gen) for r in v])
-                       for name, v in vals.items()} for part, vals in stats.items()}
+        return {
+            part: {
+                name: dp_noise(v, eta, gen) if v.dim() == 1 else torch.stack([dp_noise(r, eta, gen) for r in v])
+                for name, v in vals.items()
+            }
+            for part, vals in stats.items()
+        }
     if mechanism != "gamma-uniform":
         raise ValueError(f"dp_mechanism must be one of {DP_MECHANISMS}, got {mechanism!r}")
     bounds = example_norm_bounds(workload, examples)

@@ -27,6 +27,7 @@ authors' 5 % "aux" split of the training data plays that role for them).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 from collections.abc import Callable
@@ -41,8 +42,15 @@ from fedamole.fl.aggregation import mean_states
 from fedamole.fl.baselines import initial_lora_state, single_lora_config
 from fedamole.fl.fedamole_algo import Algorithm
 
-__all__ = ["FDLoRA", "FusionRequest", "nesterov_outer_step", "fusion_penalty", "fuse_states",
-           "search_fusion_weights", "adafusion"]
+__all__ = [
+    "FDLoRA",
+    "FusionRequest",
+    "nesterov_outer_step",
+    "fusion_penalty",
+    "fuse_states",
+    "search_fusion_weights",
+    "adafusion",
+]
 
 
 @dataclass(frozen=True)
@@ -56,8 +64,9 @@ class FusionRequest:
     batches: int = 5
 
 
-def nesterov_outer_step(glob: dict[str, Tensor], local_mean: dict[str, Tensor], momentum: dict[str, Tensor],
-                        lr: float, mu: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def nesterov_outer_step(
+    glob: dict[str, Tensor], local_mean: dict[str, Tensor], momentum: dict[str, Tensor], lr: float, mu: float
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One Nesterov-SGD step on the global state with gradient g = glob - local_mean.
 
     PyTorch's rule (dampening 0): buf = mu * buf + g (buf starts at 0, so the first buf is g), then
@@ -84,8 +93,9 @@ def fuse_states(weights, states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {k: sum(float(w) * s[k].float() for w, s in zip(weights, states)) for k in states[0]}
 
 
-def search_fusion_weights(objective: Callable[[np.ndarray], float], num: int = 2, budget: int = 5,
-                          bound: float = 1.5, seed: int = 0) -> tuple[np.ndarray, float, list[tuple]]:
+def search_fusion_weights(
+    objective: Callable[[np.ndarray], float], num: int = 2, budget: int = 5, bound: float = 1.5, seed: int = 0
+) -> tuple[np.ndarray, float, list[tuple]]:
     """Minimise ``objective(w)`` over w in [-bound, bound]^num with nevergrad's NGOpt (gradient-free), starting
     at w = 0, with ``budget`` evaluations. Returns (best w evaluated, its value, [(w, value), ...] in order)."""
     try:
@@ -114,15 +124,18 @@ def search_fusion_weights(objective: Callable[[np.ndarray], float], num: int = 2
 
 
 @torch.no_grad()
-def adafusion(workload, glob: dict[str, Tensor], request: FusionRequest, examples, batch_size: int,
-              seed: int) -> np.ndarray:
+def adafusion(
+    workload, glob: dict[str, Tensor], request: FusionRequest, examples, batch_size: int, seed: int
+) -> np.ndarray:
     """AdaFusion of ``glob`` and ``request.private`` for one client; leaves the model holding the fused state and
     returns the chosen weights (w_global, w_private)."""
     from fedamole.fl.client import load_state
 
     if set(request.private) != set(glob):
-        raise ValueError(f"fusion: the private copy's keys differ from the global state's: "
-                         f"{sorted(set(request.private) ^ set(glob))[:4]}")
+        raise ValueError(
+            f"fusion: the private copy's keys differ from the global state's: "
+            f"{sorted(set(request.private) ^ set(glob))[:4]}"
+        )
     model = workload.model
     was_training = model.training
     model.eval()
@@ -153,11 +166,22 @@ class FDLoRA(Algorithm):
     name = "fdlora"
     evaluates_global = True
 
-    def __init__(self, sync_every: int = 5, outer_lr: float = 1.0, outer_momentum: float = 0.5,
-                 warmup_round: bool = True, fusion_budget: int = 5, fusion_bound: float = 1.5,
-                 fusion_penalty: float = 0.05, fusion_batches: int = 5) -> None:
-        for key, value in (("sync_every", sync_every), ("fusion_budget", fusion_budget),
-                           ("fusion_batches", fusion_batches)):
+    def __init__(
+        self,
+        sync_every: int = 5,
+        outer_lr: float = 1.0,
+        outer_momentum: float = 0.5,
+        warmup_round: bool = True,
+        fusion_budget: int = 5,
+        fusion_bound: float = 1.5,
+        fusion_penalty: float = 0.05,
+        fusion_batches: int = 5,
+    ) -> None:
+        for key, value in (
+            ("sync_every", sync_every),
+            ("fusion_budget", fusion_budget),
+            ("fusion_batches", fusion_batches),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"fdlora.{key} must be an int >= 1, got {value!r}")
         for key, value in (("outer_lr", outer_lr), ("fusion_bound", fusion_bound)):
@@ -167,6 +191,8 @@ class FDLoRA(Algorithm):
             raise ValueError(f"fdlora.outer_momentum must be in [0, 1], got {outer_momentum!r}")
         if not (math.isfinite(fusion_penalty) and fusion_penalty >= 0):
             raise ValueError(f"fdlora.fusion_penalty must be a finite number >= 0, got {fusion_penalty!r}")
+        if importlib.util.find_spec("nevergrad") is None:
+            raise ValueError("algorithm fdlora needs nevergrad for AdaFusion: pip install 'fedamole[fdlora]'")
         self.sync_every, self.outer_lr, self.outer_momentum = sync_every, float(outer_lr), float(outer_momentum)
         self.warmup_round = bool(warmup_round)
         self.fusion_budget, self.fusion_bound = fusion_budget, float(fusion_bound)
@@ -192,8 +218,18 @@ class FDLoRA(Algorithm):
 
     def payloads(self, round_idx: int) -> list[dict]:
         keep = list(self.glob) if self.refreshes_private(round_idx) else []
-        return [{"down": dict(self.glob), "private": {}, "upload": list(self.glob), "keep": keep,
-                 "evaluate": False, "stats": False, "optimizer": "adamw"} for _ in range(self.num_clients)]
+        return [
+            {
+                "down": dict(self.glob),
+                "private": {},
+                "upload": list(self.glob),
+                "keep": keep,
+                "evaluate": False,
+                "stats": False,
+                "optimizer": "adamw",
+            }
+            for _ in range(self.num_clients)
+        ]
 
     def aggregate(self, round_idx: int, uploads: list[dict | None]) -> None:
         """Private copies from the clients that kept one; then the warm-up mean or the outer Nesterov step over the
@@ -209,16 +245,28 @@ class FDLoRA(Algorithm):
             self.glob = {k: v.to(self.glob[k].dtype) for k, v in local_mean.items()}
             self.momentum = {k: torch.zeros_like(v) for k, v in self.glob.items()}
             return
-        self.glob, self.momentum = nesterov_outer_step(self.glob, local_mean, self.momentum, self.outer_lr,
-                                                       self.outer_momentum)
+        self.glob, self.momentum = nesterov_outer_step(
+            self.glob, local_mean, self.momentum, self.outer_lr, self.outer_momentum
+        )
 
     def eval_payloads(self) -> list[dict]:
         out = []
         for c in range(self.num_clients):
             fusion = None
             if self.private[c] is not None:
-                fusion = FusionRequest(self.private[c], self.fusion_budget, self.fusion_bound, self.fusion_penalty,
-                                       self.fusion_batches)
-            out.append({"down": dict(self.glob), "private": {}, "upload": [], "keep": [], "steps": 0,
-                        "evaluate": True, "stats": False, "fusion": fusion})
+                fusion = FusionRequest(
+                    self.private[c], self.fusion_budget, self.fusion_bound, self.fusion_penalty, self.fusion_batches
+                )
+            out.append(
+                {
+                    "down": dict(self.glob),
+                    "private": {},
+                    "upload": [],
+                    "keep": [],
+                    "steps": 0,
+                    "evaluate": True,
+                    "stats": False,
+                    "fusion": fusion,
+                }
+            )
         return out

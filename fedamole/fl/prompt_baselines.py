@@ -24,8 +24,14 @@ import fedamole
 from fedamole.config import MoLEConfig
 from fedamole.fl.baselines import AGGREGATIONS, LoRABaseline
 
-__all__ = ["PROMPT_BASELINES", "PromptBaseline", "prompt_model", "prompt_init_text", "adapter_state_dict",
-           "load_adapter_state_dict"]
+__all__ = [
+    "PROMPT_BASELINES",
+    "PromptBaseline",
+    "prompt_model",
+    "prompt_init_text",
+    "adapter_state_dict",
+    "load_adapter_state_dict",
+]
 
 PROMPT_BASELINES = ("fedprompt", "fedprompt-ft", "fedptuning", "fedptuning-ft")
 
@@ -33,8 +39,7 @@ PROMPT_BASELINES = ("fedprompt", "fedprompt-ft", "fedptuning", "fedptuning-ft")
 _INIT_TEXTS = {
     "snli": "Decide whether the hypothesis follows from the premise, and answer Yes, No or Maybe.",
     "dolly": "Write a clear and direct response that completes the instruction using any context given.",
-    "natural-instructions": "Write a clear and direct response that completes the instruction using any context "
-                            "given.",
+    "natural-instructions": "Write a clear and direct response that completes the instruction using any context given.",
 }
 _GENERIC_TEXT = "Read the request below and answer it accurately."
 
@@ -66,17 +71,21 @@ def prompt_model(model: nn.Module, tokenizer, algorithm: str, settings: dict, sc
         ids = list(tokenizer.encode(text, add_special_tokens=False))
         if not ids:
             raise ValueError(f"baselines.prompt_init_text {text!r} encodes to no tokens")
-        config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=len(ids),
-                                    prompt_tuning_init=PromptTuningInit.RANDOM)
+        config = PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=len(ids), prompt_tuning_init=PromptTuningInit.RANDOM
+        )
         wrapped = get_peft_model(model, config)
         # PEFT's TEXT initialisation, done here so that any tokenizer works (PEFT would reload one by name).
         with torch.no_grad():
             words = model.get_input_embeddings()(torch.tensor(ids, device=model.device))
             wrapped.prompt_encoder["default"].embedding.weight.copy_(words)
     else:
-        config = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=int(settings["prompt_tokens"]),
-                                     encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP,
-                                     encoder_hidden_size=int(settings["ptuning_hidden"]))
+        config = PromptEncoderConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=int(settings["prompt_tokens"]),
+            encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP,
+            encoder_hidden_size=int(settings["ptuning_hidden"]),
+        )
         wrapped = get_peft_model(model, config)
     return wrapped
 
