@@ -36,9 +36,18 @@ class SimulatedClientCrash(RuntimeError):
 
 
 __all__ = ["NOT_SCORED", "SimulatedClientCrash", "client_update", "finish_client", "load_state", "extract_state",
-           "embedding_stats", "dp_noise", "state_nbytes"]
+           "embedding_stats", "dp_noise", "state_nbytes", "optimizer_weight_decay", "ADAMW_WEIGHT_DECAY"]
 
 _SLOT_KINDS = ("lora_a", "lora_b")
+
+ADAMW_WEIGHT_DECAY = 0.01  # PyTorch's AdamW default, which FDLoRA's authors kept
+
+
+def optimizer_weight_decay(optimizer: str) -> float:
+    """Local optimiser of a payload -> its decoupled weight decay: "adam" 0 (Adam), "adamw" 0.01 (AdamW)."""
+    if optimizer not in ("adam", "adamw"):
+        raise ValueError(f"payload optimizer must be 'adam' or 'adamw', got {optimizer!r}")
+    return ADAMW_WEIGHT_DECAY if optimizer == "adamw" else 0.0
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -185,11 +194,9 @@ def client_update(workload, payload: dict, data: ClientData, seed: int, kind: st
     train_loss = float("nan")
     if steps > 0 and data.train:
         params = _trainable(model, state.keys(), frozen)
-        optimizer = payload.get("optimizer", "adam")
-        if optimizer not in ("adam", "adamw"):
-            raise ValueError(f"payload optimizer must be 'adam' or 'adamw', got {optimizer!r}")
-        opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
-        opt = opt_cls(params, lr=float(payload["lr"]), eps=1e-6)
+        decay = optimizer_weight_decay(payload.get("optimizer", "adam"))
+        opt_cls = torch.optim.AdamW if decay else torch.optim.Adam
+        opt = opt_cls(params, lr=float(payload["lr"]), eps=1e-6, weight_decay=decay)
         clip = payload.get("max_grad_norm")
         # Only this round's trainable tensors need gradients (saves the backward of frozen adapters).
         adapters = [p for p in model.parameters() if p.requires_grad]
