@@ -49,13 +49,15 @@ def clip_grad_norm_per_client(params: Iterable[Tensor], max_norm: float, num_cli
 
 
 class StackedAdam:
-    """Adam (PyTorch's update, no weight decay) over tensors stacked [S, ...] along clients.
+    """Adam (PyTorch's update) over tensors stacked [S, ...] along clients; with ``weight_decay`` > 0 it is AdamW
+    (PyTorch's decoupled decay: p *= 1 - lr * weight_decay before the Adam step).
 
     `lr` may differ per client; `step(active)` updates only the clients in the bool mask `active` [S] (the others
     keep their parameters, moments and step count), so clients with fewer local steps simply leave the cohort.
     """
 
-    def __init__(self, params: Sequence[Tensor], num_clients: int, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, params: Sequence[Tensor], num_clients: int, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
         self.params = [p for p in params]
         if not self.params:
             raise ValueError("params must contain at least one tensor")
@@ -72,7 +74,9 @@ class StackedAdam:
         self.num_clients = num_clients
         device = self.params[0].device
         self.lr = _per_client(lr, num_clients, "lr", device)
-        self.betas, self.eps = betas, eps
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay}")
+        self.betas, self.eps, self.weight_decay = betas, eps, float(weight_decay)
         self.steps = torch.zeros(num_clients, dtype=torch.int64)
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
@@ -98,6 +102,9 @@ class StackedAdam:
                 continue
             shape = (-1, *([1] * (p.dim() - 1)))
             sel = active.to(p.device).view(shape)
+            if self.weight_decay:
+                decay = 1 - self.lr.to(p.device, torch.float32).view(shape) * self.weight_decay
+                p.mul_(torch.where(sel, decay, torch.ones((), device=p.device)).to(p.dtype))
             g = p.grad
             new_m = m.lerp(g, 1 - beta1)
             new_v = v.mul(beta2).addcmul_(g, g.conj(), value=1 - beta2)

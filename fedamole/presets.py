@@ -38,14 +38,29 @@ from fedamole.data import (
 __all__ = ["SimConfig", "PRESETS", "ALGORITHMS", "make_config", "build_data", "build_workload", "make_algorithm",
            "ByteTokenizer", "default_model_path"]
 
-ALGORITHMS = ("fedamole", "fedamole-static", "fedamole-homo", "fedamole-random", "fedamole-linear",
-              "fedit", "fedit-ft", "local", "ffa-lora", "fdlora")
+ALGORITHMS = ("fedamole", "fedamole-static", "fedamole-homo", "fedamole-static-homo", "fedamole-random",
+              "fedamole-linear", "fedit", "fedit-ft", "local", "ffa-lora", "fdlora", "fedprompt", "fedprompt-ft",
+              "fedptuning", "fedptuning-ft")
+
+# fedamole-*: (assignment, router) of `FedAMoLE`. "fedamole-static-homo" is what the authors plotted as
+# "homogeneous": every client the same fixed number of experts (N_e k_c / C), assigned at random in round 0 and kept.
+FEDAMOLE_VARIANTS = {"fedamole": ("rsea", "embedding"), "fedamole-static": ("static", "embedding"),
+                     "fedamole-homo": ("homogeneous", "embedding"),
+                     "fedamole-static-homo": ("static-homogeneous", "embedding"),
+                     "fedamole-random": ("random", "embedding"), "fedamole-linear": ("rsea", "linear")}
 
 
 @dataclass
 class SimConfig:
     """Everything a simulation needs. Nested dicts: ``model``, ``data``, ``mole`` (MoLEConfig fields),
-    ``fedamole`` (num_experts, clients_per_expert, min_experts, max_experts, dp_eta), ``fdlora``."""
+    ``fedamole`` (num_experts, clients_per_expert, min_experts, max_experts, dp_eta, dp_mechanism), ``fdlora``
+    (`fedamole.fl.fdlora.FDLoRA`'s settings), ``baselines`` (aggregation of FedIT / FFA-LoRA / the prompt baselines:
+    "mean" as the authors, or "weighted" by training-set size; the prompt baselines' prompt_tokens,
+    prompt_init_text, ptuning_hidden, see `fedamole.fl.prompt_baselines`).
+
+    fedamole.clients_per_expert None = the paper's choice: 2 below 20 clients, 4 from 20 clients on (scalability).
+    fedamole.dp_eta None = no noise on the uploaded statistics; dp_mechanism "gamma-uniform" is the authors'
+    (see `fedamole.fl.dp`)."""
 
     preset: str = "default"
     algorithm: str = "fedamole"
@@ -65,9 +80,13 @@ class SimConfig:
     model: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     mole: dict = field(default_factory=dict)
-    fedamole: dict = field(default_factory=lambda: {"num_experts": 30, "clients_per_expert": 2, "min_experts": 2,
-                                                    "max_experts": 8, "dp_eta": None})
-    fdlora: dict = field(default_factory=lambda: {"sync_every": 5, "outer_lr": 1.0, "outer_momentum": 0.5})
+    fedamole: dict = field(default_factory=lambda: {"num_experts": 30, "clients_per_expert": None, "min_experts": 2,
+                                                    "max_experts": 8, "dp_eta": None, "dp_mechanism": "gamma-uniform"})
+    fdlora: dict = field(default_factory=lambda: {"sync_every": 5, "outer_lr": 1.0, "outer_momentum": 0.5,
+                                                  "warmup_round": True, "fusion_budget": 5, "fusion_bound": 1.5,
+                                                  "fusion_penalty": 0.05, "fusion_batches": 5})
+    baselines: dict = field(default_factory=lambda: {"aggregation": "mean", "prompt_tokens": 20,
+                                                     "prompt_init_text": None, "ptuning_hidden": 1024})
     ray: dict = field(default_factory=lambda: {"num_actors": 2, "cpus_per_actor": 0.5, "address": None})
     max_upload_norm: float | None = 1e6
     faults: list = field(default_factory=list)
@@ -109,7 +128,8 @@ PRESETS: dict[str, dict] = {
         "data": {"source": "synthetic-cls", "num_labels": 3, "partition": "dirichlet", "alpha": 1.0},
         "mole": {"rank": 4, "alpha": 8, "top_k": 2, "dropout": 0.0},
         "fedamole": {"num_experts": None, "clients_per_expert": 2, "min_experts": 2, "max_experts": 4},
-        "fdlora": {"sync_every": 1},
+        "fdlora": {"fusion_batches": 2},
+        "baselines": {"prompt_tokens": 4, "ptuning_hidden": 16},
     },
     # The paper's scenarios, with the authors' protocol (SPEC §3): no gradient clipping, generations decoded with
     # the model's own generation_config and scored by the `rouge` package.
@@ -220,7 +240,11 @@ def build_workload(cfg: SimConfig, mole_cfg: MoLEConfig, scenario: Scenario):
     torch.manual_seed(cfg.seed)
     kind = m.get("type")
     dtype = getattr(torch, m["dtype"]) if m.get("dtype") else None
+    prompt = cfg.algorithm in ("fedprompt", "fedprompt-ft", "fedptuning", "fedptuning-ft")
     if kind in ("minilm", "hf-encoder"):
+        if prompt:
+            raise ValueError(f"algorithm {cfg.algorithm!r} prepends prompts to a causal LM; model.type {kind!r} is an "
+                             "encoder (use tiny-llama or hf-causal)")
         if not scenario.num_labels:
             raise ValueError(f"model.type {kind!r} is a sequence classifier; data.source {cfg.data.get('source')!r}"
                              " is not a labelled text-classification set")
@@ -250,31 +274,50 @@ def build_workload(cfg: SimConfig, mole_cfg: MoLEConfig, scenario: Scenario):
         raise ValueError(f"model.type must be one of minilm, hf-encoder, tiny-llama, hf-causal; got {kind!r}")
     if scenario.num_labels and not scenario.choices:
         raise ValueError("a causal LM needs candidate answers (choices); this scenario has only class ids")
-    fedamole.inject_mole(model, mole_cfg)
+    if prompt:
+        from fedamole.fl.prompt_baselines import prompt_model
+
+        model = prompt_model(model, tok, cfg.algorithm, cfg.baselines, scenario.name)
+    else:
+        fedamole.inject_mole(model, mole_cfg)
     model.to(dev)
     return CausalLMWorkload(model, tok, max_length=m.get("max_length", 256),
                             max_new_tokens=m.get("max_new_tokens", 128), decoding=m.get("decoding", "greedy"),
                             rouge=m.get("rouge", "rouge"))
 
 
+def clients_per_expert(cfg: SimConfig) -> int:
+    """k_c: ``fedamole.clients_per_expert``, or when it is None the paper's choice (2 below 20 clients, 4 from 20 on:
+    with N_e = 30 and at least 2 experts per client, k_c = 2 cannot serve more than 30 clients)."""
+    k_c = cfg.fedamole.get("clients_per_expert")
+    return (4 if cfg.clients >= 20 else 2) if k_c is None else int(k_c)
+
+
 def make_algorithm(cfg: SimConfig):
     """The algorithm object of ``cfg.algorithm``."""
-    from fedamole.fl.baselines import LoRABaseline
+    from fedamole.fl.baselines import BASELINES, LoRABaseline
+    from fedamole.fl.fdlora import FDLoRA
     from fedamole.fl.fedamole_algo import FedAMoLE
+    from fedamole.fl.prompt_baselines import PROMPT_BASELINES, PromptBaseline
 
     name = cfg.algorithm
-    if name.startswith("fedamole"):
+    if name in FEDAMOLE_VARIANTS:
         f = cfg.fedamole
-        variant = {"fedamole": ("rsea", "embedding"), "fedamole-static": ("static", "embedding"),
-                   "fedamole-homo": ("homogeneous", "embedding"), "fedamole-random": ("random", "embedding"),
-                   "fedamole-linear": ("rsea", "linear")}[name]
+        assignment, router = FEDAMOLE_VARIANTS[name]
+        k_c = clients_per_expert(cfg)
         num_experts = f.get("num_experts", 30)
         if num_experts is None:  # "auto": the smallest pool (>= 8) that lets every client hold min_experts
-            num_experts = max(8, math.ceil(f.get("min_experts", 2) * cfg.clients / f.get("clients_per_expert", 2)))
-        return FedAMoLE(num_experts, f.get("clients_per_expert", 2), f.get("min_experts", 2),
-                        f.get("max_experts", 8), assignment=variant[0], router=variant[1], dp_eta=f.get("dp_eta"),
+            num_experts = max(8, math.ceil(f.get("min_experts", 2) * cfg.clients / k_c))
+        return FedAMoLE(num_experts, k_c, f.get("min_experts", 2), f.get("max_experts", 8), assignment=assignment,
+                        router=router, dp_eta=f.get("dp_eta"), dp_mechanism=f.get("dp_mechanism", "gamma-uniform"),
                         name=name)
-    return LoRABaseline(name, **cfg.fdlora)
+    if name == "fdlora":
+        return FDLoRA(**cfg.fdlora)
+    if name in PROMPT_BASELINES:
+        return PromptBaseline(name, aggregation=cfg.baselines.get("aggregation", "mean"))
+    if name in BASELINES:
+        return LoRABaseline(name, aggregation=cfg.baselines.get("aggregation", "mean"))
+    raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {name!r}")
 
 
 def mole_config(cfg: SimConfig) -> MoLEConfig:

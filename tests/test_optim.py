@@ -6,7 +6,9 @@ import torch
 from fedamole.optim import StackedAdam, clip_grad_norm_per_client
 
 
-def test_stacked_adam_equals_per_client_adam_with_clipping_and_early_exit():
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_stacked_adam_equals_per_client_adam_with_clipping_and_early_exit(weight_decay):
+    """weight_decay 0: torch.optim.Adam per client; > 0: torch.optim.AdamW per client (FDLoRA's local optimiser)."""
     torch.manual_seed(0)
     num_clients, steps = 3, 6
     lrs = [1e-2, 5e-3, 2e-2]
@@ -15,7 +17,7 @@ def test_stacked_adam_equals_per_client_adam_with_clipping_and_early_exit():
     targets = [torch.randn(num_clients, 4, 5), torch.randn(num_clients, 7)]
 
     stacked = [t.clone().requires_grad_() for t in init]
-    opt = StackedAdam(stacked, num_clients, lr=lrs, eps=1e-6)
+    opt = StackedAdam(stacked, num_clients, lr=lrs, eps=1e-6, weight_decay=weight_decay)
     for step in range(steps):
         opt.zero_grad()
         loss = sum(((p - t) ** 3).abs().sum() for p, t in zip(stacked, targets))
@@ -25,7 +27,8 @@ def test_stacked_adam_equals_per_client_adam_with_clipping_and_early_exit():
 
     for c in range(num_clients):
         params = [t[c].clone().requires_grad_() for t in init]
-        ref = torch.optim.Adam(params, lr=lrs[c], eps=1e-6)
+        ref_cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
+        ref = ref_cls(params, lr=lrs[c], eps=1e-6, weight_decay=weight_decay)
         for _ in range(client_steps[c]):
             ref.zero_grad()
             loss = sum(((p - t[c]) ** 3).abs().sum() for p, t in zip(params, targets))

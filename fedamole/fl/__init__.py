@@ -3,13 +3,17 @@
 from fedamole.fl.aggregation import expert_mean, mean_states, mean_tensors, random_scores
 from fedamole.fl.baselines import BASELINES, LoRABaseline
 from fedamole.fl.client import client_update, embedding_stats, extract_state, load_state
+from fedamole.fl.dp import DP_MECHANISMS
 from fedamole.fl.engine import ENGINES, Engine, SequentialEngine, client_seed, make_engine
+from fedamole.fl.fdlora import FDLoRA
 from fedamole.fl.fedamole_algo import ASSIGNMENTS, Algorithm, FedAMoLE
+from fedamole.fl.prompt_baselines import PROMPT_BASELINES, PromptBaseline
 from fedamole.fl.rsea import assign_experts, check_feasible, score_matrix
 from fedamole.fl.runner import compare, plot_history, simulate, write_summary
 
 __all__ = [
-    "ASSIGNMENTS", "BASELINES", "ENGINES", "Algorithm", "Engine", "FedAMoLE", "LoRABaseline", "SequentialEngine",
+    "ASSIGNMENTS", "BASELINES", "DP_MECHANISMS", "ENGINES", "PROMPT_BASELINES", "Algorithm", "Engine", "FDLoRA",
+    "FedAMoLE", "LoRABaseline", "PromptBaseline", "SequentialEngine",
     "assign_experts", "check_feasible", "client_seed", "client_update", "compare", "embedding_stats",
     "expert_mean", "extract_state", "load_state", "make_engine", "mean_states", "mean_tensors", "plot_history",
     "random_scores", "score_matrix", "simulate", "write_summary",

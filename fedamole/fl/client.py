@@ -11,7 +11,10 @@ Payload keys (all but ``down`` optional):
   back (default: the keys of ``down``); keep: keys to keep privately; frozen: parameter kinds not trained
   ("lora_a", "lora_b", "router", "shared_a", "shared_b", "extra"); lr, steps, batch_size, max_grad_norm;
   evaluate: score the test split after training; stats: compute embedding-set statistics; dp_eta: noise level on
-  the statistics (None = none); router: "embedding" | "linear".
+  the statistics (None = none); dp_mechanism: `fedamole.fl.dp.DP_MECHANISMS` (default "gamma-uniform");
+  optimizer: "adam" (default) or "adamw" (PyTorch's AdamW, weight decay 0.01); fusion: a
+  `fedamole.fl.fdlora.FusionRequest` — before evaluation the loaded state is fused with the client's private copy
+  (FDLoRA's AdaFusion).
 
 Upload keys: up (state), private (state), metric, stats ({"t": {module: [r]}, "e": {module: [k, r]}}), train_loss,
 num_train.
@@ -19,14 +22,13 @@ num_train.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
 
 import fedamole
 from fedamole.data.scenarios import ClientData
+from fedamole.fl.dp import dp_noise, privatize_stats
 
 
 class SimulatedClientCrash(RuntimeError):
@@ -34,9 +36,18 @@ class SimulatedClientCrash(RuntimeError):
 
 
 __all__ = ["NOT_SCORED", "SimulatedClientCrash", "client_update", "finish_client", "load_state", "extract_state",
-           "embedding_stats", "dp_noise", "state_nbytes"]
+           "embedding_stats", "dp_noise", "state_nbytes", "optimizer_weight_decay", "ADAMW_WEIGHT_DECAY"]
 
 _SLOT_KINDS = ("lora_a", "lora_b")
+
+ADAMW_WEIGHT_DECAY = 0.01  # PyTorch's AdamW default, which FDLoRA's authors kept
+
+
+def optimizer_weight_decay(optimizer: str) -> float:
+    """Local optimiser of a payload -> its decoupled weight decay: "adam" 0 (Adam), "adamw" 0.01 (AdamW)."""
+    if optimizer not in ("adam", "adamw"):
+        raise ValueError(f"payload optimizer must be 'adam' or 'adamw', got {optimizer!r}")
+    return ADAMW_WEIGHT_DECAY if optimizer == "adamw" else 0.0
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -102,28 +113,6 @@ def _trainable(model, keys, frozen) -> list[Tensor]:
             seen.add(id(p))
             out.append(p)
     return out
-
-
-def dp_noise(v: Tensor, eta: float, generator: torch.Generator) -> Tensor:
-    """Metric-DP noise on one embedding: v + rho u, rho ~ Gamma(d, 1/eta), u uniform on the unit sphere; the result
-    is rescaled to at most the clean norm (larger eta = less noise)."""
-    if not math.isfinite(eta) or eta <= 0:
-        raise ValueError(f"dp_eta must be a finite number > 0, got {eta!r}")
-    v = v.float()
-    d = v.numel()
-    direction = torch.randn(d, generator=generator)
-    direction = direction / direction.norm().clamp(min=1e-12)
-    rho = _gamma(d, eta, generator)
-    noisy = v.reshape(-1) + rho * direction
-    clean, new = v.norm(), noisy.norm()
-    if new > clean:
-        noisy = noisy * (clean / new.clamp(min=1e-12))
-    return noisy.reshape(v.shape)
-
-
-def _gamma(shape: int, eta: float, generator: torch.Generator) -> float:
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    return float(np.random.default_rng(seed).gamma(shape, 1.0 / eta))
 
 
 @torch.no_grad()
@@ -205,7 +194,9 @@ def client_update(workload, payload: dict, data: ClientData, seed: int, kind: st
     train_loss = float("nan")
     if steps > 0 and data.train:
         params = _trainable(model, state.keys(), frozen)
-        opt = torch.optim.Adam(params, lr=float(payload["lr"]), eps=1e-6)
+        decay = optimizer_weight_decay(payload.get("optimizer", "adam"))
+        opt_cls = torch.optim.AdamW if decay else torch.optim.Adam
+        opt = opt_cls(params, lr=float(payload["lr"]), eps=1e-6, weight_decay=decay)
         clip = payload.get("max_grad_norm")
         # Only this round's trainable tensors need gradients (saves the backward of frozen adapters).
         adapters = [p for p in model.parameters() if p.requires_grad]
@@ -244,6 +235,13 @@ def finish_client(workload, payload: dict, data: ClientData, state: dict[str, Te
     model = workload.model
     down = payload.get("down", {})
     model.eval()
+    fusion_weights = None
+    if metric is NOT_SCORED and payload.get("fusion") is not None:
+        from fedamole.fl.fdlora import adafusion
+
+        fusion = payload["fusion"]
+        fusion_weights = adafusion(workload, {k: state[k] for k in fusion.private}, fusion, data.embed or data.train,
+                                   int(payload.get("batch_size", 1)), seed).tolist()
     if metric is NOT_SCORED:
         metric = workload.evaluate(data.test, kind, choices) if payload.get("evaluate", True) else None
     stats = None
@@ -251,10 +249,8 @@ def finish_client(workload, payload: dict, data: ClientData, state: dict[str, Te
         stats = embedding_stats(workload, data.embed or data.train)
         eta = payload.get("dp_eta")
         if eta is not None:
-            gen = torch.Generator().manual_seed(seed + 1)
-            stats = {part: {name: dp_noise(v, eta, gen) if v.dim() == 1 else torch.stack([dp_noise(r, eta, gen)
-                                                                                      for r in v])
-                            for name, v in vals.items()} for part, vals in stats.items()}
+            stats = privatize_stats(workload, stats, data.embed or data.train,
+                                    payload.get("dp_mechanism", "gamma-uniform"), eta, seed + 1)
     return {
         "up": extract_state(model, payload.get("upload", list(down)), state),
         "private": extract_state(model, payload.get("keep", []), state),
@@ -263,4 +259,5 @@ def finish_client(workload, payload: dict, data: ClientData, state: dict[str, Te
         "train_loss": train_loss,
         "num_train": len(data.train),
         "expert_ids": {k: np.asarray(v).copy() for k, v in (payload.get("expert_ids") or {}).items()} or None,
+        "fusion_weights": fusion_weights,
     }

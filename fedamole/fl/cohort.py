@@ -37,7 +37,7 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 import fedamole
-from fedamole.fl.client import NOT_SCORED, client_update, finish_client, load_state
+from fedamole.fl.client import NOT_SCORED, client_update, finish_client, load_state, optimizer_weight_decay
 from fedamole.fl.engine import Engine, client_seed, run_client_safely
 from fedamole.optim import StackedAdam, clip_grad_norm_per_client
 
@@ -129,7 +129,8 @@ def train_cohort(workload, payloads: Sequence[dict], datas: Sequence, seeds: Seq
     steps = [int(p["steps"]) for p in payloads]
     batch_size = int(payloads[0].get("batch_size", 1))
     clip = payloads[0].get("max_grad_norm")
-    opt = StackedAdam(params, num, lr=[float(p["lr"]) for p in payloads], eps=1e-6)
+    opt = StackedAdam(params, num, lr=[float(p["lr"]) for p in payloads], eps=1e-6,
+                      weight_decay=optimizer_weight_decay(payloads[0].get("optimizer", "adam")))
     saved: list[tuple[nn.Module, str, object]] = []
     try:
         for name, m in modules.items():
@@ -214,7 +215,7 @@ def _shape(payload: dict) -> tuple:
     """Clients whose payloads have the same shape can share a cohort."""
     state_keys = sorted({**payload.get("private", {}), **payload.get("down", {})})
     return (tuple(state_keys), tuple(sorted(payload.get("frozen", ()))), int(payload.get("batch_size", 1)),
-            payload.get("max_grad_norm") or None)
+            payload.get("max_grad_norm") or None, payload.get("optimizer", "adam"))
 
 
 class CohortEngine(Engine):

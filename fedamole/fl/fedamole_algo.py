@@ -18,11 +18,14 @@ from torch import Tensor
 import fedamole
 from fedamole.config import MoLEConfig
 from fedamole.fl.aggregation import expert_mean, mean_tensors, random_scores
+from fedamole.fl.dp import DP_MECHANISMS
 from fedamole.fl.rsea import assign_experts, check_feasible, score_matrix
 
 __all__ = ["Algorithm", "FedAMoLE", "ASSIGNMENTS"]
 
-ASSIGNMENTS = ("rsea", "static", "random", "homogeneous")
+ASSIGNMENTS = ("rsea", "static", "random", "homogeneous", "static-homogeneous")
+_HOMOGENEOUS = ("homogeneous", "static-homogeneous")
+_STATIC = ("static", "static-homogeneous")
 
 
 class Algorithm:
@@ -75,28 +78,33 @@ def _kaiming(shape, fan_in: int, gen: torch.Generator) -> Tensor:
 
 class FedAMoLE(Algorithm):
     """FedAMoLE with RSEA (``assignment="rsea"``) or an ablation: "static" (keep the round-0 assignment),
-    "random" (a fresh random assignment every round), "homogeneous" (every client exactly N_e k_c / C experts);
-    ``router="linear"`` is the vanilla-router ablation. ``dp_eta`` adds metric-DP noise to uploaded embeddings."""
+    "random" (a fresh random assignment every round), "homogeneous" (every client exactly N_e k_c / C experts,
+    re-assigned by RSEA), "static-homogeneous" (every client exactly N_e k_c / C experts, the random round-0
+    assignment kept: what the authors plotted as "homogeneous"); ``router="linear"`` is the vanilla-router ablation.
+    ``dp_eta`` adds noise of ``dp_mechanism`` (`fedamole.fl.dp`) to the uploaded embedding statistics."""
 
     def __init__(self, num_experts: int = 30, clients_per_expert: int = 2, min_experts: int = 2,
                  max_experts: int = 8, assignment: str = "rsea", router: str = "embedding",
-                 dp_eta: float | None = None, name: str = "fedamole") -> None:
+                 dp_eta: float | None = None, dp_mechanism: str = "gamma-uniform", name: str = "fedamole") -> None:
         if assignment not in ASSIGNMENTS:
             raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
         if router not in ("embedding", "linear"):
             raise ValueError(f"router must be 'embedding' or 'linear', got {router!r}")
         if dp_eta is not None and (not math.isfinite(dp_eta) or dp_eta <= 0):
             raise ValueError(f"dp_eta must be None or a finite number > 0, got {dp_eta!r}")
+        if dp_mechanism not in DP_MECHANISMS:
+            raise ValueError(f"dp_mechanism must be one of {DP_MECHANISMS}, got {dp_mechanism!r}")
         self.num_experts, self.k_c = int(num_experts), int(clients_per_expert)
         self.min_experts, self.max_experts = int(min_experts), int(max_experts)
         self.assignment, self.router, self.dp_eta, self.name = assignment, router, dp_eta, name
+        self.dp_mechanism = dp_mechanism
 
     def mole_config(self, base: MoLEConfig) -> MoLEConfig:
         return dataclasses.replace(base, num_experts=self.max_experts, router=self.router, shared_expert=True)
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def _bounds(self, num_clients: int) -> tuple[int, int]:
-        if self.assignment != "homogeneous":
+        if self.assignment not in _HOMOGENEOUS:
             return self.min_experts, self.max_experts
         total = self.num_experts * self.k_c
         if total % num_clients:
@@ -146,7 +154,8 @@ class FedAMoLE(Algorithm):
             down.update(self.extra)
             needs_stats = self.assignment in ("rsea", "homogeneous")
             out.append({"down": down, "expert_ids": ids_all, "upload": list(down), "evaluate": True,
-                        "stats": needs_stats, "dp_eta": self.dp_eta if needs_stats else None})
+                        "stats": needs_stats, "dp_eta": self.dp_eta if needs_stats else None,
+                        "dp_mechanism": self.dp_mechanism})
         return out
 
     def aggregate(self, round_idx: int, uploads: list[dict | None]) -> None:
@@ -170,7 +179,7 @@ class FedAMoLE(Algorithm):
             if live:
                 for kind in shared:
                     pool[kind] = mean_tensors([uploads[c]["up"][f"{name}.{kind}"] for c in live])
-            if len(live) == self.num_clients or self.assignment in ("static", "random"):
+            if len(live) == self.num_clients or self.assignment in (*_STATIC, "random"):
                 mod["assign"] = self._next_assignment(name, mod, ids, uploads)
         if self.extra and live:
             self.extra = {k: mean_tensors([uploads[c]["up"][k] for c in live]) for k in self.extra}
@@ -189,7 +198,7 @@ class FedAMoLE(Algorithm):
         return score_matrix(e, t, rank=mod["rank"])
 
     def _next_assignment(self, name, mod, ids, uploads) -> np.ndarray:
-        if self.assignment == "static":
+        if self.assignment in _STATIC:
             return mod["assign"]
         if self.assignment == "random":
             return self._assign(random_scores(self.num_experts, self.num_clients, self.rng))

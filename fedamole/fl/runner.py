@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import fedamole
 from fedamole.fl.checkpoint import check_resume_state, load_checkpoint, save_checkpoint
 from fedamole.fl.client import state_nbytes
 from fedamole.fl.engine import make_engine
+from fedamole.fl.prompt_baselines import adapter_state_dict, load_adapter_state_dict
 from fedamole.fl.reporting import (
     best_round,
     plot_assignments,
@@ -105,7 +105,7 @@ def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int,
         return 0, {}, []
     done, state = loaded
     reference = {"config": cfg.to_dict(), "algorithm": dict(vars(algo)), "torch_rng": torch.get_rng_state(),
-                 "model": fedamole.mole_state_dict(workload.model), "summary": {}, "history": []}
+                 "model": adapter_state_dict(workload.model), "summary": {}, "history": []}
     check_resume_state(done, state, reference)
     saved, now = state["config"], cfg.to_dict()
     differing = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
@@ -114,7 +114,7 @@ def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int,
                          f"(saved { {k: saved.get(k) for k in differing} })")
     vars(algo).update(state["algorithm"])
     algo.check_state()
-    fedamole.load_mole_state_dict(workload.model, state["model"])
+    load_adapter_state_dict(workload.model, state["model"])
     torch.set_rng_state(state["torch_rng"])
     return done, state["summary"], state["history"]
 
@@ -181,7 +181,7 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
             if checkpoint_dir is not None:
                 save_checkpoint(checkpoint_dir, r, {
                     "config": cfg.to_dict(), "algorithm": dict(vars(algo)),
-                    "model": fedamole.mole_state_dict(workload.model), "torch_rng": torch.get_rng_state(),
+                    "model": adapter_state_dict(workload.model), "torch_rng": torch.get_rng_state(),
                     "summary": {k: v for k, v in summary.items() if k.startswith("initial_")}, "history": history,
                 })
             if on_round is not None:

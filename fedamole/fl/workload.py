@@ -41,7 +41,9 @@ class _Base:
     def __init__(self, model: nn.Module, batch_size_eval: int = 16) -> None:
         self.model = model
         self.batch_size_eval = batch_size_eval
-        self.coef = float(model.fedamole_config.load_balance_coef)
+        # A model without MoLE layers (a PEFT prompt-learning baseline) has no load-balance loss.
+        config = getattr(model, "fedamole_config", None)
+        self.coef = float(config.load_balance_coef) if config is not None else 0.0
 
     @property
     def device(self) -> torch.device:
@@ -180,6 +182,8 @@ class CausalLMWorkload(_Base):
 
     def _token_losses(self, batch: dict) -> Tensor:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # A prompt-learning model returns logits for its virtual tokens first: keep the input tokens' positions.
+        logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1] :]
         logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
         return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"), labels != -100
 
