@@ -95,6 +95,8 @@ def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int,
     if loaded is None:
         return 0, {}, []
     done, state = loaded
+    if done > cfg.rounds:
+        raise ValueError(f"rounds (--rounds) is {cfg.rounds}, but {checkpoint_dir} already holds {done} rounds")
     saved, now = state["config"], cfg.to_dict()
     differing = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if differing:
