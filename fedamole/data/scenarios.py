@@ -102,15 +102,23 @@ def dirichlet_partition(labels: Sequence, num_clients: int, alpha: float, min_sa
     rng = np.random.default_rng(seed)
     by_label = [np.flatnonzero(labels == lab) for lab in np.unique(labels)]
     for _ in range(max_tries):
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
+        # Count first, build the index lists only for the draw that is kept: a failing try costs O(labels x
+        # clients) on top of its permutations, so an infeasible request fails in seconds, not minutes.
+        shuffled, all_cuts = [], []
+        counts = np.zeros(num_clients, dtype=np.int64)
         for idx in by_label:
             idx = rng.permutation(idx)
             q = rng.dirichlet(np.full(num_clients, float(alpha)))
             cuts = (np.cumsum(q)[:-1] * len(idx)).astype(int)
-            for c, chunk in enumerate(np.split(idx, cuts)):
-                parts[c].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_samples:
-            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+            counts += np.diff(cuts, prepend=0, append=len(idx))
+            shuffled.append(idx)
+            all_cuts.append(cuts)
+        if counts.min() >= min_samples:
+            parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+            for idx, cuts in zip(shuffled, all_cuts):
+                for c, chunk in enumerate(np.split(idx, cuts)):
+                    parts[c].append(chunk)
+            return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
     raise ValueError(f"no Dirichlet(alpha={alpha}) draw in {max_tries} tries gave every one of {num_clients} clients "
                      f">= {min_samples} samples; raise alpha or lower num_clients / min_samples")
 
