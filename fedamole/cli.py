@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args):
+def _config(args, algorithm: str | None = None):
     from fedamole.config_checks import load_config_file
     from fedamole.presets import make_config
 
@@ -66,7 +66,7 @@ def _config(args):
     flags = {"engine": args.engine, "cohort_size": args.cohort_size,
              "clients": args.clients, "rounds": args.rounds, "local_steps": args.local_steps,
              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": args.device,
-             "algorithm": getattr(args, "algorithm", None)}
+             "algorithm": getattr(args, "algorithm", None) or algorithm}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return make_config(preset, overrides)
 
@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     from fedamole.run_folder import claim_run_folder
 
     try:
-        cfg = _config(args)
+        if args.command == "compare":
+            algos, seeds = _algorithms(args.algorithms), _seeds(args.seeds)
+        cfg = _config(args, algorithm=algos[0] if args.command == "compare" else None)
         if args.command == "simulate":
             with claim_run_folder(args.out, SIMULATE_OUTPUTS, resume=args.resume, overwrite=args.overwrite,
                                   rounds=cfg.rounds):
@@ -130,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(brief))
             print(f"wrote {path} and {path.parent / 'metrics.png'}")
         else:
-            algos, seeds = _algorithms(args.algorithms), _seeds(args.seeds)
             _compare_configs(cfg, algos, seeds)
             with claim_run_folder(args.out, COMPARE_OUTPUTS, overwrite=args.overwrite):
                 result = compare(cfg, algos, args.out, seeds=seeds, progress=not args.no_progress)

@@ -70,29 +70,63 @@ class Rule:
 POS_INT, NONNEG_INT, POS_FLOAT = Rule("int", 1), Rule("int", 0), Rule("float", 0, strict_low=True)
 
 TOP_LEVEL = {
-    "clients": POS_INT, "rounds": POS_INT, "local_steps": NONNEG_INT, "batch_size": POS_INT,
-    "lr": POS_FLOAT, "lr_decay": Rule("float", 0, 1, strict_low=True), "seed": Rule("int", 0, SEED_MAX),
-    "max_grad_norm": Rule("float", 0, strict_low=True, optional=True), "device": Rule("choice", choices=DEVICES),
-    "threads": Rule("int", 1, optional=True), "eval_initial": Rule("bool"), "cohort_size": NONNEG_INT,
+    "clients": POS_INT,
+    "rounds": POS_INT,
+    "local_steps": NONNEG_INT,
+    "batch_size": POS_INT,
+    "lr": POS_FLOAT,
+    "lr_decay": Rule("float", 0, 1, strict_low=True),
+    "seed": Rule("int", 0, SEED_MAX),
+    "max_grad_norm": Rule("float", 0, strict_low=True, optional=True),
+    "device": Rule("choice", choices=DEVICES),
+    "threads": Rule("int", 1, optional=True),
+    "eval_initial": Rule("bool"),
+    "cohort_size": NONNEG_INT,
     "max_upload_norm": Rule("float", 0, strict_low=True, optional=True),
 }
 SECTIONS = {
-    "model": {"type": Rule("choice", choices=MODEL_TYPES), "path": Rule("str", optional=True),
-              "dtype": Rule("choice", choices=DTYPES, optional=True), "max_length": POS_INT,
-              "max_new_tokens": POS_INT, "hidden_size": POS_INT, "layers": POS_INT, "heads": POS_INT},
-    "data": {"source": Rule("choice", choices=DATA_SOURCES), "path": Rule("str", optional=True),
-             "partition": Rule("choice", choices=PARTITIONS), "alpha": POS_FLOAT, "min_samples": Rule("int", 4),
-             "max_per_client": Rule("int", 4, optional=True), "n": POS_INT, "num_labels": Rule("int", 2),
-             "n_per_task": Rule("int", 4), "max_examples": Rule("int", 1, optional=True),
-             "max_per_task": Rule("int", 1, optional=True)},
-    "fedamole": {"num_experts": Rule("int", 1, optional=True), "clients_per_expert": POS_INT, "min_experts": POS_INT,
-                 "max_experts": POS_INT, "dp_eta": Rule("float", 0, strict_low=True, optional=True)},
+    "model": {
+        "type": Rule("choice", choices=MODEL_TYPES),
+        "path": Rule("str", optional=True),
+        "dtype": Rule("choice", choices=DTYPES, optional=True),
+        "max_length": POS_INT,
+        "max_new_tokens": POS_INT,
+        "hidden_size": POS_INT,
+        "layers": POS_INT,
+        "heads": POS_INT,
+    },
+    "data": {
+        "source": Rule("choice", choices=DATA_SOURCES),
+        "path": Rule("str", optional=True),
+        "partition": Rule("choice", choices=PARTITIONS),
+        "alpha": POS_FLOAT,
+        "min_samples": Rule("int", 4),
+        "max_per_client": Rule("int", 4, optional=True),
+        "n": POS_INT,
+        "num_labels": Rule("int", 2),
+        "n_per_task": Rule("int", 4),
+        "max_examples": Rule("int", 1, optional=True),
+        "max_per_task": Rule("int", 1, optional=True),
+    },
+    "fedamole": {
+        "num_experts": Rule("int", 1, optional=True),
+        "clients_per_expert": POS_INT,
+        "min_experts": POS_INT,
+        "max_experts": POS_INT,
+        "dp_eta": Rule("float", 0, strict_low=True, optional=True),
+    },
     "fdlora": {"sync_every": POS_INT, "outer_lr": POS_FLOAT, "outer_momentum": Rule("float", 0, 1)},
-    "ray": {"num_actors": POS_INT, "cpus_per_actor": POS_FLOAT, "address": Rule("str", optional=True),
-            "gpus_per_actor": Rule("float", 0), "num_cpus": Rule("int", 1, optional=True),
-            "threads": Rule("int", 1, optional=True), "rebuild_data": Rule("bool"),
-            "kill_actor_after_round": Rule("int", 0, optional=True),
-            "crash_actor_in_round": Rule("int", 0, optional=True)},
+    "ray": {
+        "num_actors": POS_INT,
+        "cpus_per_actor": POS_FLOAT,
+        "address": Rule("str", optional=True),
+        "gpus_per_actor": Rule("float", 0),
+        "num_cpus": Rule("int", 1, optional=True),
+        "threads": Rule("int", 1, optional=True),
+        "rebuild_data": Rule("bool"),
+        "kill_actor_after_round": Rule("int", 0, optional=True),
+        "crash_actor_in_round": Rule("int", 0, optional=True),
+    },
 }
 
 
@@ -124,14 +158,18 @@ def check_sim_config(cfg) -> None:
         raise ValueError(f"mole: {exc}") from exc
     fed = cfg.fedamole
     if fed.get("min_experts", 2) > fed.get("max_experts", 8):
-        raise ValueError(f"fedamole.min_experts ({fed.get('min_experts')}) must be <= fedamole.max_experts "
-                         f"({fed.get('max_experts')})")
+        raise ValueError(
+            f"fedamole.min_experts ({fed.get('min_experts')}) must be <= fedamole.max_experts "
+            f"({fed.get('max_experts')})"
+        )
     if cfg.model.get("type") in ("hf-encoder", "hf-causal") and not cfg.model.get("path"):
         raise ValueError(f"model.path is required for model.type {cfg.model['type']!r} (a local folder or hub id)")
     top_k = MoLEConfig.from_dict(dict(cfg.mole)).top_k
     if cfg.algorithm.startswith("fedamole") and top_k > fed.get("max_experts", 8):
-        raise ValueError(f"mole.top_k ({top_k}) must be <= fedamole.max_experts ({fed.get('max_experts', 8)}), the "
-                         "most experts a client holds")
+        raise ValueError(
+            f"mole.top_k ({top_k}) must be <= fedamole.max_experts ({fed.get('max_experts', 8)}), the "
+            "most experts a client holds"
+        )
     check_machine(cfg)
 
 
@@ -194,8 +232,10 @@ def load_config_file(path: Path) -> dict:
         for event in yaml.parse(_named(text, path), Loader=_ConfigLoader):
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 mark = event.start_mark
-                raise ValueError(f"{where}: line {mark.line + 1}: YAML anchors and aliases (&name, *name) are not "
-                                 "allowed in a configuration file")
+                raise ValueError(
+                    f"{where}: line {mark.line + 1}: YAML anchors and aliases (&name, *name) are not "
+                    "allowed in a configuration file"
+                )
             if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
                 depth += 1
                 if depth > MAX_CONFIG_DEPTH:

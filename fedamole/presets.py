@@ -190,9 +190,9 @@ def check_data_feasible(cfg: SimConfig, num_examples: int | None = None, num_gro
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
     raise ValueError(f"{where} ({size(clients)} examples, {num_groups} labels) cannot give every client >= "
-                     f"{min_samples} examples (data.min_samples) under Dirichlet(data.alpha={alpha}): the estimated limit "
-                     f"is about {lo} clients (below it a split may still fail, depending on the seed); lower --clients,"
-                     " or raise data.alpha or data.n")
+                     f"{min_samples} examples (data.min_samples) under Dirichlet(data.alpha={alpha}): the estimated "
+                     f"limit is about {lo} clients (below it a split may still fail, depending on the seed); lower "
+                     "--clients, or raise data.alpha or data.n")
 
 
 def check_algorithm_feasible(cfg: SimConfig) -> None:

@@ -80,8 +80,10 @@ def _lock(folder: Path) -> RunFolder:
         handle.seek(0)
         owner = handle.read().strip() or "unknown"
         handle.close()
-        raise ValueError(f"--out {folder} is in use by another fedamole run (process {owner} holds "
-                         f"{lock_path}); wait for it or choose another --out") from None
+        raise ValueError(
+            f"--out {folder} is in use by another fedamole run (process {owner} holds "
+            f"{lock_path}); wait for it or choose another --out"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
@@ -89,8 +91,9 @@ def _lock(folder: Path) -> RunFolder:
     return RunFolder(folder, handle)
 
 
-def claim_run_folder(out: Path, outputs: tuple[str, ...], *, resume: bool = False, overwrite: bool = False,
-                     rounds: int | None = None) -> RunFolder:
+def claim_run_folder(
+    out: Path, outputs: tuple[str, ...], *, resume: bool = False, overwrite: bool = False, rounds: int | None = None
+) -> RunFolder:
     """Lock `out` for this run and check that the run may write there (see the module docstring).
 
     outputs: names (glob patterns) of what a run writes in `out`; ``--overwrite`` removes exactly these.
@@ -102,8 +105,10 @@ def claim_run_folder(out: Path, outputs: tuple[str, ...], *, resume: bool = Fals
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
     if resume and not (out / LOCK_NAME).is_file() and _checkpointed_rounds(out) is None:
-        raise ValueError(f"--resume: {out} holds no fedamole run to resume (no {LOCK_NAME}); check --out, or drop "
-                         "--resume to start a new run")
+        raise ValueError(
+            f"--resume: {out} holds no fedamole run to resume (no {LOCK_NAME}); check --out, or drop "
+            "--resume to start a new run"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -115,16 +120,21 @@ def claim_run_folder(out: Path, outputs: tuple[str, ...], *, resume: bool = Fals
         if resume:
             done = _checkpointed_rounds(out)
             if done is None and _contents(out) and _contents(out) != [out / CHECKPOINT_SUBDIR]:
-                raise ValueError(f"--resume: {out} holds files but no checkpoint in {out / CHECKPOINT_SUBDIR}; "
-                                 "nothing to resume (use --overwrite to start over)")
+                raise ValueError(
+                    f"--resume: {out} holds files but no checkpoint in {out / CHECKPOINT_SUBDIR}; "
+                    "nothing to resume (use --overwrite to start over)"
+                )
             if done is not None and rounds is not None and rounds < done:
-                raise ValueError(f"--rounds {rounds} is less than the {done} rounds already done in {out}; "
-                                 f"give --rounds >= {done}")
+                raise ValueError(
+                    f"--rounds {rounds} is less than the {done} rounds already done in {out}; give --rounds >= {done}"
+                )
         elif _contents(out):
             if not overwrite:
                 shown = ", ".join(p.name for p in _contents(out)[:5])
-                raise ValueError(f"--out {out} is not empty ({shown}); give --resume to continue the run there, "
-                                 "--overwrite to replace it, or another --out")
+                raise ValueError(
+                    f"--out {out} is not empty ({shown}); give --resume to continue the run there, "
+                    "--overwrite to replace it, or another --out"
+                )
             for pattern in outputs:
                 for path in out.glob(pattern):
                     if path.is_dir() and not path.is_symlink():
