@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import textwrap
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
+
+# What each command writes in its --out folder (what --overwrite removes).
+SIMULATE_OUTPUTS = (
+    "checkpoint", "summary.json", "metrics.jsonl", "per_client.csv", "metrics.png", "communication.png",
+    "assignment.png",
+)
+COMPARE_OUTPUTS = ("compare.json", "compare.md", "compare.png", "*-seed*")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -78,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", type=Path, default=Path("runs/simulate"), help="output directory")
     sim.add_argument("--resume", action="store_true",
                      help="continue from the last complete round checkpointed in DIR/checkpoint (written every round)")
+    sim.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in DIR (checkpoint, summary, tables, plots) instead of refusing")
     cmp_ = sub.add_parser("compare", help="run several algorithms on one scenario; writes a table and a plot",
                           description=_describe("Run several algorithms (and seeds) on one scenario. Writes "
                                                 "DIR/compare.md (final-round and best-round client means, mean ± "
@@ -89,42 +99,81 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated algorithms")
     cmp_.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
     cmp_.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
+    cmp_.add_argument("--overwrite", action="store_true",
+                      help="replace the comparison already in DIR instead of refusing")
     return parser
 
 
-def _config(args):
-    import yaml
-
+def _config(args, algorithm: str | None = None):
+    from fedamole.config_checks import load_config_file
     from fedamole.presets import make_config
 
-    overrides: dict = {}
-    if args.config is not None:
-        if not args.config.is_file():
-            raise SystemExit(f"fedamole: --config {args.config} does not exist")
-        overrides = yaml.safe_load(args.config.read_text()) or {}
-        if not isinstance(overrides, dict):
-            raise SystemExit(f"fedamole: --config {args.config} must hold a mapping of configuration keys")
+    overrides = load_config_file(args.config) if args.config is not None else {}
     preset = args.preset or overrides.pop("preset", None) or "default"
     overrides.pop("preset", None)
     flags = {"engine": args.engine, "cohort_size": args.cohort_size,
              "clients": args.clients, "rounds": args.rounds, "local_steps": args.local_steps,
              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": args.device,
-             "algorithm": getattr(args, "algorithm", None)}
+             "algorithm": getattr(args, "algorithm", None) or algorithm}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return make_config(preset, overrides)
 
 
+def _algorithms(text: str) -> list[str]:
+    from fedamole.presets import ALGORITHMS
+
+    algos = [a.strip() for a in text.split(",") if a.strip()]
+    if not algos:
+        raise ValueError(f"--algorithms must name at least one algorithm (comma-separated), got {text!r}")
+    unknown = [a for a in algos if a not in ALGORITHMS]
+    if unknown:
+        raise ValueError(f"--algorithms: unknown {unknown}; known: {', '.join(ALGORITHMS)}")
+    if len(set(algos)) != len(algos):
+        raise ValueError(f"--algorithms names an algorithm twice: {text!r}")
+    return algos
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise ValueError(f"--seeds must name at least one seed, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds names a seed twice: {text!r}")
+    return seeds
+
+
+def _compare_configs(cfg, algos: list[str], seeds: list[int] | None) -> None:
+    """Validate every (algorithm, seed) run of a comparison before the first one starts."""
+    for algo in algos:
+        for seed in seeds or [cfg.seed]:
+            try:
+                dataclasses.replace(cfg, algorithm=algo, seed=seed).validate()
+            except ValueError as exc:
+                raise ValueError(f"--algorithms {algo} --seeds {seed}: {exc}") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for invalid arguments or settings, each error naming them)."""
     args = build_parser().parse_args(argv)
     from fedamole.fl.reporting import RoundReporter
     from fedamole.fl.runner import compare, simulate, write_summary
+    from fedamole.run_folder import claim_run_folder
 
     try:
-        cfg = _config(args)
+        if args.command == "compare":
+            algos, seeds = _algorithms(args.algorithms), _seeds(args.seeds)
+        cfg = _config(args, algorithm=algos[0] if args.command == "compare" else None)
         if args.command == "simulate":
-            summary = simulate(cfg, progress=not args.no_progress, checkpoint_dir=args.out / "checkpoint",
-                               resume=args.resume, on_round=RoundReporter(args.out))
-            path = write_summary(summary, args.out)
+            with claim_run_folder(args.out, SIMULATE_OUTPUTS, resume=args.resume, overwrite=args.overwrite,
+                                  rounds=cfg.rounds):
+                summary = simulate(cfg, progress=not args.no_progress, checkpoint_dir=args.out / "checkpoint",
+                                   resume=args.resume, on_round=RoundReporter(args.out))
+                path = write_summary(summary, args.out)
             brief = {k: summary[k] for k in ("algorithm", "metric", "final_mean", "best_mean", "best_round",
                                              "wall_seconds")}
             for k in ("initial_mean", "chance"):
@@ -133,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(brief))
             print(f"wrote {path}, metrics.jsonl, per_client.csv and the plots in {path.parent}")
         else:
-            algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-            result = compare(cfg, algos, args.out, seeds=seeds, progress=not args.no_progress)
+            _compare_configs(cfg, algos, seeds)
+            with claim_run_folder(args.out, COMPARE_OUTPUTS, overwrite=args.overwrite):
+                result = compare(cfg, algos, args.out, seeds=seeds, progress=not args.no_progress)
             print((args.out / "compare.md").read_text(), end="")
             print(f"wrote {args.out / 'compare.json'} and {args.out / 'compare.png'}")
             del result

@@ -24,6 +24,7 @@ from torch import nn
 import fedamole
 from fedamole.config import MoLEConfig
 from fedamole.data import (
+    GEN_TASKS,
     SNLI_LABELS,
     Scenario,
     build_scenario,
@@ -34,9 +35,10 @@ from fedamole.data import (
     synthetic_classification,
     synthetic_generation,
 )
+from fedamole.data.scenarios import dirichlet_success_probability
 
 __all__ = ["SimConfig", "PRESETS", "ALGORITHMS", "make_config", "build_data", "build_workload", "make_algorithm",
-           "ByteTokenizer", "default_model_path"]
+           "ByteTokenizer", "default_model_path", "check_data_feasible"]
 
 ALGORITHMS = ("fedamole", "fedamole-static", "fedamole-homo", "fedamole-static-homo", "fedamole-random",
               "fedamole-linear", "fedit", "fedit-ft", "local", "ffa-lora", "fdlora", "fedprompt", "fedprompt-ft",
@@ -103,6 +105,8 @@ class SimConfig:
             raise ValueError(f"engine must be one of {', '.join(sorted(ENGINES))}; got {self.engine!r}")
         check_sim_config(self)
         validate_faults(self.faults, self.clients, self.rounds)
+        check_data_feasible(self)
+        check_algorithm_feasible(self)
         return self
 
     def to_dict(self) -> dict:
@@ -163,6 +167,76 @@ def make_config(preset: str = "default", overrides: dict | None = None) -> SimCo
     return SimConfig(**data).validate()
 
 
+# -- feasibility ----------------------------------------------------------------------------------------------
+# A Dirichlet split less likely than this to succeed within its tries is refused before any data is built.
+MIN_SPLIT_PROBABILITY = 0.01
+
+
+def _synthetic_cls_size(d: dict, clients: int) -> int:
+    # 60 examples per client (at least 240) so that `--clients N` works without touching the data settings.
+    return d.get("n") or max(240, 60 * clients)
+
+
+def check_data_feasible(cfg: SimConfig, num_examples: int | None = None, num_groups: int | None = None) -> None:
+    """Raise ValueError, naming ``clients`` (--clients) and the largest count that fits, when the data cannot be
+    split over ``cfg.clients`` clients with the configuration's partition.
+
+    Without `num_examples` / `num_groups` (the size and label or task count of the loaded data), only the
+    synthetic sources are checked, from their configured size, before anything is built; `build_data` calls it
+    again with the loaded data's figures. A Dirichlet split is refused when it is estimated to succeed with
+    probability < 1 % (`dirichlet_success_probability`)."""
+    d, clients = cfg.data, cfg.clients
+    source, partition, min_samples = d.get("source"), d.get("partition", "dirichlet"), d.get("min_samples", 10)
+    if source == "ni":  # build_data always splits it by task
+        partition = "task"
+    size = lambda c: num_examples  # noqa: E731 - the loaded data does not grow with the client count
+    if source == "synthetic-gen":
+        partition, num_groups, size = "task", len(GEN_TASKS), lambda c: None
+    elif source == "synthetic-cls" and num_examples is None:
+        num_groups, size = d.get("num_labels", 3), lambda c: _synthetic_cls_size(d, c)
+    elif num_groups is None:
+        return
+    where = f"clients (--clients) is {clients}, but the {source} data"
+    if partition == "task":
+        if clients > num_groups:
+            raise ValueError(f"{where} has {num_groups} tasks (one per client with data.partition: task): at most "
+                             f"{num_groups} clients")
+        return
+    alpha = d.get("alpha", 1.0)
+
+    def feasible(c: int) -> bool:
+        n = size(c)
+        return c * min_samples <= n and dirichlet_success_probability(n, num_groups, c, alpha, min_samples) >= \
+            MIN_SPLIT_PROBABILITY
+
+    if feasible(clients):
+        return
+    lo, hi = 0, clients  # feasible(lo) or lo == 0; not feasible(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
+    raise ValueError(f"{where} ({size(clients)} examples, {num_groups} labels) cannot give every client >= "
+                     f"{min_samples} examples (data.min_samples) under Dirichlet(data.alpha={alpha}): the estimated "
+                     f"limit is about {lo} clients (below it a split may still fail, depending on the seed); lower "
+                     "--clients, or raise data.alpha or data.n")
+
+
+def check_algorithm_feasible(cfg: SimConfig) -> None:
+    """Raise ValueError, naming the ``fedamole`` settings, when no expert assignment fits ``cfg.clients``."""
+    from fedamole.fl.fedamole_algo import FedAMoLE
+    from fedamole.fl.rsea import check_feasible
+
+    algo = make_algorithm(cfg)
+    if not isinstance(algo, FedAMoLE):
+        return
+    try:
+        lo, hi = algo._bounds(cfg.clients)  # what `FedAMoLE.setup` checks, before anything is built
+        check_feasible(algo.num_experts, cfg.clients, algo.k_c, lo, hi)
+    except ValueError as exc:
+        raise ValueError(f"fedamole settings (num_experts, clients_per_expert, min_experts, max_experts) do not fit "
+                         f"{cfg.clients} clients (--clients): {exc}") from exc
+
+
 # -- data -----------------------------------------------------------------------------------------------------
 def build_data(cfg: SimConfig) -> Scenario:
     """The federated scenario of a configuration."""
@@ -172,11 +246,11 @@ def build_data(cfg: SimConfig) -> Scenario:
               "min_samples": d.get("min_samples", 10), "max_per_client": d.get("max_per_client")}
     if source == "stdlib":
         examples, names = stdlib_docstrings()
+        check_data_feasible(cfg, len(examples), len(names))
         return build_scenario("stdlib-docstrings", examples, n_clients, kind="classification",
                               num_labels=len(names), **common)
     if source == "synthetic-cls":
-        # 60 examples per client (at least 240) so that `--clients N` works without touching the data settings.
-        n = d.get("n") or max(240, 60 * n_clients)
+        n = _synthetic_cls_size(d, n_clients)
         examples, choices = synthetic_classification(n, d.get("num_labels", 3), seed=seed)
         return build_scenario("synthetic-cls", examples, n_clients, kind="classification", choices=choices,
                               **common)
@@ -186,14 +260,17 @@ def build_data(cfg: SimConfig) -> Scenario:
                               kind="generation", **common)
     if source == "snli":
         examples = load_snli(path or "stanfordnlp/snli", max_examples=d.get("max_examples"), seed=seed)
+        check_data_feasible(cfg, len(examples), len({ex.group for ex in examples}))
         return build_scenario("snli", examples, n_clients, kind="classification", choices=SNLI_LABELS, **common)
     if source == "dolly":
         examples = load_dolly(path or "databricks/databricks-dolly-15k", max_examples=d.get("max_examples"),
                               seed=seed)
+        check_data_feasible(cfg, len(examples), len({ex.group for ex in examples}))
         return build_scenario("dolly", examples, n_clients, kind="generation", **common)
     if source == "ni":
         examples = load_natural_instructions(path or "Muennighoff/natural-instructions",
                                              max_per_task=d.get("max_per_task"), seed=seed)
+        check_data_feasible(cfg, len(examples), len({ex.group for ex in examples}))
         common["partition"] = "task"
         return build_scenario("natural-instructions", examples, n_clients, kind="generation", **common)
     raise ValueError(f"data.source must be one of stdlib, synthetic-cls, synthetic-gen, snli, dolly, ni; "

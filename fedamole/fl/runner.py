@@ -104,6 +104,8 @@ def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int,
     if loaded is None:
         return 0, {}, []
     done, state = loaded
+    if done > cfg.rounds:
+        raise ValueError(f"rounds (--rounds) is {cfg.rounds}, but {checkpoint_dir} already holds {done} rounds")
     reference = {"config": cfg.to_dict(), "algorithm": dict(vars(algo)), "torch_rng": torch.get_rng_state(),
                  "model": adapter_state_dict(workload.model), "summary": {}, "history": []}
     check_resume_state(done, state, reference)
