@@ -31,6 +31,8 @@ class Rule:
                 text += f" {'>' if self.strict_low else '>='} {self.low:g}"
             if self.high is not None:
                 text += f" and <= {self.high:g}"
+        elif self.kind == "str-list":
+            text = "a non-empty list of names"
         else:
             text = f"a {self.kind}"
         return text + (" (or null)" if self.optional else "")
@@ -44,6 +46,8 @@ class Rule:
             return isinstance(value, bool)
         if self.kind == "str":
             return isinstance(value, str) and bool(value)
+        if self.kind == "str-list":
+            return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.kind == "int" and not isinstance(value, int):
@@ -76,7 +80,7 @@ SECTIONS = {
              "max_per_task": Rule("int", 1, optional=True), "drop_long": Rule("bool"), "candidate_eos": Rule("bool"),
              "balanced": Rule("bool"), "task_pool": Rule("int", 1, optional=True),
              "embed_cap": Rule("int", 1, optional=True), "eval_cap": Rule("int", 1, optional=True),
-             "test_cap": Rule("int", 1, optional=True)},
+             "test_cap": Rule("int", 1, optional=True), "tasks": Rule("str-list", optional=True)},
     "fedamole": {"num_experts": Rule("int", 1, optional=True), "clients_per_expert": POS_INT, "min_experts": POS_INT,
                  "max_experts": POS_INT, "dp_eta": Rule("float", 0, strict_low=True, optional=True)},
     "fdlora": {"sync_every": POS_INT, "outer_lr": POS_FLOAT, "outer_momentum": Rule("float", 0, 1)},
