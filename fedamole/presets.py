@@ -13,11 +13,12 @@ Presets:
   Instructions task per client scored by ROUGE-L. Model and data come through `fedamole.data.fetch` (pip, cached)
   on first use. Sized for about 10 minutes per run on 2 CPU cores.
 
-Data protocol defaults of every causal-LM preset (the authors'): prompts start with the tokenizer's BOS
-(``model.add_bos``); examples whose prompt reaches ``model.max_length`` tokens are dropped (``data.drop_long``);
-classification candidates are scored followed by EOS (``data.candidate_eos``); the Dirichlet partition is balanced
-(``data.balanced``); the one-task-per-client partition takes the first clients' worth of the ``data.task_pool``
-largest tasks in task-id order.
+Data protocol defaults of every preset (the authors'): causal-LM prompts start with the tokenizer's BOS
+(``model.add_bos``); classification candidates are scored followed by EOS (``data.candidate_eos``); the Dirichlet
+partition is balanced (``data.balanced``); the one-task-per-client partition takes the first clients' worth of the
+``data.task_pool`` largest tasks in task-id order. The paper presets (snli, dolly, ni, smol-*) also drop the
+examples whose prompt reaches ``model.max_length`` tokens (``data.drop_long``; elsewhere prompts are cut from the
+left instead).
 """
 
 from __future__ import annotations
@@ -135,13 +136,13 @@ PRESETS: dict[str, dict] = {
     # The paper's scenarios: all of SNLI pooled; every instance of the chosen Natural Instructions tasks.
     "snli": {"model": {"type": "hf-causal", "path": "meta-llama/Llama-3.2-1B", "dtype": "bfloat16",
                        "max_length": 1024},
-             "data": {"source": "snli", "partition": "dirichlet", "alpha": 0.1}},
+             "data": {"source": "snli", "partition": "dirichlet", "alpha": 0.1, "drop_long": True}},
     "dolly": {"model": {"type": "hf-causal", "path": "meta-llama/Llama-3.2-1B", "dtype": "bfloat16",
                         "max_length": 1024},
-              "data": {"source": "dolly", "partition": "dirichlet", "alpha": 0.1}},
+              "data": {"source": "dolly", "partition": "dirichlet", "alpha": 0.1, "drop_long": True}},
     "ni": {"model": {"type": "hf-causal", "path": "meta-llama/Llama-3.2-1B", "dtype": "bfloat16",
                      "max_length": 1024},
-           "data": {"source": "ni", "partition": "task", "task_pool": 100}},
+           "data": {"source": "ni", "partition": "task", "task_pool": 100, "drop_long": True}},
     # Paper-like, offline, on 2 CPU cores: SmolLM2-135M-Instruct (fetched), q_proj/v_proj as for Llama-3.2-1B.
     # Short prompts only (max_length 256, longer ones dropped) and small eval/test caps keep a run near 10 minutes;
     # smol-ni takes 10 of BIG-bench's 61 tasks with short prompts and answers (the paper's rule, the first C of the
@@ -150,13 +151,13 @@ PRESETS: dict[str, dict] = {
         "clients": 10, "rounds": 8, "local_steps": 8, "batch_size": 2, "lr": 5e-4, "threads": 2,
         "model": {"type": "smollm2", "max_length": 256},
         "data": {"source": "vitaminc", "partition": "dirichlet", "alpha": 0.1, "max_examples": 6000,
-                 "eval_cap": 20, "test_cap": 24},
+                 "eval_cap": 20, "test_cap": 24, "drop_long": True},
     },
     "smol-ni": {
         "clients": 10, "rounds": 8, "local_steps": 8, "batch_size": 2, "lr": 5e-4, "threads": 2,
         "model": {"type": "smollm2", "max_length": 320, "max_new_tokens": 24},
         "data": {"source": "bigbench-ni", "partition": "task", "task_pool": 100, "eval_cap": 8, "test_cap": 8,
-                 "tasks": SMOL_NI_TASKS},
+                 "tasks": SMOL_NI_TASKS, "drop_long": True},
     },
 }
 
@@ -234,8 +235,8 @@ def _load_examples(cfg: SimConfig) -> tuple[str, list, dict]:
 
 
 def build_data(cfg: SimConfig) -> Scenario:
-    """The federated scenario of a configuration. For causal LMs with ``data.drop_long`` (default), examples whose
-    prompt (BOS included) reaches ``model.max_length`` tokens are dropped from every split, as the authors."""
+    """The federated scenario of a configuration. For causal LMs with ``data.drop_long`` (the paper presets), examples
+    whose prompt (BOS included) reaches ``model.max_length`` tokens are dropped from every split, as the authors."""
     d = cfg.data
     name, examples, spec = _load_examples(cfg)
     common = {"partition": d.get("partition", "dirichlet"), "alpha": d.get("alpha", 1.0), "seed": cfg.seed,
@@ -247,7 +248,7 @@ def build_data(cfg: SimConfig) -> Scenario:
     for key in ("embed_cap", "eval_cap"):
         if d.get(key) is not None:
             scenario = _cap(scenario, key.split("_")[0], d[key])
-    if cfg.model.get("type") in CAUSAL_MODEL_TYPES and d.get("drop_long", True):
+    if cfg.model.get("type") in CAUSAL_MODEL_TYPES and d.get("drop_long", False):
         tok = causal_tokenizer(cfg)
         add_bos = cfg.model.get("add_bos", True)
         scenario = drop_long_prompts(scenario, lambda text: len(prompt_ids(tok, text, add_bos)),

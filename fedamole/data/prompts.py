@@ -3,19 +3,30 @@ and their SNLI question with the candidate answers Yes / Maybe / No."""
 
 from __future__ import annotations
 
-__all__ = ["SNLI_LABELS", "SNLI_CHOICES", "VITAMINC_CHOICES", "format_instruction", "format_snli", "format_vitaminc",
-           "prompt_ids"]
+__all__ = [
+    "SNLI_LABELS",
+    "SNLI_CHOICES",
+    "VITAMINC_CHOICES",
+    "format_instruction",
+    "format_snli",
+    "format_vitaminc",
+    "prompt_ids",
+]
 
 # SNLI's label ids 0, 1, 2 in order: their names (the partition groups) and the answers the model is scored on.
 SNLI_LABELS = ["entailment", "neutral", "contradiction"]
 SNLI_CHOICES = ["Yes", "Maybe", "No"]
 VITAMINC_CHOICES = ["True", "False", "Neither"]
 
-_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-               "Write a response that appropriately completes the request.\n\n"
-               "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-             "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
 
 
 def format_instruction(instruction: str, context: str = "") -> str:

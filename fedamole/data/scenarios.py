@@ -34,12 +34,16 @@ __all__ = [
 ]
 
 
-def split_fractions(eval_share: float = 0.1, test_share: float = 0.1, embed_share_of_rest: float = 0.05
-                    ) -> tuple[float, float, float, float]:
+def split_fractions(
+    eval_share: float = 0.1, test_share: float = 0.1, embed_share_of_rest: float = 0.05
+) -> tuple[float, float, float, float]:
     """(train, embedding, eval, test) shares of a client's examples, as the authors derive them: eval and test take
     their shares, the rest is split 95 : 5 into train and embedding set. Defaults give 76 / 4 / 10 / 10 %."""
-    for name, v in (("eval_share", eval_share), ("test_share", test_share),
-                    ("embed_share_of_rest", embed_share_of_rest)):
+    for name, v in (
+        ("eval_share", eval_share),
+        ("test_share", test_share),
+        ("embed_share_of_rest", embed_share_of_rest),
+    ):
         if not 0 <= v < 1:
             raise ValueError(f"{name} must lie in [0, 1), got {v!r}")
     rest = 1.0 - eval_share - test_share
@@ -110,8 +114,15 @@ def _check_pos_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
-def dirichlet_partition(labels: Sequence, num_clients: int, alpha: float, min_samples: int = 10, seed: int = 0,
-                        max_tries: int = 1000, balanced: bool = True) -> list[np.ndarray]:
+def dirichlet_partition(
+    labels: Sequence,
+    num_clients: int,
+    alpha: float,
+    min_samples: int = 10,
+    seed: int = 0,
+    max_tries: int = 1000,
+    balanced: bool = True,
+) -> list[np.ndarray]:
     """Split example indices over clients with Dirichlet(alpha) label skew.
 
     For every label in turn, its examples are shuffled and cut according to proportions drawn from
@@ -129,8 +140,10 @@ def dirichlet_partition(labels: Sequence, num_clients: int, alpha: float, min_sa
     labels = np.asarray(labels)
     n = len(labels)
     if n < num_clients * min_samples:
-        raise ValueError(f"cannot give {num_clients} clients >= {min_samples} samples each from {n} examples "
-                         f"({num_clients} x {min_samples} = {num_clients * min_samples} > {n})")
+        raise ValueError(
+            f"cannot give {num_clients} clients >= {min_samples} samples each from {n} examples "
+            f"({num_clients} x {min_samples} = {num_clients * min_samples} > {n})"
+        )
     rng = np.random.default_rng(seed)
     by_label = [np.flatnonzero(labels == lab) for lab in np.unique(labels)]
     for _ in range(max_tries):
@@ -149,8 +162,10 @@ def dirichlet_partition(labels: Sequence, num_clients: int, alpha: float, min_sa
                 parts[c].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_samples:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ValueError(f"no Dirichlet(alpha={alpha}) draw in {max_tries} tries gave every one of {num_clients} clients "
-                     f">= {min_samples} samples; raise alpha or lower num_clients / min_samples")
+    raise ValueError(
+        f"no Dirichlet(alpha={alpha}) draw in {max_tries} tries gave every one of {num_clients} clients "
+        f">= {min_samples} samples; raise alpha or lower num_clients / min_samples"
+    )
 
 
 def task_id(name: str) -> str:
@@ -162,8 +177,9 @@ def task_id(name: str) -> str:
     return str(name).split("_", 1)[0]
 
 
-def task_partition(tasks: Sequence[str], num_clients: int, pool: int | None = 100) -> tuple[list[np.ndarray],
-                                                                                          list[str]]:
+def task_partition(
+    tasks: Sequence[str], num_clients: int, pool: int | None = 100
+) -> tuple[list[np.ndarray], list[str]]:
     """One distinct task per client, as the authors chose Natural Instructions tasks: the ``pool`` largest tasks
     (by example count; ties keep first-seen order; ``None`` = all), then the first ``num_clients`` of those in
     task-id order (`task_id`); client c gets the c-th. Every example of a chosen task goes to its client.
@@ -177,14 +193,22 @@ def task_partition(tasks: Sequence[str], num_clients: int, pool: int | None = 10
     counts = Counter(tasks.tolist())  # insertion-ordered: first-seen order breaks ties in the stable sort below
     largest = sorted(counts, key=lambda t: -counts[t])[:pool]
     if len(largest) < num_clients:
-        raise ValueError(f"one task per client needs >= num_clients ({num_clients}) distinct tasks, got "
-                         f"{len(largest)}" + (f" (data.task_pool = {pool})" if pool is not None else ""))
+        raise ValueError(
+            f"one task per client needs >= num_clients ({num_clients}) distinct tasks, got "
+            f"{len(largest)}" + (f" (data.task_pool = {pool})" if pool is not None else "")
+        )
     chosen = sorted(largest, key=lambda t: (task_id(t), t))[:num_clients]
     return [np.flatnonzero(tasks == t) for t in chosen], chosen
 
 
-def split_client(examples: Sequence, fractions: Sequence[float] = SPLIT_FRACTIONS, embed_cap: int | None = 200,
-                 eval_cap: int | None = 200, test_cap: int | None = 200, seed: int = 0) -> ClientData:
+def split_client(
+    examples: Sequence,
+    fractions: Sequence[float] = SPLIT_FRACTIONS,
+    embed_cap: int | None = 200,
+    eval_cap: int | None = 200,
+    test_cap: int | None = 200,
+    seed: int = 0,
+) -> ClientData:
     """Shuffle and split one client's examples into train / embedding / eval / test.
 
     The three small sets get ``max(1, round(f * n))`` examples each (then capped; examples beyond a cap are dropped,
@@ -208,11 +232,23 @@ def split_client(examples: Sequence, fractions: Sequence[float] = SPLIT_FRACTION
     return ClientData(pick(train), pick(emb), pick(ev), pick(te))
 
 
-def build_scenario(name: str, examples: Sequence[Example], num_clients: int, partition: str = "dirichlet",
-                   alpha: float = 1.0, kind: str = "classification", choices: list[str] | None = None,
-                   num_labels: int = 0, min_samples: int = 10, test_cap: int | None = None, seed: int = 0,
-                   max_per_client: int | None = None, fractions: Sequence[float] = SPLIT_FRACTIONS,
-                   balanced: bool = True, task_pool: int | None = 100) -> Scenario:
+def build_scenario(
+    name: str,
+    examples: Sequence[Example],
+    num_clients: int,
+    partition: str = "dirichlet",
+    alpha: float = 1.0,
+    kind: str = "classification",
+    choices: list[str] | None = None,
+    num_labels: int = 0,
+    min_samples: int = 10,
+    test_cap: int | None = None,
+    seed: int = 0,
+    max_per_client: int | None = None,
+    fractions: Sequence[float] = SPLIT_FRACTIONS,
+    balanced: bool = True,
+    task_pool: int | None = 100,
+) -> Scenario:
     """Partition ``examples`` over clients (``partition`` = "dirichlet" on ``group``, balanced unless told
     otherwise, or "task": one group per client, see `task_partition`) and split each client by ``fractions``.
     ``test_cap`` defaults to 200 (classification) or 50 (generation); ``max_per_client`` subsamples large clients
@@ -236,8 +272,9 @@ def build_scenario(name: str, examples: Sequence[Example], num_clients: int, par
     for c, idx in enumerate(parts):
         if max_per_client is not None and len(idx) > max_per_client:
             idx = np.sort(rng.choice(idx, size=max_per_client, replace=False))
-        clients.append(split_client([examples[i] for i in idx], fractions=fractions, test_cap=test_cap,
-                                    seed=seed + 7919 * (c + 1)))
+        clients.append(
+            split_client([examples[i] for i in idx], fractions=fractions, test_cap=test_cap, seed=seed + 7919 * (c + 1))
+        )
     return Scenario(name, kind, clients, choices=choices, num_labels=num_labels, info=info)
 
 
@@ -248,12 +285,16 @@ def drop_long_prompts(scenario: Scenario, prompt_length: Callable[[str], int], m
     max_length = _check_pos_int("max_length", max_length)
     clients, dropped = [], 0
     for c, cd in enumerate(scenario.clients):
-        kept = {k: [ex for ex in getattr(cd, k) if prompt_length(ex.text) < max_length]
-                for k in ("train", "embed", "eval", "test")}
+        kept = {
+            k: [ex for ex in getattr(cd, k) if prompt_length(ex.text) < max_length]
+            for k in ("train", "embed", "eval", "test")
+        }
         dropped += sum(len(getattr(cd, k)) - len(v) for k, v in kept.items())
         if not kept["train"]:
-            raise ValueError(f"client {c}: every training prompt is >= model.max_length ({max_length}) tokens; "
-                             "raise model.max_length")
+            raise ValueError(
+                f"client {c}: every training prompt is >= model.max_length ({max_length}) tokens; "
+                "raise model.max_length"
+            )
         clients.append(ClientData(**kept))
     info = {**scenario.info, "dropped_long_prompts": dropped, "max_length": max_length}
     return dataclasses.replace(scenario, clients=clients, info=info)
