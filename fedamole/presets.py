@@ -148,10 +148,10 @@ PRESETS: dict[str, dict] = {
     # smol-ni takes 10 of BIG-bench's 61 tasks with short prompts and answers (the paper's rule, the first C of the
     # largest tasks in id order, would give subtask001-010, whose passages are too long for 2 cores).
     "smol-nli": {
-        "clients": 10, "rounds": 8, "local_steps": 8, "batch_size": 2, "lr": 5e-4, "threads": 2,
+        "clients": 10, "rounds": 6, "local_steps": 5, "batch_size": 2, "lr": 5e-4, "threads": 2,
         "model": {"type": "smollm2", "max_length": 256},
         "data": {"source": "vitaminc", "partition": "dirichlet", "alpha": 0.1, "max_examples": 6000,
-                 "eval_cap": 20, "test_cap": 24, "drop_long": True},
+                 "embed_cap": 8, "eval_cap": 10, "test_cap": 10, "drop_long": True},
     },
     "smol-ni": {
         "clients": 10, "rounds": 8, "local_steps": 8, "batch_size": 2, "lr": 5e-4, "threads": 2,

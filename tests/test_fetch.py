@@ -221,6 +221,17 @@ def test_cli_fetch_reports_errors(tmp_path, monkeypatch, capsys):
     assert "could not download bigbench==1.0.0" in capsys.readouterr().err
 
 
+def test_simulate_fetches_on_first_use_and_reports_offline(tmp_path, monkeypatch, capsys):
+    from fedamole.cli import main
+
+    monkeypatch.setenv("FEDAMOLE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "empty"))
+    assert main(["simulate", "--preset", "smol-nli", "--no-progress", "--out", str(tmp_path / "run")]) == 2
+    assert "could not download bigbench==1.0.0" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
 def _index_reachable() -> bool:
     try:
         socket.create_connection(("pypi.org", 443), timeout=3).close()
