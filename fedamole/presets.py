@@ -154,10 +154,10 @@ PRESETS: dict[str, dict] = {
                  "embed_cap": 8, "eval_cap": 10, "test_cap": 10, "drop_long": True},
     },
     "smol-ni": {
-        "clients": 10, "rounds": 8, "local_steps": 8, "batch_size": 2, "lr": 5e-4, "threads": 2,
-        "model": {"type": "smollm2", "max_length": 320, "max_new_tokens": 24},
-        "data": {"source": "bigbench-ni", "partition": "task", "task_pool": 100, "eval_cap": 8, "test_cap": 8,
-                 "tasks": SMOL_NI_TASKS, "drop_long": True},
+        "clients": 10, "rounds": 5, "local_steps": 4, "batch_size": 2, "lr": 5e-4, "threads": 2,
+        "model": {"type": "smollm2", "max_length": 320, "max_new_tokens": 16},
+        "data": {"source": "bigbench-ni", "partition": "task", "task_pool": 100, "embed_cap": 6, "eval_cap": 6,
+                 "test_cap": 6, "tasks": SMOL_NI_TASKS, "drop_long": True},
     },
 }
 
