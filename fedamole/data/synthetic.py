@@ -29,7 +29,7 @@ def _word(rng: np.random.Generator, lo: int = 4, hi: int = 8) -> str:
 
 
 def synthetic_classification(n: int = 600, num_labels: int = 3, seed: int = 0) -> tuple[list[Example], list[str]]:
-    """"Which of the first ``num_labels`` letters occurs most?" Prompts are letter strings; answers are letters."""
+    """ "Which of the first ``num_labels`` letters occurs most?" Prompts are letter strings; answers are letters."""
     if not 2 <= num_labels <= len(_LETTERS):
         raise ValueError(f"num_labels must be in [2, {len(_LETTERS)}], got {num_labels}")
     rng = np.random.default_rng(seed)

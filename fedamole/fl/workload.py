@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedamole.data.prompts import prompt_ids
 from fedamole.data.scenarios import Example
 from fedamole.metrics import ROUGE_IMPLEMENTATIONS, accuracy_from_losses, rouge_l
 from fedamole.routing import load_balance_from_routing, record_routing
@@ -144,6 +145,8 @@ class CausalLMWorkload(_Base):
         batch_size_eval: int = 16,
         decoding: str = "greedy",
         rouge: str = "rouge",
+        add_bos: bool = True,
+        candidate_eos: bool = True,
     ) -> None:
         super().__init__(model, batch_size_eval)
         if decoding not in DECODINGS:
@@ -154,15 +157,31 @@ class CausalLMWorkload(_Base):
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.decoding, self.rouge = decoding, rouge
+        self.add_bos = add_bos
+        self.candidate_eos = candidate_eos
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's token ids as the model sees them (BOS first when ``add_bos`` and the tokenizer has one)."""
+        return prompt_ids(self.tokenizer, prompt, self.add_bos)
+
     def _pair(self, prompt: str, response: str, eos: bool = True) -> tuple[list[int], list[int]]:
-        p, r = _encode(self.tokenizer, prompt), _encode(self.tokenizer, response)
-        if eos and self.eos_id is not None:
+        """(input ids, labels) of prompt + response (+ EOS), at most ``max_length`` tokens. As the authors: a prompt
+        that fits is kept whole and the response cut to fit, its last token then EOS; a prompt of ``max_length``
+        tokens or more (the paper presets drop those examples beforehand) keeps its last tokens before one response
+        token."""
+        p, r = self.prompt_ids(prompt), _encode(self.tokenizer, response)
+        with_eos = eos and self.eos_id is not None
+        if with_eos:
             r = r + [self.eos_id]
-        r = r[: self.max_length - 1]
-        p = p[-(self.max_length - len(r)) :]
+        if len(p) < self.max_length:
+            r = r[: self.max_length - len(p)]
+            if with_eos:
+                r[-1] = self.eos_id
+        else:
+            r = r[:1]
+            p = p[-(self.max_length - 1) :]
         return p + r, [-100] * len(p) + r
 
     def _pad(self, seqs: list[tuple[list[int], list[int]]]) -> dict:
@@ -199,8 +218,9 @@ class CausalLMWorkload(_Base):
 
     @torch.no_grad()
     def candidate_losses(self, examples: Sequence[Example], choices: Sequence[str]) -> np.ndarray:
-        """Mean token loss of every candidate answer after every prompt: [n, len(choices)]."""
-        pairs = [self._pair(ex.text, ch, eos=False) for ex in examples for ch in choices]
+        """Mean token loss of every candidate answer (followed by EOS when ``candidate_eos``, as the authors score
+        them) after every prompt: [n, len(choices)]."""
+        pairs = [self._pair(ex.text, ch, eos=self.candidate_eos) for ex in examples for ch in choices]
         out = []
         for i in range(0, len(pairs), self.batch_size_eval):
             losses, valid = self._token_losses(self._pad(pairs[i : i + self.batch_size_eval]))
@@ -217,8 +237,8 @@ class CausalLMWorkload(_Base):
         if kind != "classification" or not choices:
             return None
         num = len(tests)
-        pairs = [[self._pair(ex.text, ch, eos=False) for ex in t for ch in choices] for t in tests]
-        dummy = self._pair("", choices[0], eos=False)
+        pairs = [[self._pair(ex.text, ch, eos=self.candidate_eos) for ex in t for ch in choices] for t in tests]
+        dummy = self._pair("", choices[0], eos=self.candidate_eos)
         longest = max(len(p) for p in pairs)
         step = max(1, min(self.batch_size_eval, max_rows // num))
         per_client: list[list[Tensor]] = [[] for _ in range(num)]
@@ -246,7 +266,7 @@ class CausalLMWorkload(_Base):
         """Decode each prompt (one at a time: no padding effects) up to ``max_new_tokens`` (see the class docstring)."""
         outs = []
         for prompt in prompts:
-            ids = _encode(self.tokenizer, prompt)[-(self.max_length - 1) :]
+            ids = self.prompt_ids(prompt)[-(self.max_length - 1) :]
             x = torch.tensor([ids], device=self.device)
             # generation_config: the model's own settings (sampling, temperature, eos) decide; only the length cap
             # and the pad id (needed without a pad token) are ours.
