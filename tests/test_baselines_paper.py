@@ -251,4 +251,4 @@ def test_clients_per_expert_is_four_from_twenty_clients():
         assert cfg.fedamole["clients_per_expert"] is None
         algo = make_algorithm(cfg)
         assert algo.k_c == k_c and algo.num_experts == 30
-    assert make_algorithm(make_config("snli", {"clients": 50, "fedamole": {"clients_per_expert": 3}})).k_c == 3
+    assert make_algorithm(make_config("snli", {"clients": 40, "fedamole": {"clients_per_expert": 3}})).k_c == 3

@@ -161,7 +161,12 @@ def test_snli_preset_uses_snli_fractions_and_caps(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "snli"))
     cfg = make_config(
         "snli",
-        {"clients": 4, "model": {"type": "tiny-llama"}, "data": {"path": str(tmp_path / "snli"), "alpha": 100.0}},
+        {
+            "clients": 4,
+            "model": {"type": "tiny-llama"},
+            "data": {"path": str(tmp_path / "snli"), "alpha": 100.0},
+            "fedamole": {"num_experts": 8},  # 30 experts x 2 holders do not fit 4 clients x 8 (checked up front)
+        },
     )
     sc = build_data(cfg)
     for c in sc.clients:
