@@ -19,7 +19,7 @@ from torch import Tensor
 
 __all__ = ["check_upload", "FAULT_KINDS", "TRAINING_FAULTS", "UPLOAD_FAULTS", "corrupt_upload", "validate_faults"]
 
-TRAINING_FAULTS = ("crash", "dropout")
+TRAINING_FAULTS = ("crash", "dropout", "diverge")
 UPLOAD_FAULTS = ("nan", "shape", "dtype", "huge_norm", "missing_key", "extra_key", "foreign_expert",
                  "duplicate_ids", "bad_stats")
 FAULT_KINDS = TRAINING_FAULTS + UPLOAD_FAULTS
