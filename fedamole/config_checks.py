@@ -63,6 +63,7 @@ TOP_LEVEL = {
     "max_grad_norm": Rule("float", 0, strict_low=True, optional=True), "device": Rule("choice", choices=DEVICES),
     "threads": Rule("int", 1, optional=True), "eval_initial": Rule("bool"), "cohort_size": NONNEG_INT,
     "max_upload_norm": Rule("float", 0, strict_low=True, optional=True),
+    "upload_norm_ratio": Rule("float", 1, optional=True),
 }
 SECTIONS = {
     "model": {"type": Rule("choice", choices=MODEL_TYPES), "path": Rule("str", optional=True),

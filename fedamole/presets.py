@@ -70,6 +70,7 @@ class SimConfig:
     fdlora: dict = field(default_factory=lambda: {"sync_every": 5, "outer_lr": 1.0, "outer_momentum": 0.5})
     ray: dict = field(default_factory=lambda: {"num_actors": 2, "cpus_per_actor": 0.5, "address": None})
     max_upload_norm: float | None = 1e6
+    upload_norm_ratio: float | None = 10.0
     faults: list = field(default_factory=list)
 
     def validate(self) -> SimConfig:
