@@ -88,7 +88,10 @@ def _check_state(field: str, state, expected, templates: dict, max_norm: float |
 
 
 def _int_ids(name: str, ids) -> tuple[list[int] | None, str | None]:
-    arr = np.asarray(ids)
+    try:
+        arr = np.asarray(ids)
+    except (TypeError, ValueError) as exc:
+        return None, f"expert_ids for {name} is not an array of ints: {exc}"
     if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
         return None, f"expert_ids for {name} must be a 1-D array of ints, got {arr.dtype} of shape {list(arr.shape)}"
     return arr.astype(np.int64).tolist(), None
