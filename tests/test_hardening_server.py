@@ -130,10 +130,14 @@ MALFORMED = {
     "unknown field": (_set(["extra"], 1), "unexpected field"),
     "ragged expert ids": (_set(["expert_ids", _module], [[0, 1], [2]]), "expert_ids"),
     "float expert ids": (_set(["expert_ids", _module], lambda u: u["expert_ids"][_module(u)].astype(float)), "ints"),
-    "sparse tensor": (_set(["up", lambda u: sorted(u["up"])[0]], lambda u: u["up"][sorted(u["up"])[0]].to_sparse()),
-                      "dense"),
-    "meta tensor": (_set(["up", lambda u: sorted(u["up"])[0]], lambda u: u["up"][sorted(u["up"])[0]].to("meta")),
-                    "dense"),
+    "sparse tensor": (
+        _set(["up", lambda u: sorted(u["up"])[0]], lambda u: u["up"][sorted(u["up"])[0]].to_sparse()),
+        "dense",
+    ),
+    "meta tensor": (
+        _set(["up", lambda u: sorted(u["up"])[0]], lambda u: u["up"][sorted(u["up"])[0]].to("meta")),
+        "dense",
+    ),
 }
 
 

@@ -39,8 +39,11 @@ def test_round_without_valid_upload_keeps_the_server_state_and_is_reported(tmp_p
     base = {"local_steps": 2, "eval_initial": False}
     simulate(make_config("tiny", {**base, "rounds": 1}), progress=False, checkpoint_dir=tmp_path / "one")
     every_client_bad = [{"round": 2, "client": c, "kind": "nan"} for c in range(4)]
-    summary = simulate(make_config("tiny", {**base, "rounds": 2, "faults": every_client_bad}), progress=False,
-                       checkpoint_dir=tmp_path / "two")
+    summary = simulate(
+        make_config("tiny", {**base, "rounds": 2, "faults": every_client_bad}),
+        progress=False,
+        checkpoint_dir=tmp_path / "two",
+    )
     entry = summary["history"][1]
     assert entry["participants"] == 0 and [r["client"] for r in entry["rejected_uploads"]] == [0, 1, 2, 3]
     assert entry["mean"] is None and entry["train_loss"] is None and summary["final_mean"] is None
@@ -67,9 +70,25 @@ def test_cli_exits_non_zero_when_every_client_fails(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("eval_initial: false\nrounds: 1\nlocal_steps: 1\n")
     env = {**os.environ, "FEDAMOLE_BACKEND": "bogus"}
-    done = subprocess.run([sys.executable, "-m", "fedamole.cli", "simulate", "--preset", "tiny", "--config",
-                           str(config), "--out", str(tmp_path / "run"), "--no-progress"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedamole.cli",
+            "simulate",
+            "--preset",
+            "tiny",
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode != 0
     assert "FEDAMOLE_BACKEND must be one of" in done.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
@@ -77,8 +96,9 @@ def test_cli_exits_non_zero_when_every_client_fails(tmp_path):
 
 def test_a_failing_round_after_a_working_one_is_ridden_out(tmp_path):
     crash_all = [{"round": 2, "client": c, "kind": "crash"} for c in range(4)]
-    summary = simulate(make_config("tiny", {"rounds": 2, "local_steps": 2, "eval_initial": False,
-                                            "faults": crash_all}), progress=False)
+    summary = simulate(
+        make_config("tiny", {"rounds": 2, "local_steps": 2, "eval_initial": False, "faults": crash_all}), progress=False
+    )
     entry = summary["history"][1]
     assert entry["participants"] == 0 and len(entry["failed_clients"]) == 4
     assert summary["history"][0]["participants"] == 4
@@ -86,9 +106,15 @@ def test_a_failing_round_after_a_working_one_is_ridden_out(tmp_path):
 
 # -- row 9: strict JSON, atomic writes ------------------------------------------------------------------------------
 def _summary(mean):
-    return {"algorithm": "fedamole", "metric": "accuracy", "clients": 2, "scenario": "s", "final_mean": mean,
-            "history": [{"round": 1, "mean": mean, "per_client": [mean, np.float32(0.5)]}],
-            "per_seed": np.array([math.inf, 1.0])}
+    return {
+        "algorithm": "fedamole",
+        "metric": "accuracy",
+        "clients": 2,
+        "scenario": "s",
+        "final_mean": mean,
+        "history": [{"round": 1, "mean": mean, "per_client": [mean, np.float32(0.5)]}],
+        "per_seed": np.array([math.inf, 1.0]),
+    }
 
 
 def test_summary_is_strict_json_with_null_for_missing_values(tmp_path):

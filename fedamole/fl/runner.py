@@ -12,11 +12,18 @@ import torch
 from tqdm.auto import tqdm
 
 import fedamole
+from fedamole.atomic_io import atomic_write
 from fedamole.fl.checkpoint import load_checkpoint, save_checkpoint
 from fedamole.fl.client import state_nbytes
 from fedamole.fl.engine import make_engine
-from fedamole.atomic_io import atomic_write
-from fedamole.fl.validation import TRAINING_FAULTS, UPLOAD_FAULTS, check_metric, check_round, check_upload, corrupt_upload
+from fedamole.fl.validation import (
+    TRAINING_FAULTS,
+    UPLOAD_FAULTS,
+    check_metric,
+    check_round,
+    check_upload,
+    corrupt_upload,
+)
 from fedamole.metrics import mean_std
 from fedamole.presets import SimConfig, build_data, build_workload, make_algorithm, mole_config
 
@@ -321,7 +328,8 @@ def compare(cfg: SimConfig, algorithms: list[str], out_dir: str | Path, seeds: l
     _write_text(out / "compare.json", to_json(result))
     lines = [f"| algorithm | final {result['metric']} (mean ± std over {len(seeds)} seed(s)) | wall s |",
              "|---|---|---|"]
-    lines += [f"| {a} | {_fmt(r['final_mean'])} ± {_fmt(r['std'])} | {r['wall_seconds']:.0f} |" for a, r in table.items()]
+    lines += [f"| {a} | {_fmt(r['final_mean'])} ± {_fmt(r['std'])} | {r['wall_seconds']:.0f} |"
+              for a, r in table.items()]
     _write_text(out / "compare.md", "\n".join(lines) + "\n")
     plot_history(curves, out / "compare.png", per_client=False)
     return result

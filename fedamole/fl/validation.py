@@ -42,8 +42,20 @@ __all__ = [
 ]
 
 TRAINING_FAULTS = ("crash", "dropout", "diverge")
-UPLOAD_FAULTS = ("nan", "shape", "dtype", "huge_norm", "scaled", "missing_key", "extra_key", "foreign_expert",
-                 "duplicate_ids", "bad_stats", "bad_metric", "bad_loss")
+UPLOAD_FAULTS = (
+    "nan",
+    "shape",
+    "dtype",
+    "huge_norm",
+    "scaled",
+    "missing_key",
+    "extra_key",
+    "foreign_expert",
+    "duplicate_ids",
+    "bad_stats",
+    "bad_metric",
+    "bad_loss",
+)
 FAULT_KINDS = TRAINING_FAULTS + UPLOAD_FAULTS
 
 UPLOAD_KEYS = frozenset({"up", "private", "metric", "stats", "train_loss", "num_train", "expert_ids"})
@@ -228,8 +240,9 @@ def check_round(uploads: list[dict | None], payloads: list[dict], norm_ratio: fl
             base = templates.get(key)
             changes.setdefault(key, {})[c] = _rms(value if base is None else value.float() - base.float())
     for key in changes:
-        untemplated = [c for c in changes[key] if key not in {**payloads[c].get("private", {}),
-                                                              **payloads[c].get("down", {})}]
+        untemplated = [
+            c for c in changes[key] if key not in {**payloads[c].get("private", {}), **payloads[c].get("down", {})}
+        ]
         if untemplated:
             kinds = Counter((tuple(uploads[c]["up"][key].shape), uploads[c]["up"][key].dtype) for c in untemplated)
             (shape, dtype), _ = kinds.most_common(1)[0]
@@ -237,7 +250,8 @@ def check_round(uploads: list[dict | None], payloads: list[dict], norm_ratio: fl
                 value = uploads[c]["up"][key]
                 if (tuple(value.shape), value.dtype) != (shape, dtype):
                     problems.setdefault(c, []).append(
-                        f"up[{key}] is {value.dtype} {list(value.shape)}, the round's uploads are {dtype} {list(shape)}")
+                        f"up[{key}] is {value.dtype} {list(value.shape)}, the round's uploads are {dtype} {list(shape)}"
+                    )
     if norm_ratio is None:
         return problems
     for key, per_client in changes.items():
@@ -249,7 +263,8 @@ def check_round(uploads: list[dict | None], payloads: list[dict], norm_ratio: fl
             if change > bound:
                 problems.setdefault(c, []).append(
                     f"up[{key}] changes by {change:.3g} RMS per element > upload_norm_ratio {norm_ratio:g} x "
-                    f"the round's lower median {bound / norm_ratio:.3g}")
+                    f"the round's lower median {bound / norm_ratio:.3g}"
+                )
     return problems
 
 
@@ -272,8 +287,10 @@ def validate_faults(faults, num_clients: int, num_rounds: int) -> list[dict]:
                 raise ValueError(f"faults[{i}].{key} must be an int in [{lo}, {hi}], got {fault[key]!r}")
         where = (fault["round"], fault["client"])
         if where in seen:
-            raise ValueError(f"faults[{i}] repeats round {where[0]}, client {where[1]} (already faults[{seen[where]}]): "
-                             "one fault per client and round")
+            raise ValueError(
+                f"faults[{i}] repeats round {where[0]}, client {where[1]} (already faults[{seen[where]}]): "
+                "one fault per client and round"
+            )
         seen[where] = i
         out.append(dict(fault))
     return out
