@@ -87,6 +87,7 @@ TOP_LEVEL = {
     "eval_initial": Rule("bool"),
     "cohort_size": NONNEG_INT,
     "max_upload_norm": Rule("float", 0, strict_low=True, optional=True),
+    "upload_norm_ratio": Rule("float", 1, optional=True),
 }
 SECTIONS = {
     "model": {

@@ -109,6 +109,7 @@ class SimConfig:
                                                      "prompt_init_text": None, "ptuning_hidden": 1024})
     ray: dict = field(default_factory=lambda: {"num_actors": 2, "cpus_per_actor": 0.5, "address": None})
     max_upload_norm: float | None = 1e6
+    upload_norm_ratio: float | None = 10.0
     faults: list = field(default_factory=list)
 
     def validate(self) -> SimConfig:

@@ -79,6 +79,7 @@ def test_baseline_rejects_bad_uploads(tmp_path, dropped, kind):
     ([{"round": 1, "client": 1, "kind": "meteor"}], "kind"),
     ([{"round": 1, "client": 1}], "keys"),
     ("crash", "list"),
+    ([{"round": 1, "client": 1, "kind": "nan"}, {"round": 1, "client": 1, "kind": "crash"}], "repeats round 1"),
 ])
 def test_fault_config_is_validated(faults, needle):
     with pytest.raises(ValueError, match=needle):

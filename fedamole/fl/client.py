@@ -22,6 +22,8 @@ num_train.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -61,7 +63,11 @@ def _is_slot(module, kind: str) -> bool:
 
 @torch.no_grad()
 def load_state(model, state: dict[str, Tensor]) -> None:
-    """Copy ``state`` into ``model``; routed-expert tensors fill the first k slots and set the active mask."""
+    """Copy ``state`` into ``model``; routed-expert tensors fill the first k slots and set the active mask.
+
+    The slots k.. of such a module are zeroed: they belong to no one in this state (masked means absent), and
+    whatever an earlier client left there (NaN from a diverged client included) must not reach this one.
+    """
     modules = fedamole.mole_modules(model)
     params = dict(model.named_parameters())
     active: dict[str, int] = {}
@@ -79,9 +85,12 @@ def load_state(model, state: dict[str, Tensor]) -> None:
         else:
             raise ValueError(f"state: unknown parameter {key!r}")
     for mod, k in active.items():
-        mask = torch.zeros(modules[mod].config.num_experts, dtype=torch.bool)
+        module = modules[mod]
+        for kind in _SLOT_KINDS + (("router",) if module.config.router == "linear" else ()):
+            getattr(module, kind)[k:].zero_()
+        mask = torch.zeros(module.config.num_experts, dtype=torch.bool)
         mask[:k] = True
-        modules[mod].set_active_experts(mask)
+        module.set_active_experts(mask)
 
 
 @torch.no_grad()
@@ -113,6 +122,22 @@ def _trainable(model, keys, frozen) -> list[Tensor]:
             seen.add(id(p))
             out.append(p)
     return out
+
+
+@torch.no_grad()
+def _diverge(model, state: dict[str, Tensor], frozen) -> None:
+    """Fault "diverge": every tensor this client trains becomes NaN, as after a blown-up loss (slot tensors only in
+    the slots the client holds: the others are not its own)."""
+    modules = fedamole.mole_modules(model)
+    params = dict(model.named_parameters())
+    for key, value in state.items():
+        mod, kind = _split_key(key)
+        if (kind if mod in modules else "extra") in frozen:
+            continue
+        if mod in modules and _is_slot(modules[mod], kind):
+            getattr(modules[mod], kind)[: value.shape[0]].fill_(math.nan)
+        else:
+            params[key].fill_(math.nan)
 
 
 @torch.no_grad()
@@ -178,6 +203,7 @@ def client_update(workload, payload: dict, data: ClientData, seed: int, kind: st
     """One client's round: load the payload, train locally, evaluate, compute statistics, build the upload.
 
     Fault injection (``payload["fault"]``): "dropout" returns ``{"dropped": True}`` without doing anything;
+    "diverge" trains, then sets every tensor the client trains to NaN (its upload is then rejected by the server);
     "crash" raises `SimulatedClientCrash` half-way through local training (engines turn any exception into
     ``{"failed": True, "error": ...}``).
     """
@@ -222,6 +248,9 @@ def client_update(workload, payload: dict, data: ClientData, seed: int, kind: st
             for p in adapters:
                 p.requires_grad_(True)
         train_loss = float(np.mean(losses))
+    if fault == "diverge":
+        _diverge(model, state, frozen)
+        train_loss = math.nan
     return finish_client(workload, payload, data, state, seed, train_loss, kind, choices)
 
 

@@ -155,7 +155,7 @@ class FedAMoLE(Algorithm):
             needs_stats = self.assignment in ("rsea", "homogeneous")
             out.append({"down": down, "expert_ids": ids_all, "upload": list(down), "evaluate": True,
                         "stats": needs_stats, "dp_eta": self.dp_eta if needs_stats else None,
-                        "dp_mechanism": self.dp_mechanism})
+                        "dp_mechanism": self.dp_mechanism, "router": self.router})
         return out
 
     def aggregate(self, round_idx: int, uploads: list[dict | None]) -> None:

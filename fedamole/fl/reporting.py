@@ -37,7 +37,14 @@ __all__ = [
     "plot_comparison",
     "seed_summary",
     "write_comparison",
+    "to_json",
+    "write_text_atomic",
 ]
+
+
+def _number(value) -> float:
+    """A summary value as a float (None, a missing value in strict JSON, is NaN)."""
+    return float("nan") if value is None else float(value)
 
 
 def _finite(value) -> bool:
@@ -88,9 +95,8 @@ class RoundReporter:
         entry = history[-1]
         best = best_round({"initial_mean": summary.get("initial_mean"), "history": history})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines = [json.dumps(_brief(h), default=_plain) for h in history]
-        text = "\n".join(lines) + "\n"
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+        lines = [json.dumps(_plain(_brief(h)), allow_nan=False) for h in history]
+        write_text_atomic(self.path, "\n".join(lines) + "\n")
         if self.echo:
             tqdm.write(round_line(entry, best, summary.get("rounds", len(history))))
 
@@ -100,12 +106,29 @@ def _brief(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k != "assignment_share"}
 
 
+def to_json(obj) -> str:
+    """Strict JSON (RFC 8259) of a summary or table: NaN and infinities become null (a missing value), numpy scalars and
+    arrays plain numbers and lists; anything else not JSON raises TypeError."""
+    return json.dumps(_plain(obj), indent=2, allow_nan=False)
+
+
 def _plain(obj):
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+        return _plain(obj.tolist())
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through `fedamole.atomic_io.atomic_write` (a reader sees the old file or the new one)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_per_client_table(summary: dict, path: str | Path) -> Path:
@@ -274,7 +297,7 @@ def plot_comparison(bands: dict[str, SeedBands], metric: str, title: str, path: 
 
 def seed_summary(runs: Sequence[dict]) -> dict:
     """Final-round and best-round client means of one algorithm's runs (one per seed): mean, std, per seed."""
-    finals = [s["final_mean"] for s in runs]
+    finals = [_number(s["final_mean"]) for s in runs]
     bests = [best_round(s) for s in runs]
     final_m, final_sd = mean_std(finals)
     best_m, best_sd = mean_std([b.mean for b in bests])
@@ -287,7 +310,7 @@ def seed_summary(runs: Sequence[dict]) -> dict:
         "best_rounds": [b.round for b in bests],
         "per_seed_final": finals,
         "per_seed_best": [b.mean for b in bests],
-        "initial_mean": mean_std([s.get("initial_mean", float("nan")) for s in runs])[0],
+        "initial_mean": mean_std([_number(s.get("initial_mean")) for s in runs])[0],
         "wall_seconds": float(np.mean([s["wall_seconds"] for s in runs])),
     }
 
@@ -301,9 +324,9 @@ def write_comparison(runs_per_algorithm: dict[str, list[dict]], out_dir: str | P
     seeds = sorted({s.get("seed") for runs in runs_per_algorithm.values() for s in runs}, key=str)
     table = {name: seed_summary(runs) for name, runs in runs_per_algorithm.items()}
     result = {"metric": first["metric"], "seeds": seeds, "results": table}
-    (out / "compare.json").write_text(json.dumps(result, indent=2, default=_plain))
+    write_text_atomic(out / "compare.json", to_json(result))
     markdown = comparison_table(table, first["metric"], len(seeds))
-    (out / "compare.md").write_text(markdown)
+    write_text_atomic(out / "compare.md", markdown)
     bands = {name: seed_bands(runs) for name, runs in runs_per_algorithm.items()}
     title = f"{first.get('scenario', '')}: {first['clients']} clients, {len(seeds)} seed(s) (band: ±std)"
     plot_comparison(bands, first["metric"], title, out / "compare.png", chance=first.get("chance"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fedamole.atomic_io import atomic_write
 from fedamole.fl.checkpoint import check_resume_state, load_checkpoint, save_checkpoint
 from fedamole.fl.client import state_nbytes
 from fedamole.fl.engine import make_engine
@@ -19,18 +19,62 @@ from fedamole.fl.reporting import (
     best_round,
     plot_assignments,
     plot_communication,
+    to_json,
     write_comparison,
     write_per_client_table,
+    write_text_atomic,
 )
-from fedamole.fl.validation import TRAINING_FAULTS, UPLOAD_FAULTS, check_upload, corrupt_upload
+from fedamole.fl.validation import (
+    TRAINING_FAULTS,
+    UPLOAD_FAULTS,
+    check_metric,
+    check_round,
+    check_upload,
+    corrupt_upload,
+)
 from fedamole.presets import SimConfig, build_data, build_workload, make_algorithm, mole_config
 
-__all__ = ["simulate", "write_summary", "plot_history", "compare"]
+__all__ = ["AllClientsFailed", "simulate", "write_summary", "plot_history", "compare"]
 
 
-def _mean(values) -> float:
+class AllClientsFailed(RuntimeError):
+    """Every client failed while no client had yet worked in this run: the error is systematic (a bad backend, model
+    or setting), not a fault to ride out, so the run stops with the first client's error."""
+
+
+def _mean(values) -> float | None:
+    """Mean of the numbers in `values` (None and NaN: not scored); None when there are none."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(vals)) if vals else float("nan")
+    return float(np.mean(vals)) if vals else None
+
+
+def _stop_if_nothing_ever_worked(results: list, worked: bool, what: str) -> bool:
+    """True when some client returned a result (failed or dropped do not count) now or earlier in the run; raises
+    `AllClientsFailed` when none ever has and some client failed now."""
+    if worked or any(isinstance(u, dict) and not u.get("failed") and not u.get("dropped") for u in results):
+        return True
+    failures = [(c, u.get("error")) for c, u in enumerate(results) if isinstance(u, dict) and u.get("failed")]
+    if failures:
+        c, error = failures[0]
+        raise AllClientsFailed(f"every client failed in {what} and none has worked in this run; "
+                               f"first error (client {c}): {error}")
+    return False
+
+
+def _eval_metrics(results: list[dict]) -> tuple[list[float | None], list[dict]]:
+    """Per-client metrics of an evaluation-only run (None: failed or not a valid metric) and its failures."""
+    metrics, failures = [], []
+    for c, result in enumerate(results):
+        if not isinstance(result, dict) or result.get("failed") or result.get("dropped"):
+            error = result.get("error") if isinstance(result, dict) else f"returned a {type(result).__name__}"
+            failures.append({"client": c, "error": str(error or "dropped out")})
+            metrics.append(None)
+        elif problem := check_metric(result.get("metric")):
+            failures.append({"client": c, "error": problem})
+            metrics.append(None)
+        else:
+            metrics.append(float(result["metric"]))
+    return metrics, failures
 
 
 def _settings(cfg: SimConfig, payloads: list[dict], round_idx: int) -> list[dict]:
@@ -47,10 +91,12 @@ def _eval_only(payloads: list[dict]) -> list[dict]:
     return [{**p, "steps": 0, "evaluate": True, "stats": False, "upload": [], "keep": []} for p in payloads]
 
 
-def _screen(raw: list[dict], payloads: list[dict], max_norm: float | None) -> tuple[list[dict | None], dict]:
+def _screen(raw: list[dict], payloads: list[dict], max_norm: float | None,
+            norm_ratio: float | None) -> tuple[list[dict | None], dict]:
     """Accepted uploads (None for a client that failed, dropped out or sent a rejected upload) and the report."""
     uploads: list[dict | None] = []
     report: dict = {"participants": 0, "failed_clients": [], "dropped_clients": [], "rejected_uploads": []}
+    rejected: dict[int, list[str]] = {}
     for c, (upload, payload) in enumerate(zip(raw, payloads)):
         if isinstance(upload, dict) and upload.get("dropped"):
             report["dropped_clients"].append(c)
@@ -59,11 +105,15 @@ def _screen(raw: list[dict], payloads: list[dict], max_norm: float | None) -> tu
             report["failed_clients"].append({"client": c, "error": str(upload.get("error"))})
             uploads.append(None)
         elif problems := check_upload(upload, payload, max_norm):
-            report["rejected_uploads"].append({"client": c, "reasons": problems[:5]})
+            rejected[c] = problems
             uploads.append(None)
         else:
-            report["participants"] += 1
             uploads.append(upload)
+    for c, problems in check_round(uploads, payloads, norm_ratio).items():
+        rejected[c] = problems
+        uploads[c] = None
+    report["rejected_uploads"] = [{"client": c, "reasons": rejected[c][:5]} for c in sorted(rejected)]
+    report["participants"] = sum(u is not None for u in uploads)
     return uploads, report
 
 
@@ -140,10 +190,13 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
         summary["chance"] = 1.0 / (len(scenario.choices) if scenario.choices else scenario.num_labels)
     done, restored, history = _restore(checkpoint_dir, cfg, algo, workload) if resume else (0, {}, [])
     summary.update({k: v for k, v in restored.items() if k.startswith("initial_")})
+    # Whether any client has returned a result in this run (see `_stop_if_nothing_ever_worked`).
+    worked = any(h["participants"] or h["rejected_uploads"] for h in history)
     try:
         if cfg.eval_initial and done == 0:
             first = engine.run(_eval_only(_settings(cfg, algo.payloads(1), 1)), 0)
-            summary["initial_per_client"] = [u["metric"] for u in first]
+            worked = _stop_if_nothing_ever_worked(first, worked, "the initial evaluation")
+            summary["initial_per_client"], summary["initial_failures"] = _eval_metrics(first)
             summary["initial_mean"] = _mean(summary["initial_per_client"])
         for r in tqdm(range(done + 1, cfg.rounds + 1), desc=f"{cfg.algorithm} rounds", disable=not progress,
                       initial=min(done, cfg.rounds), total=cfg.rounds):
@@ -158,7 +211,8 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
             for c, kind in faults.items():
                 if kind in UPLOAD_FAULTS and "up" in raw[c]:
                     raw[c] = corrupt_upload(raw[c], kind, payloads[c])
-            uploads, report = _screen(raw, payloads, cfg.max_upload_norm)
+            worked = _stop_if_nothing_ever_worked(raw, worked, f"round {r}")
+            uploads, report = _screen(raw, payloads, cfg.max_upload_norm, cfg.upload_norm_ratio)
             received = [u for u in uploads if u is not None]
             bytes_up = sum(state_nbytes(u["up"]) + state_nbytes(u["stats"] or {}) for u in received)
             bytes_up += sum(state_nbytes(u.get("expert_ids") or {}) for u in received)  # clients send their ids
@@ -167,7 +221,7 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
                 evals = algo.eval_payloads()
                 if r == cfg.rounds:  # earlier rounds: this model is the next round's download, counted there
                     bytes_down += _down_bytes(evals)
-                per_client = [u.get("metric") for u in engine.run(_eval_only(_settings(cfg, evals, r)), r)]
+                per_client, report["eval_failures"] = _eval_metrics(engine.run(_eval_only(_settings(cfg, evals, r)), r))
             else:
                 per_client = [None if u is None else u["metric"] for u in uploads]
             entry = {"round": r, "mean": _mean(per_client), "per_client": per_client, "bytes_up": int(bytes_up),
@@ -207,12 +261,13 @@ def plot_history(summaries: dict[str, dict], path: str | Path, per_client: bool 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, s in summaries.items():
         rounds = [h["round"] for h in s["history"]]
-        line, = ax.plot(rounds, [h["mean"] for h in s["history"]], marker="o", lw=2.2, label=f"{label} (mean)")
+        means = np.array([h["mean"] for h in s["history"]], dtype=float)  # None (nothing scored) -> NaN: a gap
+        line, = ax.plot(rounds, means, marker="o", lw=2.2, label=f"{label} (mean)")
         if per_client and len(summaries) == 1:
             per = np.array([h["per_client"] for h in s["history"]], dtype=float)
             for c in range(per.shape[1]):
                 ax.plot(rounds, per[:, c], lw=0.8, alpha=0.45, color=line.get_color())
-        if "initial_mean" in s:
+        if s.get("initial_mean") is not None:
             ax.axhline(s["initial_mean"], ls=":", color=line.get_color(), lw=1)
     first = next(iter(summaries.values()))
     if "chance" in first:
@@ -227,30 +282,25 @@ def plot_history(summaries: dict[str, dict], path: str | Path, per_client: bool 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
     return path
 
 
 def write_summary(summary: dict, out_dir: str | Path) -> Path:
-    """DIR/summary.json, DIR/metrics.png (metric per round), DIR/per_client.csv (sizes and metrics per client),
-    DIR/communication.png and, for runs with experts, DIR/assignment.png (experts x clients per round)."""
+    """DIR/summary.json (strict JSON: missing values are null), DIR/metrics.png (metric per round), DIR/per_client.csv
+    (sizes and metrics per client), DIR/communication.png and, for runs with experts, DIR/assignment.png (experts x
+    clients per round); the summary is written atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    write_text_atomic(out / "summary.json", to_json(summary))
     plot_history({summary["algorithm"]: summary}, out / "metrics.png")
     write_per_client_table(summary, out / "per_client.csv")
     plot_communication(summary, out / "communication.png")
     plot_assignments(summary, out / "assignment.png")
     return out / "summary.json"
-
-
-def _json_default(obj):
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def compare(cfg: SimConfig, algorithms: list[str], out_dir: str | Path, seeds: list[int] | None = None,
