@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fedamole.data.fetch import FetchError
     from fedamole.fl.reporting import RoundReporter
-    from fedamole.fl.runner import compare, simulate, write_summary
+    from fedamole.fl.runner import AllClientsFailed, compare, simulate, write_summary
     from fedamole.run_folder import claim_run_folder
 
     try:
@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FetchError) as exc:
         print(f"fedamole: error: {exc}", file=sys.stderr)
         return 2
+    except AllClientsFailed as exc:  # a systematic failure at run time (backend, model): not a usage error
+        print(f"fedamole: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

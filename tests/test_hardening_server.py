@@ -125,6 +125,8 @@ MALFORMED = {
     "metric a tensor": (_set(["metric"], torch.tensor(0.5)), "metric"),
     "num_train negative": (_set(["num_train"], -1), "num_train"),
     "num_train a float": (_set(["num_train"], 2.5), "num_train"),
+    "fusion_weights NaN": (_set(["fusion_weights"], [0.5, math.nan]), "fusion_weights"),
+    "fusion_weights a string": (_set(["fusion_weights"], "0.5"), "fusion_weights"),
     "private with a tensor not kept": (_set(["private"], {"x.lora_a": torch.zeros(1)}), "private"),
     "private not a dict": (_set(["private"], [1, 2]), "private"),
     "unknown field": (_set(["extra"], 1), "unexpected field"),

@@ -89,7 +89,8 @@ def test_cli_exits_non_zero_when_every_client_fails(tmp_path):
         env=env,
         timeout=300,
     )
-    assert done.returncode != 0
+    assert done.returncode == 1
+    assert "fedamole: error: every client failed" in done.stderr and "Traceback" not in done.stderr
     assert "FEDAMOLE_BACKEND must be one of" in done.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
 
@@ -137,7 +138,7 @@ def test_summary_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_summary(_summary(0.75), tmp_path)
     assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.png", "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.png", "per_client.csv", "summary.json"]
 
 
 # -- row 13: upload norms bounded relative to the round -------------------------------------------------------------

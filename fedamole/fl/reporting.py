@@ -11,6 +11,7 @@ untrained model), then the mean over seeds; the final round is reported next to 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -152,11 +153,12 @@ def write_per_client_table(summary: dict, path: str | Path) -> Path:
                 f"best_round_{best.round}": _at(best_per_client, c),
             }
         )
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["client"])
+    writer.writeheader()
+    writer.writerows(rows)
     path = Path(path)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["client"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
     return path
 
 
@@ -198,7 +200,7 @@ def plot_assignments(summary: dict, path: str | Path, max_panels: int = 8) -> Pa
 
 def plot_communication(summary: dict, path: str | Path) -> Path | None:
     """Bytes per round (up, down) and cumulative traffic in MiB."""
-    history = summary.get("history", [])
+    history = [h for h in summary.get("history", []) if "bytes_up" in h and "bytes_down" in h]
     if not history:
         return None
     plt = _pyplot()

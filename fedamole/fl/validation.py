@@ -58,7 +58,9 @@ UPLOAD_FAULTS = (
 )
 FAULT_KINDS = TRAINING_FAULTS + UPLOAD_FAULTS
 
-UPLOAD_KEYS = frozenset({"up", "private", "metric", "stats", "train_loss", "num_train", "expert_ids"})
+UPLOAD_KEYS = frozenset(
+    {"up", "private", "metric", "stats", "train_loss", "num_train", "expert_ids", "fusion_weights"}
+)
 # `check_round`: changes with an RMS per element below this are never rejected (float32 round-off of O(1) weights
 # is ~1e-7), so that a round whose updates are all tiny does not turn honest noise into outliers.
 UPLOAD_NORM_FLOOR = 1e-6
@@ -186,6 +188,12 @@ def _check_scalars(upload: dict, payload: dict) -> list[str]:
     num = upload["num_train"]
     if not isinstance(num, numbers.Integral) or isinstance(num, (bool, np.bool_)) or num < 0:
         problems.append(f"num_train must be an int >= 0, got {num!r}")
+    fusion = upload["fusion_weights"]  # FDLoRA's AdaFusion weights (reported, not aggregated); None elsewhere
+    if fusion is not None and not (
+        isinstance(fusion, (list, tuple))
+        and all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in fusion)
+    ):
+        problems.append(f"fusion_weights must be None or a list of finite numbers, got {fusion!r}")
     return problems
 
 
