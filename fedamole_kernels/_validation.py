@@ -67,7 +67,11 @@ def validate_mole_args(
     _require_float("lora_a", lora_a, x.dtype)
     num_segments, num_slots, rank, a_din = lora_a.shape
     if a_din != d_in:
-        raise ValueError(f"lora_a must have shape [S, E, r, d_in={d_in}], got {list(lora_a.shape)}")
+        # x is what varies per call: name it, with the d_in the weights expect.
+        raise ValueError(
+            f"x must have shape [T, d_in={a_din}] (d_in of lora_a [S, E, r, d_in] = {list(lora_a.shape)}), "
+            f"got {list(x.shape)}"
+        )
     if num_slots < 1 or rank < 1 or num_segments < 1:
         raise ValueError(f"lora_a must have S >= 1, E >= 1 and r >= 1, got shape {list(lora_a.shape)}")
     lora_b = _require_tensor("lora_b", lora_b, 4)
@@ -127,15 +131,71 @@ def validate_mole_args(
         raise ValueError(f"scaling must be finite, got {scaling}")
 
     if check_values:
-        bounds = seg_offsets.tolist()
-        if bounds[0] != 0:
-            raise ValueError(f"seg_offsets must start at 0, got seg_offsets[0] = {bounds[0]}")
-        if bounds[-1] != num_tokens:
-            raise ValueError(f"seg_offsets must end at T = x.shape[0] = {num_tokens}, got {bounds[-1]}")
-        for s in range(num_segments):
-            if bounds[s + 1] < bounds[s]:
-                raise ValueError(
-                    f"seg_offsets must be non-decreasing, got seg_offsets[{s}] = {bounds[s]} > "
-                    f"seg_offsets[{s + 1}] = {bounds[s + 1]}"
-                )
+        check_offset_values(seg_offsets.tolist(), num_tokens)
     return MoLEShapes(num_tokens, num_segments, num_slots, rank, d_in, d_out)
+
+
+def check_offset_values(bounds: list[int], num_tokens: int) -> None:
+    """seg_offsets values (read on the host): start at 0, non-decreasing, end at T."""
+    if bounds[0] != 0:
+        raise ValueError(f"seg_offsets must start at 0, got seg_offsets[0] = {bounds[0]}")
+    if bounds[-1] != num_tokens:
+        raise ValueError(f"seg_offsets must end at T = x.shape[0] = {num_tokens}, got {bounds[-1]}")
+    for s in range(len(bounds) - 1):
+        if bounds[s + 1] < bounds[s]:
+            raise ValueError(
+                f"seg_offsets must be non-decreasing, got seg_offsets[{s}] = {bounds[s]} > "
+                f"seg_offsets[{s + 1}] = {bounds[s + 1]}"
+            )
+
+
+def validate_backward_args(shapes: MoLEShapes, x: Tensor, grad_delta, grad_probs, probs, topk_idx, top_k: int) -> None:
+    """Shapes, dtypes and devices of the backward's extra arguments (the forward's are checked by
+    `validate_mole_args`): grad_delta [T, d_out] like x, grad_probs [T, E] floating or None, probs [T, E] floating,
+    topk_idx [T, top_k] int64. The values of topk_idx are each backend's to check."""
+    t, e = shapes.num_tokens, shapes.num_slots
+    _require_tensor("grad_delta", grad_delta, 2)
+    _require_float("grad_delta", grad_delta, x.dtype)
+    _require_shape("grad_delta", grad_delta, (t, shapes.d_out), "[T, d_out], like delta")
+    _require_tensor("probs", probs, 2)
+    _require_float("probs", probs)
+    _require_shape("probs", probs, (t, e), "[T, E], the forward's probs")
+    _require_tensor("topk_idx", topk_idx, 2)
+    if topk_idx.dtype != torch.int64:
+        raise TypeError(f"topk_idx must be an int64 tensor, got {topk_idx.dtype}")
+    _require_shape("topk_idx", topk_idx, (t, top_k), "[T, top_k], the forward's topk_idx")
+    if grad_probs is not None:
+        _require_tensor("grad_probs", grad_probs, 2)
+        _require_float("grad_probs", grad_probs)
+        _require_shape("grad_probs", grad_probs, (t, e), "[T, E], like probs")
+    for name, value in (("grad_delta", grad_delta), ("grad_probs", grad_probs), ("probs", probs),
+                        ("topk_idx", topk_idx)):
+        if value is not None:
+            _require_device(name, value, x.device)
+
+
+def topk_errors(topk_idx: Tensor, expert_mask: Tensor, seg_offsets: Tensor) -> Tensor:
+    """Per token, whether its top-k ids are invalid: an id other than -1 outside [0, E), a masked slot of the token's
+    segment, or a slot twice. Vectorised on topk_idx's device, no host sync (segments found by a search in
+    seg_offsets, clamped, so offsets not yet checked cannot index out of range either)."""
+    num_tokens, k = topk_idx.shape
+    num_segments, num_slots = expert_mask.shape
+    tokens = torch.arange(num_tokens, device=topk_idx.device, dtype=seg_offsets.dtype)
+    seg_of_token = (torch.searchsorted(seg_offsets, tokens, right=True) - 1).clamp(0, num_segments - 1)
+    present = topk_idx >= 0
+    in_range = (topk_idx == -1) | (present & (topk_idx < num_slots))
+    active = expert_mask[seg_of_token].gather(1, topk_idx.clamp(0, num_slots - 1)) | ~present
+    # Padding gets distinct negative ids so that only real slots can repeat.
+    ids = torch.where(present, topk_idx, -1 - torch.arange(k, device=topk_idx.device))
+    ordered = ids.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+    return ~(in_range & active).all(1) | repeated
+
+
+def raise_topk_error(topk_idx: Tensor, bad: Tensor) -> None:
+    """The ValueError for the first token flagged by `topk_errors` (error path only: reads the row on the host)."""
+    token = int(bad.nonzero()[0, 0])
+    raise ValueError(
+        f"topk_idx[{token}] = {topk_idx[token].tolist()} is invalid: each id must be -1 or an active slot of the "
+        "token's segment (expert_mask True), without repeats; pass the forward's topk_idx"
+    )
