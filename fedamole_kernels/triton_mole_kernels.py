@@ -399,6 +399,7 @@ def _route_bwd(
     dst = (cols // R) * r + cols % R
     row_ptr = rows64[:, None] * KX
     emask2 = rmask[:, None] & col_ok[None, :]  # every column is written (zeros for masked slots)
+    estore = rmask[:, None] & (ecols < E)[None, :]
     ty = dx_ptr.dtype.element_ty
     tl.store(ug_ptr + rows64[:, None] * KU + dst[None, :],
              tl.reshape(u3 * (w * scaling)[:, :, None], [BM, EP * R]).to(ty), mask=emask2)
@@ -425,10 +426,10 @@ def _route_bwd(
         if HAS_XE:
             tl.store(dxe_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
             tl.store(dx_ptr + row_ptr + dst[None, :], tl.full([BM, EP * R], 0, ty), mask=emask2)
-            tl.store(dxe_ptr + row_ptr + rt_col + ecols[None, :], tl.full([BM, EP], 0, ty), mask=emask)
+            tl.store(dxe_ptr + row_ptr + rt_col + ecols[None, :], tl.full([BM, EP], 0, ty), mask=estore)
         else:
             tl.store(dx_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
-        tl.store(dx_ptr + row_ptr + rt_col + ecols[None, :], dz.to(ty), mask=emask)
+        tl.store(dx_ptr + row_ptr + rt_col + ecols[None, :], dz.to(ty), mask=estore)
     if HAS_SHARED:
         smask = rmask[:, None] & r_ok[None, :]
         tl.store(ug_ptr + rows64[:, None] * KU + E * r + rcols[None, :], (v * scaling).to(ty), mask=smask)
