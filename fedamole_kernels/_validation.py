@@ -50,8 +50,19 @@ def _require_device(name: str, value: Tensor, device: torch.device) -> None:
 
 
 def validate_mole_args(
-    x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input,
-    top_k, scaling, router_type, check_values: bool = True,
+    x,
+    seg_offsets,
+    lora_a,
+    lora_b,
+    router,
+    shared_a,
+    shared_b,
+    expert_mask,
+    expert_input,
+    top_k,
+    scaling,
+    router_type,
+    check_values: bool = True,
 ) -> MoLEShapes:
     """Check every argument of `mole_lora`; return the problem sizes.
 
@@ -112,9 +123,16 @@ def validate_mole_args(
         raise TypeError(f"seg_offsets must be an int32 or int64 tensor, got {seg_offsets.dtype}")
     _require_shape("seg_offsets", seg_offsets, (num_segments + 1,), "[S+1] with S = lora_a.shape[0]")
 
-    for name, value in (("lora_a", lora_a), ("lora_b", lora_b), ("router", router), ("shared_a", shared_a),
-                        ("shared_b", shared_b), ("expert_mask", expert_mask), ("expert_input", expert_input),
-                        ("seg_offsets", seg_offsets)):
+    for name, value in (
+        ("lora_a", lora_a),
+        ("lora_b", lora_b),
+        ("router", router),
+        ("shared_a", shared_a),
+        ("shared_b", shared_b),
+        ("expert_mask", expert_mask),
+        ("expert_input", expert_input),
+        ("seg_offsets", seg_offsets),
+    ):
         if value is not None:
             _require_device(name, value, x.device)
 
@@ -123,8 +141,10 @@ def validate_mole_args(
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_k > max(num_slots, MAX_PADDED_TOP_K):
-        raise ValueError(f"top_k must be <= max(E, {MAX_PADDED_TOP_K}) (E = {num_slots} slots), got {top_k}: "
-                         "topk_idx is [T, top_k], so a huge top_k only allocates padding")
+        raise ValueError(
+            f"top_k must be <= max(E, {MAX_PADDED_TOP_K}) (E = {num_slots} slots), got {top_k}: "
+            "topk_idx is [T, top_k], so a huge top_k only allocates padding"
+        )
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
     if not math.isfinite(scaling):
@@ -168,8 +188,12 @@ def validate_backward_args(shapes: MoLEShapes, x: Tensor, grad_delta, grad_probs
         _require_tensor("grad_probs", grad_probs, 2)
         _require_float("grad_probs", grad_probs)
         _require_shape("grad_probs", grad_probs, (t, e), "[T, E], like probs")
-    for name, value in (("grad_delta", grad_delta), ("grad_probs", grad_probs), ("probs", probs),
-                        ("topk_idx", topk_idx)):
+    for name, value in (
+        ("grad_delta", grad_delta),
+        ("grad_probs", grad_probs),
+        ("probs", probs),
+        ("topk_idx", topk_idx),
+    ):
         if value is not None:
             _require_device(name, value, x.device)
 

@@ -27,6 +27,8 @@ follows $TRITON_INTERPRET at launch time, whatever imported the package first.
 
 from __future__ import annotations
 
+# fmt: off
+# (ruff format would put each of the kernels' ~30 arguments on its own line; the grouped lists read better.)
 import triton
 import triton.language as tl
 
@@ -518,3 +520,4 @@ else:
     # seg_gemm may accumulate into its output (ACC): restore it between autotuning runs.
     seg_gemm = triton.autotune(_gemm_configs(), key=["KD", "N"], restore_value=["out_ptr"])(_seg_gemm)
     seg_wgrad = triton.autotune(_wgrad_configs(), key=["KD", "N"])(_seg_wgrad)
+# fmt: on

@@ -103,8 +103,17 @@ def _token_grid(num_tokens: int, num_segments: int, n: int | None = None, bn: st
     return lambda meta: (triton.cdiv(num_tokens, meta["BM"]) + num_segments, triton.cdiv(n, meta[bn]))
 
 
-def expand(d: Tensor, seg_offsets: Tensor, out: Tensor, expert_mask: Tensor, w1: tuple, w2: tuple | None = None,
-           w3: tuple | None = None, accumulate: bool = False, mask_w3: bool = False) -> Tensor:
+def expand(
+    d: Tensor,
+    seg_offsets: Tensor,
+    out: Tensor,
+    expert_mask: Tensor,
+    w1: tuple,
+    w2: tuple | None = None,
+    w3: tuple | None = None,
+    accumulate: bool = False,
+    mask_w3: bool = False,
+) -> Tensor:
     """out[seg s rows] (+)= d[rows] @ W_cat[s], grouped over segments.
 
     W_cat[s] stacks, along K, `w1` = (tensor, stride_seg, stride_slot, stride_row, stride_n, rows_per_slot, slots)
@@ -118,15 +127,38 @@ def expand(d: Tensor, seg_offsets: Tensor, out: Tensor, expert_mask: Tensor, w1:
     num_segments = seg_offsets.shape[0] - 1
     dummy = (d, 0, 0, 0, 0)
     k.seg_gemm[_token_grid(num_tokens, num_segments, n)](
-        d, seg_offsets, out, expert_mask, *w1, *(w2 or dummy), *(w3 or dummy), num_segments, num_tokens, kd, n,
-        SP=_pow2(num_segments, 2), HAS_W2=w2 is not None, HAS_W3=w3 is not None, ACC=accumulate, MASK_W3=mask_w3,
-        **_launch_opts(d), **_meta("gemm"),
+        d,
+        seg_offsets,
+        out,
+        expert_mask,
+        *w1,
+        *(w2 or dummy),
+        *(w3 or dummy),
+        num_segments,
+        num_tokens,
+        kd,
+        n,
+        SP=_pow2(num_segments, 2),
+        HAS_W2=w2 is not None,
+        HAS_W3=w3 is not None,
+        ACC=accumulate,
+        MASK_W3=mask_w3,
+        **_launch_opts(d),
+        **_meta("gemm"),
     )
     return out
 
 
-def _wgrad(d: Tensor, x: Tensor, seg_offsets: Tensor, o1: tuple, o2: tuple | None, o3: tuple | None,
-           d2: Tensor | None = None, x2: Tensor | None = None) -> None:
+def _wgrad(
+    d: Tensor,
+    x: Tensor,
+    seg_offsets: Tensor,
+    o1: tuple,
+    o2: tuple | None,
+    o3: tuple | None,
+    d2: Tensor | None = None,
+    x2: Tensor | None = None,
+) -> None:
     """Per segment O_cat = d_seg^T @ x_seg (+ d2_seg^T @ x2_seg) scattered into o1 (slots), o2, o3 (row blocks)."""
     k = _kernels()
     kd, n = d.shape[1], x.shape[1]
@@ -134,9 +166,22 @@ def _wgrad(d: Tensor, x: Tensor, seg_offsets: Tensor, o1: tuple, o2: tuple | Non
     dummy = (d, 0, 0, 0, 0)
     grid = lambda meta: (num_segments, triton.cdiv(kd, meta["BKD"]), triton.cdiv(n, meta["BN"]))
     k.seg_wgrad[grid](
-        d, x, d if d2 is None else d2, x if x2 is None else x2, seg_offsets, *o1, *(o2 or dummy), *(o3 or dummy),
-        x.shape[0], kd, n, HAS_D2=d2 is not None, HAS_O2=o2 is not None, HAS_O3=o3 is not None,
-        **_launch_opts(x), **_meta("wgrad"),
+        d,
+        x,
+        d if d2 is None else d2,
+        x if x2 is None else x2,
+        seg_offsets,
+        *o1,
+        *(o2 or dummy),
+        *(o3 or dummy),
+        x.shape[0],
+        kd,
+        n,
+        HAS_D2=d2 is not None,
+        HAS_O2=o2 is not None,
+        HAS_O3=o3 is not None,
+        **_launch_opts(x),
+        **_meta("wgrad"),
     )
 
 
@@ -175,16 +220,29 @@ def _raise_flagged(err: Tensor, what: str) -> None:
     torch._assert_async(err.eq(0).all(), f"mole_lora (triton {what}): invalid seg_offsets or topk_idx")
 
 
-def mole_lora_forward(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
-                      top_k, scaling, router_type):
+def mole_lora_forward(
+    x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, top_k, scaling, router_type
+):
     """Forward -> (delta [T, d_out] x.dtype, probs [T, E] float32, topk_idx [T, top_k] int64)."""
     validate_mole_args(
         x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling,
         router_type, check_values=x.shape[0] == 0 and seg_offsets.device.type == "cpu",
     )  # fmt: skip
     if x.dtype == torch.float64:
-        return reference.mole_lora_forward(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b,
-                                           expert_mask, top_k, scaling, router_type)
+        return reference.mole_lora_forward(
+            x,
+            expert_input,
+            seg_offsets,
+            lora_a,
+            lora_b,
+            router,
+            shared_a,
+            shared_b,
+            expert_mask,
+            top_k,
+            scaling,
+            router_type,
+        )
     x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask = _contiguous(
         x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask
     )
@@ -203,20 +261,59 @@ def mole_lora_forward(x, expert_input, seg_offsets, lora_a, lora_b, router, shar
     ep = _pow2(num_slots, 2)
     err = torch.zeros(2, dtype=torch.int32, device=x.device)
     k.route_shrink_fwd[_token_grid(num_tokens, num_segments)](
-        x, x if expert_input is None else expert_input, seg_offsets, lora_a, router,
-        x if shared_a is None else shared_a, expert_mask, probs, topk_idx, uv, err,
-        num_segments, num_tokens, num_slots, rank, d_in, ku, float(scaling), 1.0 / math.sqrt(rank),
-        SP=_pow2(num_segments, 2), EP=ep, R=_pow2(rank, 16), ZP=max(16, ep), TOPK=top_k,
-        EMBED=router_type == "embedding", HAS_XE=expert_input is not None, HAS_SHARED=has_shared,
-        **_launch_opts(x), **_meta("route"),
+        x,
+        x if expert_input is None else expert_input,
+        seg_offsets,
+        lora_a,
+        router,
+        x if shared_a is None else shared_a,
+        expert_mask,
+        probs,
+        topk_idx,
+        uv,
+        err,
+        num_segments,
+        num_tokens,
+        num_slots,
+        rank,
+        d_in,
+        ku,
+        float(scaling),
+        1.0 / math.sqrt(rank),
+        SP=_pow2(num_segments, 2),
+        EP=ep,
+        R=_pow2(rank, 16),
+        ZP=max(16, ep),
+        TOPK=top_k,
+        EMBED=router_type == "embedding",
+        HAS_XE=expert_input is not None,
+        HAS_SHARED=has_shared,
+        **_launch_opts(x),
+        **_meta("route"),
     )
     expand(uv, seg_offsets, delta, expert_mask, _slots(lora_b, True), _rows(shared_b, True) if has_shared else None)
     _raise_flagged(err, "forward")
     return delta, probs, topk_idx
 
 
-def mole_lora_backward(grad_delta, grad_probs, x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a,
-                       shared_b, expert_mask, probs, topk_idx, top_k, scaling, router_type):
+def mole_lora_backward(
+    grad_delta,
+    grad_probs,
+    x,
+    expert_input,
+    seg_offsets,
+    lora_a,
+    lora_b,
+    router,
+    shared_a,
+    shared_b,
+    expert_mask,
+    probs,
+    topk_idx,
+    top_k,
+    scaling,
+    router_type,
+):
     """Backward -> grads of (x, expert_input | None, lora_a, lora_b, router, shared_a | None, shared_b | None), each
     in its input's dtype. Uses the forward's probs / topk_idx (routing is not recomputed)."""
     shapes = validate_mole_args(
@@ -225,9 +322,24 @@ def mole_lora_backward(grad_delta, grad_probs, x, expert_input, seg_offsets, lor
     )  # fmt: skip
     validate_backward_args(shapes, x, grad_delta, grad_probs, probs, topk_idx, top_k)
     if x.dtype == torch.float64:
-        return reference.mole_lora_backward(grad_delta, grad_probs, x, expert_input, seg_offsets, lora_a, lora_b,
-                                            router, shared_a, shared_b, expert_mask, probs, topk_idx, top_k, scaling,
-                                            router_type)
+        return reference.mole_lora_backward(
+            grad_delta,
+            grad_probs,
+            x,
+            expert_input,
+            seg_offsets,
+            lora_a,
+            lora_b,
+            router,
+            shared_a,
+            shared_b,
+            expert_mask,
+            probs,
+            topk_idx,
+            top_k,
+            scaling,
+            router_type,
+        )
     x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, probs, topk_idx = (
         _contiguous(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, probs,
                     topk_idx)
@@ -260,19 +372,57 @@ def mole_lora_backward(grad_delta, grad_probs, x, expert_input, seg_offsets, lor
     xe = x if expert_input is None else expert_input
     err = torch.zeros(2, dtype=torch.int32, device=x.device)
     k.route_bwd[_token_grid(num_tokens, num_segments)](
-        g, probs if gp is None else gp, x, xe, seg_offsets, lora_a, lora_b, router,
-        x if shared_a is None else shared_a, x if shared_b is None else shared_b, probs, topk_idx, expert_mask,
-        ug, dx_buf, dxe_buf, err,
-        num_segments, num_tokens, num_slots, rank, d_in, d_out, ku, kx, float(scaling), 1.0 / math.sqrt(rank),
-        SP=_pow2(num_segments, 2), EP=_pow2(num_slots, 2), R=_pow2(rank, 16), TOPK=top_k,
-        EMBED=embed, HAS_XE=has_xe, HAS_SHARED=has_shared, HAS_GP=gp is not None,
-        **_launch_opts(x), **_meta("route"),
+        g,
+        probs if gp is None else gp,
+        x,
+        xe,
+        seg_offsets,
+        lora_a,
+        lora_b,
+        router,
+        x if shared_a is None else shared_a,
+        x if shared_b is None else shared_b,
+        probs,
+        topk_idx,
+        expert_mask,
+        ug,
+        dx_buf,
+        dxe_buf,
+        err,
+        num_segments,
+        num_tokens,
+        num_slots,
+        rank,
+        d_in,
+        d_out,
+        ku,
+        kx,
+        float(scaling),
+        1.0 / math.sqrt(rank),
+        SP=_pow2(num_segments, 2),
+        EP=_pow2(num_slots, 2),
+        R=_pow2(rank, 16),
+        TOPK=top_k,
+        EMBED=embed,
+        HAS_XE=has_xe,
+        HAS_SHARED=has_shared,
+        HAS_GP=gp is not None,
+        **_launch_opts(x),
+        **_meta("route"),
     )
     # dB, dB_s = UG^T g per segment.
     _wgrad(ug, g, seg_offsets, _slots(gb, True), _rows(gsb, True) if has_shared else None, None)
     # dA, dA_s, dW_t (or dR) = Dx^T x (+ Dxe^T x_e) per segment; both buffers share the column layout.
-    _wgrad(dx_buf, x, seg_offsets, _slots(ga, False), _rows(gsa, False) if has_shared else None, _rows(gr, False),
-           d2=dxe_buf if has_xe else None, x2=expert_input)
+    _wgrad(
+        dx_buf,
+        x,
+        seg_offsets,
+        _slots(ga, False),
+        _rows(gsa, False) if has_shared else None,
+        _rows(gr, False),
+        d2=dxe_buf if has_xe else None,
+        x2=expert_input,
+    )
     # dx (and dx_e) = D @ [A | A_s | W_t] per segment.
     w_src = (_slots(lora_a, False), _rows(shared_a, False) if has_shared else None, _rows(router, False))
     expand(dx_buf, seg_offsets, gx, expert_mask, *w_src, mask_w3=not embed)

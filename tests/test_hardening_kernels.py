@@ -31,13 +31,12 @@ def run_isolated(source: str, env: dict | None = None, timeout: int = 300) -> li
     """Runs `source` in a fresh interpreter (tests/ on sys.path); it prints one JSON list, returned here. A crash
     (signal, abort) fails the test with the child's stderr."""
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]), **(env or {})}
-    proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=full_env,
-                          timeout=timeout)
+    proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=full_env, timeout=timeout)
     assert proc.returncode == 0, f"child exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-OUTCOME = '''
+OUTCOME = """
 def outcome(fn):
     try:
         fn()
@@ -46,24 +45,26 @@ def outcome(fn):
     except Exception as exc:
         return "other " + type(exc).__name__ + ": " + str(exc).splitlines()[0]
     return "returned"
-'''
+"""
 
 
-# -- row 1: top-k ids in the C++ backward -------------------------------------------------------------------------------
+# -- row 1: top-k ids in the C++ backward --------------------------------------------------------------------------
 
 BAD_IDS = {"E": 4, "100": 100, "1e9": 10**9, "-5": -5, "masked": 3, "repeat": None}
 
 
 @needs_ext
 def test_cpp_backward_rejects_invalid_topk_ids_on_every_entry_point():
-    source = OUTCOME + '''
+    source = (
+        OUTCOME
+        + """
 import json, torch
 from mole_cases import make_problem
 from fedamole_kernels import mole_lora
 prob = make_problem([3, 2], 4, 2, 5, 3, 2, None).cast(torch.float32)
 mask = torch.tensor([[True, True, True, False], [True] * 4])
 results = {}
-for name, value in %r.items():
+for name, value in BAD_IDS_VALUE.items():
     def tamper(i):
         if value is None:
             i[:, 1] = i[:, 0]
@@ -85,7 +86,8 @@ for name, value in %r.items():
     results[name] = [outcome(fused), outcome(direct(torch.ops.fedamole_ext.mole_lora_bwd)),
                      outcome(direct(torch.ops.fedamole.mole_lora_bwd, "cpu"))]
 print(json.dumps(results))
-''' % (BAD_IDS,)
+""".replace("BAD_IDS_VALUE", repr(BAD_IDS))
+    )
     for split in ("0", "16"):  # stacked and split (small-problem) paths of the C++ kernels
         results = run_isolated(source, env={"FEDAMOLE_CPU_SPLIT_MAX_TOKENS": split})
         for name, outcomes in results.items():
@@ -130,14 +132,16 @@ def _poison(prob, router_type):
 @pytest.mark.parametrize("router_type", ["embedding", "linear"])
 @pytest.mark.parametrize("split", ["0", "16"])
 @pytest.mark.parametrize("expert_input", [False, True])
-def test_nan_in_a_masked_slot_reaches_no_token_and_no_gradient(backend, router_type, split, expert_input,
-                                                               backend_on_cpu, monkeypatch):
+def test_nan_in_a_masked_slot_reaches_no_token_and_no_gradient(
+    backend, router_type, split, expert_input, backend_on_cpu, monkeypatch
+):
     backend_on_cpu(backend)
     if split == "16" and backend != "cpu":
         pytest.skip("the split path is the cpu backend's")
     monkeypatch.setenv("FEDAMOLE_CPU_SPLIT_MAX_TOKENS", split)
-    prob = make_problem([5, 3], 4, 2, 6, 5, 2, ["1100", "1111"], router_type=router_type,
-                        expert_input=expert_input).cast(torch.float32, requires_grad=False)
+    prob = make_problem(
+        [5, 3], 4, 2, 6, 5, 2, ["1100", "1111"], router_type=router_type, expert_input=expert_input
+    ).cast(torch.float32, requires_grad=False)
     clean = {n: t.clone().requires_grad_() for n, t in prob.float_inputs().items()}
     a, b, w = _poison(prob, router_type)
     dirty = {**{n: t.clone() for n, t in prob.float_inputs().items()}, "lora_a": a, "lora_b": b, "router": w}
@@ -163,7 +167,7 @@ def test_nan_in_a_masked_slot_reaches_no_token_and_no_gradient(backend, router_t
 
 # -- row 4: seg_offsets through the custom ops ------------------------------------------------------------------------
 
-BAD_OFFSETS = [[0, 1000, 8], [0, 3, 1000], [0, 6, 3], [-4, 3, 8], [2, 3, 8], [0, 3, 7], [0, -10**12, 8]]
+BAD_OFFSETS = [[0, 1000, 8], [0, 3, 1000], [0, 6, 3], [-4, 3, 8], [2, 3, 8], [0, 3, 7], [0, -(10**12), 8]]
 
 
 def _op_args(prob):
@@ -183,15 +187,18 @@ def test_custom_ops_reject_invalid_offsets(backend, offsets, backend_on_cpu):
         torch.ops.fedamole.mole_lora_fwd(*fwd_args, 2, 2.0, "embedding", backend)
     delta, probs, idx = torch.ops.fedamole.mole_lora_fwd(*args, 2, 2.0, "embedding", backend)
     with pytest.raises(ValueError, match="seg_offsets"):
-        torch.ops.fedamole.mole_lora_bwd(torch.ones_like(delta), None, *fwd_args, probs, idx, 2, 2.0, "embedding",
-                                         backend)
+        torch.ops.fedamole.mole_lora_bwd(
+            torch.ones_like(delta), None, *fwd_args, probs, idx, 2, 2.0, "embedding", backend
+        )
     with pytest.raises(ValueError, match="seg_offsets"):
         mole_lora(t.x, bad, t.lora_a, t.lora_b, t.router, backend=backend, check_offsets=False)
 
 
 def test_triton_launchers_reject_invalid_offsets_ids_and_shapes_without_crashing():
     pytest.importorskip("triton")
-    source = OUTCOME + '''
+    source = (
+        OUTCOME
+        + """
 import json, torch
 from mole_cases import make_problem
 from fedamole_kernels import mole_lora, triton_mole_lora as tm
@@ -199,7 +206,7 @@ t = make_problem([3, 5], 3, 2, 5, 4, 2, None).cast(torch.float32, requires_grad=
 mask = torch.tensor([[True, True, False], [True, True, True]])
 args = [t.x, None, t.seg_offsets, t.lora_a, t.lora_b, t.router, t.shared_a, t.shared_b, mask]
 res = {}
-for offs in %r:
+for offs in BAD_OFFSETS_VALUE:
     bad = list(args); bad[2] = torch.tensor(offs)
     res["fwd " + str(offs)] = outcome(lambda: tm.mole_lora_forward(*bad, 2, 2.0, "embedding"))
     res["op " + str(offs)] = outcome(lambda: torch.ops.fedamole.mole_lora_fwd(*bad, 2, 2.0, "embedding", "triton"))
@@ -207,7 +214,7 @@ for offs in %r:
                                                         check_offsets=False))
 delta, probs, idx = tm.mole_lora_forward(*args, 2, 2.0, "embedding")
 g = torch.ones_like(delta)
-for offs in %r:
+for offs in BAD_OFFSETS_VALUE:
     bad = list(args); bad[2] = torch.tensor(offs)
     res["bwd " + str(offs)] = outcome(lambda: tm.mole_lora_backward(g, None, *bad, probs, idx, 2, 2.0, "embedding"))
 for name, value in (("E", 3), ("1e9", 10**9), ("-5", -5), ("masked", 2), ("2**32+1", 2**32 + 1)):
@@ -218,12 +225,14 @@ res["ids repeat"] = outcome(lambda: tm.mole_lora_backward(g, None, *args, probs,
 shapes = {"lora_b": t.lora_b[..., :1], "router": t.router[:1], "shared_b": t.shared_b[..., :1],
           "expert_mask": mask[:, :2], "x": t.x[:4]}
 for name, value in shapes.items():
-    bad = list(args); bad[["x", None, None, None, "lora_b", "router", None, "shared_b", "expert_mask"].index(name)] = value
+    slot = ["x", None, None, None, "lora_b", "router", None, "shared_b", "expert_mask"].index(name)
+    bad = list(args); bad[slot] = value
     res["shape " + name] = outcome(lambda: tm.mole_lora_forward(*bad, 2, 2.0, "embedding"))
 res["shape probs"] = outcome(lambda: tm.mole_lora_backward(g, None, *args, probs[:, :2], idx, 2, 2.0, "embedding"))
 res["shape topk_idx"] = outcome(lambda: tm.mole_lora_backward(g, None, *args, probs, idx[:, :1], 2, 2.0, "embedding"))
 print(json.dumps(res))
-''' % (BAD_OFFSETS, BAD_OFFSETS)
+""".replace("BAD_OFFSETS_VALUE", repr(BAD_OFFSETS))
+    )
     results = run_isolated(source, env={"TRITON_INTERPRET": "1"})
     for name, got in results.items():
         assert got.startswith(("ValueError", "TypeError")), (name, got)
@@ -240,11 +249,13 @@ def test_reference_op_checks_shapes_it_was_given():
         torch.ops.fedamole.mole_lora_fwd(*bad, 2, 2.0, "embedding", "reference")
     delta, probs, idx = torch.ops.fedamole.mole_lora_fwd(*args, 2, 2.0, "embedding", "reference")
     with pytest.raises(ValueError, match="topk_idx"):
-        torch.ops.fedamole.mole_lora_bwd(torch.ones_like(delta), None, *args, probs, idx.clamp(max=0) + 3, 2, 2.0,
-                                         "embedding", "reference")
+        torch.ops.fedamole.mole_lora_bwd(
+            torch.ones_like(delta), None, *args, probs, idx.clamp(max=0) + 3, 2, 2.0, "embedding", "reference"
+        )
     with pytest.raises(ValueError, match="grad_delta"):
-        torch.ops.fedamole.mole_lora_bwd(delta[:, :1].contiguous(), None, *args, probs, idx, 2, 2.0, "embedding",
-                                         "reference")
+        torch.ops.fedamole.mole_lora_bwd(
+            delta[:, :1].contiguous(), None, *args, probs, idx, 2, 2.0, "embedding", "reference"
+        )
 
 
 # -- row 15: the wrong d_in names x -----------------------------------------------------------------------------------
