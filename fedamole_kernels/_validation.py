@@ -155,6 +155,67 @@ def validate_mole_args(
     return MoLEShapes(num_tokens, num_segments, num_slots, rank, d_in, d_out)
 
 
+def check_launch_args(
+    x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling, router_type
+) -> None:
+    """What a kernel launcher needs before it computes addresses from shapes: the checks of `validate_mole_args`
+    without the values of seg_offsets. A fast path of plain comparisons (~5x cheaper: the Triton launchers run it on
+    every call, after `mole_lora` already validated) accepts only what `validate_mole_args` accepts; anything else
+    goes to `validate_mole_args`, which raises the named error."""
+    try:
+        num_tokens, d_in = x.shape
+        num_segments, num_slots, rank, a_din = lora_a.shape
+        d_out = lora_b.shape[2]
+        rows = rank if router_type == "embedding" else num_slots
+        dtype, device = x.dtype, x.device
+        fast = (
+            dtype in FLOAT_DTYPES
+            and a_din == d_in >= 1
+            and num_segments >= 1
+            and num_slots >= 1
+            and rank >= 1
+            and d_out >= 1
+            and router_type in ROUTER_TYPES
+            and lora_b.shape == (num_segments, num_slots, d_out, rank)
+            and router.shape == (num_segments, rows, d_in)
+            and expert_mask.shape == (num_segments, num_slots)
+            and seg_offsets.shape == (num_segments + 1,)
+            and lora_a.dtype == lora_b.dtype == router.dtype == dtype
+            and expert_mask.dtype == torch.bool
+            and seg_offsets.dtype in (torch.int32, torch.int64)
+            and lora_a.device == lora_b.device == router.device == expert_mask.device == seg_offsets.device == device
+            and (shared_a is None) == (shared_b is None)
+            and (
+                shared_a is None
+                or (
+                    shared_a.shape == (num_segments, rank, d_in)
+                    and shared_b.shape == (num_segments, d_out, rank)
+                    and shared_a.dtype == shared_b.dtype == dtype
+                    and shared_a.device == shared_b.device == device
+                )
+            )
+            and (
+                expert_input is None
+                or (
+                    expert_input.shape == (num_tokens, d_in)
+                    and expert_input.dtype == dtype
+                    and expert_input.device == device
+                )
+            )
+            and type(top_k) is int
+            and 1 <= top_k <= max(num_slots, MAX_PADDED_TOP_K)
+            and type(scaling) in (int, float)
+            and math.isfinite(scaling)
+        )
+    except (AttributeError, TypeError, ValueError):  # not tensors, or the wrong number of dimensions
+        fast = False
+    if not fast:
+        validate_mole_args(
+            x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling,
+            router_type, check_values=False,
+        )  # fmt: skip
+
+
 def check_offset_values(bounds: list[int], num_tokens: int) -> None:
     """seg_offsets values (read on the host): start at 0, non-decreasing, end at T."""
     if bounds[0] != 0:

@@ -40,7 +40,12 @@ except Exception as exc:  # a broken install must read as "not installed" to the
     raise ImportError(f"the Triton backend needs triton: {exc}") from exc
 
 from fedamole_kernels import reference
-from fedamole_kernels._validation import validate_backward_args, validate_mole_args
+from fedamole_kernels._validation import (
+    MoLEShapes,
+    check_launch_args,
+    check_offset_values,
+    validate_backward_args,
+)
 
 NAME = "triton"
 _KERNELS = "fedamole_kernels.triton_mole_kernels"
@@ -201,6 +206,17 @@ def _rows(t: Tensor, row_is_inner: bool) -> tuple:
     return (t, a_ * b_, b_, 1, a_)
 
 
+def _check_args(
+    x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling, router_type
+) -> None:
+    """Shapes, dtypes, devices (`check_launch_args`); with no tokens no kernel runs to flag bad offsets, so on the
+    host they are checked directly (CPU tensors only: free there, a sync on a GPU, where nothing is read anyway)."""
+    check_launch_args(x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k,
+                      scaling, router_type)  # fmt: skip
+    if x.shape[0] == 0 and seg_offsets.device.type == "cpu":
+        check_offset_values(seg_offsets.tolist(), 0)
+
+
 def _contiguous(*tensors):
     return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in tensors)
 
@@ -224,10 +240,8 @@ def mole_lora_forward(
     x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, top_k, scaling, router_type
 ):
     """Forward -> (delta [T, d_out] x.dtype, probs [T, E] float32, topk_idx [T, top_k] int64)."""
-    validate_mole_args(
-        x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling,
-        router_type, check_values=x.shape[0] == 0 and seg_offsets.device.type == "cpu",
-    )  # fmt: skip
+    _check_args(x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k,
+                scaling, router_type)  # fmt: skip
     if x.dtype == torch.float64:
         return reference.mole_lora_forward(
             x,
@@ -316,10 +330,9 @@ def mole_lora_backward(
 ):
     """Backward -> grads of (x, expert_input | None, lora_a, lora_b, router, shared_a | None, shared_b | None), each
     in its input's dtype. Uses the forward's probs / topk_idx (routing is not recomputed)."""
-    shapes = validate_mole_args(
-        x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling,
-        router_type, check_values=x.shape[0] == 0 and seg_offsets.device.type == "cpu",
-    )  # fmt: skip
+    _check_args(x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k,
+                scaling, router_type)  # fmt: skip
+    shapes = MoLEShapes(x.shape[0], lora_a.shape[0], lora_a.shape[1], lora_a.shape[2], x.shape[1], lora_b.shape[2])
     validate_backward_args(shapes, x, grad_delta, grad_probs, probs, topk_idx, top_k)
     if x.dtype == torch.float64:
         return reference.mole_lora_backward(
