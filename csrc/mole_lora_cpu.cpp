@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -183,36 +184,55 @@ at::Tensor in_cd(const at::Tensor& t, at::ScalarType cd) {
 // Masked means absent: the rows (Wc, A, linear router) and columns (Bc, B) of slots that do not exist are zeroed
 // before any product, so that whatever they hold (NaN, Inf) never meets a zero gate (0 * NaN = NaN would reach every
 // token of the segment through the dense GEMMs). Nothing to do, and no copy, when every slot is active.
-at::Tensor slot_rows(const Problem& P, const at::Tensor& mask) {  // [S, E*r]: slot of each A row / B column
-  return mask.view({P.S, P.E, 1}).expand({P.S, P.E, P.r}).reshape({P.S, P.E * P.r});
-}
-
-Weights make_weights(const Problem& P, const at::Tensor& router, const at::Tensor& lora_a,
-                     const std::optional<at::Tensor>& shared_a, const at::Tensor& lora_b,
-                     const std::optional<at::Tensor>& shared_b, const at::Tensor& mask, bool need_down = true) {
-  Weights W;
-  const int64_t Er = P.E * P.r;
-  const at::Tensor absent = P.all_active ? at::Tensor() : mask.logical_not();
-  const at::Tensor absent_rows = P.all_active ? at::Tensor() : slot_rows(P, absent);
-  if (!P.split) {
-    if (need_down) {
-      W.wc = stack_down(P, router.detach(), lora_a.detach(), shared_a);
-      if (!P.all_active) {
-        W.wc.narrow(1, P.R, Er).masked_fill_(absent_rows.unsqueeze(-1), 0);
-        if (!P.embedding) W.wc.narrow(1, 0, P.R).masked_fill_(absent.unsqueeze(-1), 0);
+//
+// In the fresh, contiguous buffer `t`, for every absent slot (s, i): `count` runs of `len` elements starting at
+// element s * seg_stride + first + i * slot_stride + j * run_stride (j < count) are set to zero. Plain memsets: a
+// broadcast masked_fill cost ~50 us at d=512 per weight, more than the whole T=1 forward.
+void zero_absent(const Problem& P, at::Tensor& t, int64_t seg_stride, int64_t first, int64_t slot_stride,
+                 int64_t count, int64_t run_stride, int64_t len) {
+  const bool* m = P.mask.data_ptr<bool>();
+  char* base = static_cast<char*>(t.data_ptr());
+  const int64_t esz = static_cast<int64_t>(t.element_size());
+  for (int64_t s = 0; s < P.S; ++s) {
+    for (int64_t i = 0; i < P.E; ++i) {
+      if (m[s * P.E + i]) continue;
+      for (int64_t j = 0; j < count; ++j) {
+        std::memset(base + (s * seg_stride + first + i * slot_stride + j * run_stride) * esz, 0,
+                    static_cast<size_t>(len * esz));
       }
     }
+  }
+}
+
+// Only the products that would mix an absent slot's values into other results need the zeros: the forward's
+// expand (G Bc^T, stacked: G is 0 there by selection, but 0 * NaN = NaN), and the backward's input gradient (dH Wc,
+// dH selected to 0 there: the A rows and linear-router rows). Everything else reads an absent slot's columns only to
+// select them away (routing, G, dH), and the split path never multiplies by an unselected slot's B.
+Weights make_weights(const Problem& P, const at::Tensor& router, const at::Tensor& lora_a,
+                     const std::optional<at::Tensor>& shared_a, const at::Tensor& lora_b,
+                     const std::optional<at::Tensor>& shared_b, bool backward) {
+  Weights W;
+  const int64_t Er = P.E * P.r, D = P.D, r = P.r;
+  if (!P.split) {
+    W.wc = stack_down(P, router.detach(), lora_a.detach(), shared_a);  // fresh buffers: masked in place
     W.bc = stack_up(P, lora_b.detach(), shared_b);
-    if (!P.all_active) W.bc.narrow(2, 0, Er).masked_fill_(absent_rows.unsqueeze(1), 0);
+    if (!P.all_active && backward) {
+      zero_absent(P, W.wc, P.Kc * D, P.R * D, r * D, 1, 0, r * D);
+      if (!P.embedding) zero_absent(P, W.wc, P.Kc * D, 0, D, 1, 0, D);
+    }
+    if (!P.all_active && !backward) zero_absent(P, W.bc, P.O * P.Ke, 0, r, P.O, P.Ke, r);
     return W;
   }
   W.router = in_cd(router, P.cd);
-  W.a = in_cd(lora_a, P.cd).view({P.S, Er, P.D});
+  W.a = in_cd(lora_a, P.cd).view({P.S, Er, D});
   W.b = in_cd(lora_b, P.cd);
-  if (!P.all_active) {  // the split path reads the weights in place: masked copies
-    W.a = W.a.masked_fill(absent_rows.unsqueeze(-1), 0);
-    W.b = W.b.masked_fill(absent.view({P.S, P.E, 1, 1}), 0);
-    if (!P.embedding) W.router = W.router.masked_fill(absent.unsqueeze(-1), 0);
+  if (!P.all_active && backward) {  // the split path reads the weights in place: masked copies
+    W.a = W.a.clone();
+    zero_absent(P, W.a, Er * D, 0, r * D, 1, 0, r * D);
+    if (!P.embedding) {
+      W.router = W.router.clone();
+      zero_absent(P, W.router, P.E * D, 0, D, 1, 0, D);
+    }
   }
   if (P.shared) {
     W.sa = in_cd(*shared_a, P.cd);
@@ -748,7 +768,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_lora_fwd_cpu(
   P.split = use_split(P.T, kSplitMaxTokensFwd);
   const at::Tensor xc = in_cd(x, P.cd);
   const at::Tensor xec = P.has_xe ? in_cd(*expert_input, P.cd) : at::Tensor();
-  const Weights W = make_weights(P, router, lora_a, shared_a, lora_b, shared_b, P.mask);
+  const Weights W = make_weights(P, router, lora_a, shared_a, lora_b, shared_b, /*backward=*/false);
   const at::Tensor& mask = P.mask;
   at::Tensor delta_c = at::empty({P.T, P.O}, xc.options());
   at::Tensor probs = at::zeros({P.T, P.E}, xc.options());
@@ -790,7 +810,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor xc = in_cd(x, P.cd);
   const at::Tensor xec = P.has_xe ? in_cd(*expert_input, P.cd) : at::Tensor();
   const at::Tensor gc = in_cd(grad_delta, P.cd);
-  const Weights W = make_weights(P, router, lora_a, shared_a, lora_b, shared_b, P.mask);
+  const Weights W = make_weights(P, router, lora_a, shared_a, lora_b, shared_b, /*backward=*/true);
   const at::Tensor pc = probs.detach().contiguous();
   const auto dtype = x.scalar_type();
   const int64_t Er = P.E * P.r;
