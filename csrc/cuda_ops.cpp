@@ -4,6 +4,12 @@
 // Forward:  H = x Wc^T (fp32) -> fused routing (probs, top-k, gated G, usage counts) -> delta = G Bc^T.
 // Backward: H recomputed, GR = g Bc -> fused routing backward (G, dH) -> grad_x = dH Wc, grad_Wc = dH^T x,
 //           grad_Bc = g^T G. All GEMMs are one segmented launch each (grid over segment x tile); no host syncs.
+//
+// Defence: every shape, dtype, device and contiguity is checked on the host (check_mole_args, shared with the CPU
+// op); seg_offsets and topk_idx values cannot be read without a sync, so the kernels clamp them and set a device
+// error flag, and at::_assert_async raises after the kernels when it is set (a device-side assert: the CUDA context
+// is then unusable, but nothing runs on with out-of-bounds accesses or garbage). Masked slots are absent: their
+// rows of Wc and columns of Bc are zeroed, so NaN/Inf there never meets a zero gate.
 #ifdef FEDAMOLE_WITH_CUDA
 
 #include "mole_lora_cuda_ops.h"
@@ -16,6 +22,7 @@
 #include <vector>
 
 #include "cuda/mole_lora_kernels.cuh"
+#include "mole_lora_checks.h"
 
 namespace fedamole {
 namespace {
@@ -33,18 +40,21 @@ void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "mole_lora (cuda): ", what, " failed: ", cudaGetErrorString(err));
 }
 
+constexpr const char* kWho = "mole_lora (cuda)";
+
 void check_input(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.is_cuda(), "mole_lora (cuda): ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.device() == x.device(), "mole_lora (cuda): ", name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK(t.is_contiguous(), "mole_lora (cuda): ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(t.is_cuda(), kWho, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == x.device(), kWho, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), kWho, ": ", name, " must be contiguous");
 }
 
 Dims make_dims(const at::Tensor& x, const std::optional<at::Tensor>& expert_input, const at::Tensor& seg_offsets,
                const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& router,
-               const std::optional<at::Tensor>& shared_a, const at::Tensor& expert_mask, int64_t top_k,
-               c10::string_view router_type) {
+               const std::optional<at::Tensor>& shared_a, const std::optional<at::Tensor>& shared_b,
+               const at::Tensor& expert_mask, int64_t top_k, double scaling, c10::string_view router_type) {
+  const MoLEDims m = check_mole_args(kWho, x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b,
+                                     expert_mask, top_k, scaling, router_type);
   Dims d{};
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "mole_lora (cuda): x must be a 2-D CUDA tensor");
   switch (x.scalar_type()) {
     case at::kFloat:
       d.dtype = DType::kFloat32;
@@ -56,65 +66,70 @@ Dims make_dims(const at::Tensor& x, const std::optional<at::Tensor>& expert_inpu
       d.dtype = DType::kBFloat16;
       break;
     default:
-      TORCH_CHECK(false, "mole_lora (cuda): x has unsupported dtype ", x.scalar_type(),
-                  "; expected float32, float16 or bfloat16 (float64: use backend 'reference' or 'cpu')");
+      TORCH_CHECK_TYPE(false, kWho, ": x has unsupported dtype ", x.scalar_type(),
+                       "; expected float32, float16 or bfloat16 (float64: use backend 'reference' or 'cpu')");
   }
   for (auto [t, name] : std::vector<std::pair<const at::Tensor*, const char*>>{
            {&x, "x"}, {&lora_a, "lora_a"}, {&lora_b, "lora_b"}, {&router, "router"}, {&expert_mask, "expert_mask"},
            {&seg_offsets, "seg_offsets"}}) {
     check_input(*t, name, x);
   }
-  for (auto [t, name] : std::vector<std::pair<const at::Tensor*, const char*>>{
-           {&lora_a, "lora_a"}, {&lora_b, "lora_b"}, {&router, "router"}}) {
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "mole_lora (cuda): ", name, " has dtype ", t->scalar_type(),
-                " but x has dtype ", x.scalar_type());
-  }
-  TORCH_CHECK(lora_a.dim() == 4, "mole_lora (cuda): lora_a must be [S, E, r, d_in], got ", lora_a.sizes());
-  TORCH_CHECK(lora_b.dim() == 4, "mole_lora (cuda): lora_b must be [S, E, d_out, r], got ", lora_b.sizes());
-  TORCH_CHECK(expert_mask.scalar_type() == at::kBool, "mole_lora (cuda): expert_mask must be bool");
-  TORCH_CHECK(seg_offsets.scalar_type() == at::kLong, "mole_lora (cuda): seg_offsets must be int64 here");
-  d.T = x.size(0);
-  d.D = x.size(1);
-  d.S = lora_a.size(0);
-  d.E = lora_a.size(1);
-  d.r = lora_a.size(2);
-  d.O = lora_b.size(2);
-  d.k = top_k;
-  TORCH_CHECK(d.E <= cuda::kMaxSlots, "mole_lora (cuda): lora_a has E = ", d.E, " slots; at most ", cuda::kMaxSlots);
-  TORCH_CHECK(top_k >= 1 && top_k <= cuda::kMaxTopK, "mole_lora (cuda): top_k must be in [1, ", cuda::kMaxTopK,
-              "], got ", top_k);
-  TORCH_CHECK(router_type == "embedding" || router_type == "linear",
-              "mole_lora (cuda): router_type must be 'embedding' or 'linear', got '", std::string(router_type), "'");
-  d.embedding = router_type == "embedding";
-  d.R = d.embedding ? d.r : d.E;
-  TORCH_CHECK(router.dim() == 3 && router.size(1) == d.R, "mole_lora (cuda): router must be [S, ", d.R,
-              ", d_in], got ", router.sizes());
-  d.shared = shared_a.has_value();
-  d.has_xe = expert_input.has_value();
-  if (d.has_xe) check_input(*expert_input, "expert_input", x);
-  if (d.shared) check_input(*shared_a, "shared_a", x);
+  if (expert_input.has_value()) check_input(*expert_input, "expert_input", x);
+  if (shared_a.has_value()) check_input(*shared_a, "shared_a", x);
+  if (shared_b.has_value()) check_input(*shared_b, "shared_b", x);
+  TORCH_CHECK_TYPE(seg_offsets.scalar_type() == at::kLong, kWho, ": seg_offsets must be int64 here");
+  TORCH_CHECK_VALUE(m.E <= cuda::kMaxSlots, kWho, ": lora_a has E = ", m.E, " slots; at most ", cuda::kMaxSlots);
+  TORCH_CHECK_VALUE(m.k <= cuda::kMaxTopK, kWho, ": top_k must be in [1, ", cuda::kMaxTopK, "], got ", m.k);
+  d.T = m.T;
+  d.D = m.D;
+  d.S = m.S;
+  d.E = m.E;
+  d.r = m.r;
+  d.O = m.O;
+  d.k = m.k;
+  d.R = m.R;
+  d.embedding = m.embedding;
+  d.shared = m.shared;
+  d.has_xe = m.has_xe;
   d.Ke = d.E * d.r + (d.shared ? d.r : 0);
   d.Kc = d.R + d.Ke;
   return d;
 }
 
+// Wc [S, Kc, D] = [router | A | shared A], masked slots' A rows (and linear-router rows) zeroed. `absent` = ~mask.
 at::Tensor stack_down(const Dims& d, const at::Tensor& router, const at::Tensor& lora_a,
-                      const std::optional<at::Tensor>& shared_a) {
+                      const std::optional<at::Tensor>& shared_a, const at::Tensor& absent) {
   std::vector<at::Tensor> parts{router, lora_a.reshape({d.S, d.E * d.r, d.D})};
   if (d.shared) parts.push_back(*shared_a);
-  return at::cat(parts, 1).contiguous();
+  at::Tensor wc = at::cat(parts, 1);  // a fresh buffer: masked in place
+  wc.narrow(1, d.R, d.E * d.r).view({d.S, d.E, d.r, d.D}).masked_fill_(absent.view({d.S, d.E, 1, 1}), 0);
+  if (!d.embedding) wc.narrow(1, 0, d.R).masked_fill_(absent.view({d.S, d.E, 1}), 0);
+  return wc;
 }
 
-at::Tensor stack_up(const Dims& d, const at::Tensor& lora_b, const std::optional<at::Tensor>& shared_b) {
-  at::Tensor b = lora_b.permute({0, 2, 1, 3}).reshape({d.S, d.O, d.E * d.r});
-  if (d.shared) b = at::cat({b, *shared_b}, 2);
-  return b.contiguous();
+// Bc [S, O, Ke] = [B_1 .. B_E | shared B], masked slots' columns zeroed.
+at::Tensor stack_up(const Dims& d, const at::Tensor& lora_b, const std::optional<at::Tensor>& shared_b,
+                    const at::Tensor& absent) {
+  at::Tensor bc = at::empty({d.S, d.O, d.Ke}, lora_b.options());
+  at::Tensor experts = bc.narrow(2, 0, d.E * d.r).view({d.S, d.O, d.E, d.r});
+  experts.copy_(lora_b.permute({0, 2, 1, 3}));
+  experts.masked_fill_(absent.view({d.S, 1, d.E, 1}), 0);
+  if (d.shared) bc.narrow(2, d.E * d.r, d.r).copy_(*shared_b);
+  return bc;
+}
+
+// Raises once the kernels flagged invalid seg_offsets / topk_idx (no host sync; see the file comment).
+void assert_no_error(const at::Tensor& error) {
+  at::_assert_async(error.eq(0).all(),
+                    "mole_lora (cuda): invalid seg_offsets (must be 0 = first <= ... <= last = T) or topk_idx (must "
+                    "be -1 or active, distinct slots of the token's segment)");
 }
 
 SegGemmParams token_gemm(const Dims& d, const at::Tensor& seg_offsets) {
   SegGemmParams p;
   p.seg_offsets = seg_offsets.data_ptr<int64_t>();
   p.num_segments = static_cast<int>(d.S);
+  p.num_tokens = d.T;
   p.max_seg_tokens = static_cast<int>(d.T);  // an upper bound that needs no host sync
   p.token_dim = 0;
   return p;
@@ -149,13 +164,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_lora_fwd_cuda(
     const at::Tensor& expert_mask, int64_t top_k, double scaling, c10::string_view router_type) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const Dims d = make_dims(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, expert_mask, top_k,
-                           router_type);
+  const Dims d = make_dims(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
+                           top_k, scaling, router_type);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const at::Tensor wc = stack_down(d, router, lora_a, shared_a);
-  const at::Tensor bc = stack_up(d, lora_b, shared_b);
+  const at::Tensor absent = expert_mask.logical_not();
+  const at::Tensor wc = stack_down(d, router, lora_a, shared_a, absent);
+  const at::Tensor bc = stack_up(d, lora_b, shared_b, absent);
   const at::Tensor h = project(d, x, wc, seg_offsets, stream);
   const at::Tensor he = d.has_xe ? project(d, *expert_input, wc, seg_offsets, stream) : h;
+  const at::Tensor error = at::zeros({2}, x.options().dtype(at::kInt));
 
   at::Tensor probs = at::empty({d.T, d.E}, x.options().dtype(at::kFloat));
   at::Tensor topk_idx = at::empty({d.T, d.k}, x.options().dtype(at::kLong));
@@ -168,6 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_lora_fwd_cuda(
   rp.probs = probs.data_ptr<float>();
   rp.topk_idx = topk_idx.data_ptr<int64_t>();
   rp.gated = gated.data_ptr();
+  rp.error = error.data_ptr<int32_t>();
   rp.num_tokens = static_cast<int>(d.T);
   rp.num_segments = static_cast<int>(d.S);
   rp.num_slots = static_cast<int>(d.E);
@@ -196,6 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_lora_fwd_cuda(
   p.n = static_cast<int>(d.O);
   p.k = static_cast<int>(d.Ke);
   check_cuda(cuda::launch_seg_gemm(p, d.dtype, stream), "expand GEMM");
+  assert_no_error(error);
   return {delta, probs, topk_idx};
 }
 
@@ -207,17 +226,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& topk_idx, int64_t top_k, double scaling, c10::string_view router_type) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const Dims d = make_dims(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, expert_mask, top_k,
-                           router_type);
+  const Dims d = make_dims(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
+                           top_k, scaling, router_type);
+  const MoLEDims m{d.T, d.S, d.E, d.r, d.D, d.O, d.k, d.R, d.embedding, d.shared, d.has_xe};
+  check_mole_bwd_args(kWho, m, x, grad_delta, grad_probs, probs, at::kFloat, topk_idx);
   check_input(grad_delta, "grad_delta", x);
   check_input(probs, "probs", x);
   check_input(topk_idx, "topk_idx", x);
-  TORCH_CHECK(grad_delta.scalar_type() == x.scalar_type(), "mole_lora (cuda): grad_delta must have x's dtype");
-  TORCH_CHECK(probs.scalar_type() == at::kFloat, "mole_lora (cuda): probs must be float32");
-  TORCH_CHECK(topk_idx.scalar_type() == at::kLong, "mole_lora (cuda): topk_idx must be int64");
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const at::Tensor wc = stack_down(d, router, lora_a, shared_a);
-  const at::Tensor bc = stack_up(d, lora_b, shared_b);
+  const at::Tensor absent = expert_mask.logical_not();
+  const at::Tensor wc = stack_down(d, router, lora_a, shared_a, absent);
+  const at::Tensor bc = stack_up(d, lora_b, shared_b, absent);
+  const at::Tensor error = at::zeros({2}, x.options().dtype(at::kInt));
   const at::Tensor h = project(d, x, wc, seg_offsets, stream);
   const at::Tensor he = d.has_xe ? project(d, *expert_input, wc, seg_offsets, stream) : h;
   at::Tensor gp;
@@ -253,6 +273,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     rp.grank = grank.data_ptr<float>();
     rp.probs = probs.data_ptr<float>();
     rp.topk_idx = topk_idx.data_ptr<int64_t>();
+    rp.seg_offsets = seg_offsets.data_ptr<int64_t>();
+    rp.mask = expert_mask.data_ptr<bool>();
+    rp.error = error.data_ptr<int32_t>();
+    rp.num_segments = static_cast<int>(d.S);
     rp.grad_probs = gp.defined() ? gp.data_ptr<float>() : nullptr;
     rp.gated = gated.data_ptr();
     rp.dh = dh.data_ptr();
@@ -298,6 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     SegGemmParams p;
     p.seg_offsets = seg_offsets.data_ptr<int64_t>();
     p.num_segments = static_cast<int>(d.S);
+    p.num_tokens = d.T;
     p.token_dim = 2;
     p.a = dmat.data_ptr();
     p.a_rs = 1;
@@ -320,6 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     SegGemmParams p;
     p.seg_offsets = seg_offsets.data_ptr<int64_t>();
     p.num_segments = static_cast<int>(d.S);
+    p.num_tokens = d.T;
     p.token_dim = 2;
     p.a = grad_delta.data_ptr();
     p.a_rs = 1;
@@ -334,6 +360,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.n = static_cast<int>(d.Ke);
     check_cuda(cuda::launch_seg_gemm(p, d.dtype, stream), "up-projection gradient GEMM");
   }
+  assert_no_error(error);
   const auto dtype = x.scalar_type();
   const int64_t Er = d.E * d.r;
   auto cast = [&](const at::Tensor& t) { return t.to(dtype, false, /*copy=*/true).contiguous(); };
@@ -353,11 +380,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_route_cuda(const at::Tensor&
                                                                c10::string_view router_type) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const c10::cuda::CUDAGuard device_guard(x.device());
+  TORCH_CHECK_VALUE(lora_a.defined() && lora_a.dim() == 4, kWho, ": lora_a must be 4-D, got shape ", lora_a.sizes());
   const at::Tensor fake_b = at::empty({lora_a.size(0), lora_a.size(1), 1, lora_a.size(2)}, lora_a.options());
-  const Dims d = make_dims(x, std::nullopt, seg_offsets, lora_a, fake_b, router, std::nullopt, expert_mask, top_k,
-                           router_type);
+  const Dims d = make_dims(x, std::nullopt, seg_offsets, lora_a, fake_b, router, std::nullopt, std::nullopt,
+                           expert_mask, top_k, 1.0, router_type);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const at::Tensor wc = stack_down(d, router, lora_a, std::nullopt);
+  const at::Tensor wc = stack_down(d, router, lora_a, std::nullopt, expert_mask.logical_not());
+  const at::Tensor error = at::zeros({2}, x.options().dtype(at::kInt));
   const at::Tensor h = project(d, x, wc, seg_offsets, stream);
   at::Tensor probs = at::empty({d.T, d.E}, x.options().dtype(at::kFloat));
   at::Tensor topk_idx = at::empty({d.T, d.k}, x.options().dtype(at::kLong));
@@ -370,6 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_route_cuda(const at::Tensor&
   rp.probs = probs.data_ptr<float>();
   rp.topk_idx = topk_idx.data_ptr<int64_t>();
   rp.counts = counts.data_ptr<int32_t>();
+  rp.error = error.data_ptr<int32_t>();
   rp.num_tokens = static_cast<int>(d.T);
   rp.num_segments = static_cast<int>(d.S);
   rp.num_slots = static_cast<int>(d.E);
@@ -380,6 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_route_cuda(const at::Tensor&
   rp.ke = static_cast<int>(d.Ke);
   rp.embedding = d.embedding;
   check_cuda(cuda::launch_route_forward(rp, d.dtype, stream), "routing kernel");
+  assert_no_error(error);
   return {probs, topk_idx, counts.to(at::kLong)};
 }
 

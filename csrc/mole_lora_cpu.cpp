@@ -26,12 +26,16 @@
 
 #include "mole_lora_cpu.h"
 
+#include "mole_lora_checks.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -68,6 +72,8 @@ struct Problem {
   bool embedding = true, shared = false, has_xe = false;
   at::ScalarType cd = at::kFloat;  // compute dtype
   bool split = false;              // small problem: weights used in place (see the file comment)
+  bool all_active = true;          // no slot masked: the weights need no masking
+  at::Tensor mask;                 // expert_mask, contiguous
   double scaling = 1.0;
   std::vector<int64_t> offsets;  // S + 1 segment bounds
 };
@@ -76,28 +82,21 @@ struct Item {
   int64_t s, t0, t1;
 };
 
-void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.defined(), "mole_lora (cpu): ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), "mole_lora (cpu): ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == dim, "mole_lora (cpu): ", name, " must be ", dim, "-D, got shape ", t.sizes());
+constexpr const char* kWho = "mole_lora (cpu)";
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), kWho, ": ", name, " must be a CPU tensor, got device ", t.device());
 }
 
-void check_float(const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype) {
-  check_tensor(t, name, dim);
-  TORCH_CHECK(t.scalar_type() == dtype, "mole_lora (cpu): ", name, " has dtype ", t.scalar_type(),
-              " but x has dtype ", dtype, "; all float inputs must match x");
-}
-
-void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(t.sizes() == shape, "mole_lora (cpu): ", name, " must have shape ", shape, ", got ", t.sizes());
-}
-
+// Every check the kernels rely on: shapes and dtypes (check_mole_args), devices, and the values of seg_offsets (a
+// host scan of S+1 integers), so that no argument can make the kernels read or write out of bounds.
 Problem make_problem(const at::Tensor& x, const std::optional<at::Tensor>& expert_input, const at::Tensor& seg_offsets,
                      const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& router,
                      const std::optional<at::Tensor>& shared_a, const std::optional<at::Tensor>& shared_b,
                      const at::Tensor& expert_mask, int64_t top_k, double scaling, c10::string_view router_type) {
+  const MoLEDims d = check_mole_args(kWho, x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b,
+                                     expert_mask, top_k, scaling, router_type);
   Problem P;
-  check_tensor(x, "x", 2);
   const auto dtype = x.scalar_type();
   switch (dtype) {
     case at::kFloat:
@@ -109,66 +108,35 @@ Problem make_problem(const at::Tensor& x, const std::optional<at::Tensor>& exper
       P.cd = at::kDouble;
       break;
     default:
-      TORCH_CHECK(false, "mole_lora (cpu): x has unsupported dtype ", dtype,
-                  "; expected float32, bfloat16, float16 or float64");
+      TORCH_CHECK_TYPE(false, kWho, ": x has unsupported dtype ", dtype, "; expected float32, bfloat16, float16 or float64");
   }
-  P.T = x.size(0);
-  P.D = x.size(1);
-  check_float(lora_a, "lora_a", 4, dtype);
-  P.S = lora_a.size(0);
-  P.E = lora_a.size(1);
-  P.r = lora_a.size(2);
-  TORCH_CHECK(P.S >= 1 && P.E >= 1 && P.r >= 1, "mole_lora (cpu): lora_a must have S, E, r >= 1, got shape ",
-              lora_a.sizes());
-  check_shape(lora_a, "lora_a", {P.S, P.E, P.r, P.D});
-  check_float(lora_b, "lora_b", 4, dtype);
-  P.O = lora_b.size(2);
-  check_shape(lora_b, "lora_b", {P.S, P.E, P.O, P.r});
-  TORCH_CHECK(router_type == "embedding" || router_type == "linear",
-              "mole_lora (cpu): router_type must be 'embedding' or 'linear', got '", std::string(router_type), "'");
-  P.embedding = router_type == "embedding";
-  P.R = P.embedding ? P.r : P.E;
-  check_float(router, "router", 3, dtype);
-  check_shape(router, "router", {P.S, P.R, P.D});
-  TORCH_CHECK(shared_a.has_value() == shared_b.has_value(),
-              "mole_lora (cpu): shared_a and shared_b must be given together");
-  P.shared = shared_a.has_value();
-  if (P.shared) {
-    check_float(*shared_a, "shared_a", 3, dtype);
-    check_shape(*shared_a, "shared_a", {P.S, P.r, P.D});
-    check_float(*shared_b, "shared_b", 3, dtype);
-    check_shape(*shared_b, "shared_b", {P.S, P.O, P.r});
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&x, "x"}, {&seg_offsets, "seg_offsets"},
+                                {&lora_a, "lora_a"}, {&lora_b, "lora_b"}, {&router, "router"},
+                                {&expert_mask, "expert_mask"}}) {
+    check_cpu(*t, name);
   }
-  P.has_xe = expert_input.has_value();
-  if (P.has_xe) {
-    check_float(*expert_input, "expert_input", 2, dtype);
-    check_shape(*expert_input, "expert_input", {P.T, P.D});
-  }
-  check_tensor(expert_mask, "expert_mask", 2);
-  TORCH_CHECK(expert_mask.scalar_type() == at::kBool, "mole_lora (cpu): expert_mask must be bool, got ",
-              expert_mask.scalar_type());
-  check_shape(expert_mask, "expert_mask", {P.S, P.E});
-  check_tensor(seg_offsets, "seg_offsets", 1);
-  TORCH_CHECK(seg_offsets.scalar_type() == at::kLong || seg_offsets.scalar_type() == at::kInt,
-              "mole_lora (cpu): seg_offsets must be int32 or int64, got ", seg_offsets.scalar_type());
-  check_shape(seg_offsets, "seg_offsets", {P.S + 1});
-  TORCH_CHECK(top_k >= 1, "mole_lora (cpu): top_k must be >= 1, got ", top_k);
-  TORCH_CHECK(std::isfinite(scaling), "mole_lora (cpu): scaling must be finite, got ", scaling);
-  P.k = top_k;
+  if (expert_input.has_value()) check_cpu(*expert_input, "expert_input");
+  if (shared_a.has_value()) check_cpu(*shared_a, "shared_a");
+  if (shared_b.has_value()) check_cpu(*shared_b, "shared_b");
+  P.T = d.T;
+  P.S = d.S;
+  P.E = d.E;
+  P.r = d.r;
+  P.D = d.D;
+  P.O = d.O;
+  P.k = d.k;
+  P.R = d.R;
+  P.embedding = d.embedding;
+  P.shared = d.shared;
+  P.has_xe = d.has_xe;
   P.scaling = scaling;
   P.Kr = P.embedding ? P.R + P.E * P.r : P.R;
   P.Ke = P.E * P.r + (P.shared ? P.r : 0);
   P.Kc = P.R + P.Ke;
-
-  const at::Tensor offs = seg_offsets.to(at::kLong).contiguous();
-  const int64_t* o = offs.data_ptr<int64_t>();
-  P.offsets.assign(o, o + P.S + 1);
-  TORCH_CHECK(P.offsets[0] == 0, "mole_lora (cpu): seg_offsets must start at 0, got ", P.offsets[0]);
-  TORCH_CHECK(P.offsets[P.S] == P.T, "mole_lora (cpu): seg_offsets must end at T = ", P.T, ", got ", P.offsets[P.S]);
-  for (int64_t s = 0; s < P.S; ++s) {
-    TORCH_CHECK(P.offsets[s] <= P.offsets[s + 1], "mole_lora (cpu): seg_offsets must be non-decreasing, got ",
-                P.offsets[s], " > ", P.offsets[s + 1], " at segment ", s);
-  }
+  P.offsets = check_offsets_values(kWho, seg_offsets, P.T);
+  P.mask = expert_mask.contiguous();
+  const bool* m = P.mask.data_ptr<bool>();
+  P.all_active = std::all_of(m, m + P.S * P.E, [](bool b) { return b; });
   return P;
 }
 
@@ -213,18 +181,59 @@ at::Tensor in_cd(const at::Tensor& t, at::ScalarType cd) {
   return t.detach().to(cd).contiguous();
 }
 
+// Masked means absent: the rows (Wc, A, linear router) and columns (Bc, B) of slots that do not exist are zeroed
+// before any product, so that whatever they hold (NaN, Inf) never meets a zero gate (0 * NaN = NaN would reach every
+// token of the segment through the dense GEMMs). Nothing to do, and no copy, when every slot is active.
+//
+// In the fresh, contiguous buffer `t`, for every absent slot (s, i): `count` runs of `len` elements starting at
+// element s * seg_stride + first + i * slot_stride + j * run_stride (j < count) are set to zero. Plain memsets: a
+// broadcast masked_fill cost ~50 us at d=512 per weight, more than the whole T=1 forward.
+void zero_absent(const Problem& P, at::Tensor& t, int64_t seg_stride, int64_t first, int64_t slot_stride,
+                 int64_t count, int64_t run_stride, int64_t len) {
+  const bool* m = P.mask.data_ptr<bool>();
+  char* base = static_cast<char*>(t.data_ptr());
+  const int64_t esz = static_cast<int64_t>(t.element_size());
+  for (int64_t s = 0; s < P.S; ++s) {
+    for (int64_t i = 0; i < P.E; ++i) {
+      if (m[s * P.E + i]) continue;
+      for (int64_t j = 0; j < count; ++j) {
+        std::memset(base + (s * seg_stride + first + i * slot_stride + j * run_stride) * esz, 0,
+                    static_cast<size_t>(len * esz));
+      }
+    }
+  }
+}
+
+// Only the products that would mix an absent slot's values into other results need the zeros: the forward's
+// expand (G Bc^T, stacked: G is 0 there by selection, but 0 * NaN = NaN), and the backward's input gradient (dH Wc,
+// dH selected to 0 there: the A rows and linear-router rows). Everything else reads an absent slot's columns only to
+// select them away (routing, G, dH), and the split path never multiplies by an unselected slot's B.
 Weights make_weights(const Problem& P, const at::Tensor& router, const at::Tensor& lora_a,
                      const std::optional<at::Tensor>& shared_a, const at::Tensor& lora_b,
-                     const std::optional<at::Tensor>& shared_b, bool need_down = true) {
+                     const std::optional<at::Tensor>& shared_b, bool backward) {
   Weights W;
+  const int64_t Er = P.E * P.r, D = P.D, r = P.r;
   if (!P.split) {
-    if (need_down) W.wc = stack_down(P, router.detach(), lora_a.detach(), shared_a);
+    W.wc = stack_down(P, router.detach(), lora_a.detach(), shared_a);  // fresh buffers: masked in place
     W.bc = stack_up(P, lora_b.detach(), shared_b);
+    if (!P.all_active && backward) {
+      zero_absent(P, W.wc, P.Kc * D, P.R * D, r * D, 1, 0, r * D);
+      if (!P.embedding) zero_absent(P, W.wc, P.Kc * D, 0, D, 1, 0, D);
+    }
+    if (!P.all_active && !backward) zero_absent(P, W.bc, P.O * P.Ke, 0, r, P.O, P.Ke, r);
     return W;
   }
   W.router = in_cd(router, P.cd);
-  W.a = in_cd(lora_a, P.cd).view({P.S, P.E * P.r, P.D});
+  W.a = in_cd(lora_a, P.cd).view({P.S, Er, D});
   W.b = in_cd(lora_b, P.cd);
+  if (!P.all_active && backward) {  // the split path reads the weights in place: masked copies
+    W.a = W.a.clone();
+    zero_absent(P, W.a, Er * D, 0, r * D, 1, 0, r * D);
+    if (!P.embedding) {
+      W.router = W.router.clone();
+      zero_absent(P, W.router, P.E * D, 0, D, 1, 0, D);
+    }
+  }
   if (P.shared) {
     W.sa = in_cd(*shared_a, P.cd);
     W.sb = in_cd(*shared_b, P.cd);
@@ -412,8 +421,9 @@ void forward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec,
         }
         const T* u = expert + q * pr.ld_expert;
         T* grow = g + q * P.Ke;
+        // Unselected and masked slots are selected away, not multiplied by their zero gate (taken = the top-k).
         for (int64_t i = 0; i < E; ++i) {
-          for (int64_t j = 0; j < r; ++j) grow[i * r + j] = u[i * r + j] * c[i];
+          for (int64_t j = 0; j < r; ++j) grow[i * r + j] = taken[i] ? u[i * r + j] * c[i] : T(0);
         }
         if (P.shared) {
           for (int64_t j = 0; j < r; ++j) grow[Er + j] = u[Er + j] * scaling;
@@ -541,7 +551,9 @@ void backward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec
 
   // Phase 1: token blocks. Recompute H, GR = g Bc, fused routing backward, then grad_x = dH Wc (+ partial weight grads).
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> c(E), gates(k), dgate(k), dp(E), dz(E);
+    std::vector<T> c(E), gates(k), dgate(k), dp(E), dz(E), pv(E);
+    std::vector<char> on(E);  // slots in the token's top-k
+    T* p = pv.data();
     for (int64_t it = begin; it < end; ++it) {
       const Item& item = items[it];
       const int64_t nb = item.t1 - item.t0;
@@ -572,10 +584,12 @@ void backward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec
       const T* route = pr.route.data_ptr<T>();
       const T* expert = pr.expert.data_ptr<T>() + pr.expert_col;
       const T* gr = grank.data_ptr<T>();
-      // Masked slots carry p = 0, so the softmax backward below gives them dz = 0 without reading the mask.
+      // Masked means absent: masked slots get p = 0, dp = 0, dz = 0 and G = dH = 0 by selection (never a product
+      // with their values, which may be NaN; the caller's probs and grad_probs are not trusted to be 0 there).
+      const bool* m = P.mask.data_ptr<bool>() + item.s * E;
       for (int64_t q = 0; q < nb; ++q) {
         const int64_t tok = item.t0 + q;
-        const T* p = probs + tok * E;
+        for (int64_t i = 0; i < E; ++i) p[i] = m[i] ? probs[tok * E + i] : T(0);
         const int64_t* idx = topk_idx + tok * k;
         const T* rrow = route + q * pr.ld_route;
         const T* u = expert + q * pr.ld_expert;
@@ -586,12 +600,14 @@ void backward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec
 
         const T norm = gate_norm<T>(P, p, idx);
         std::fill(c.begin(), c.end(), T(0));
+        std::fill(on.begin(), on.end(), 0);
         T s1 = 0;
         for (int64_t j = 0; j < k; ++j) {
           gates[j] = 0;
           dgate[j] = 0;
           if (idx[j] < 0) continue;
           const int64_t i = idx[j];
+          on[i] = 1;
           gates[j] = p[i] / norm;
           c[i] = gates[j] * scaling;
           T acc = 0;
@@ -600,19 +616,19 @@ void backward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec
           s1 += dgate[j] * gates[j];
         }
         // d loss / d probs: through the renormalised gates, plus the caller's grad of probs.
-        for (int64_t i = 0; i < E; ++i) dp[i] = grad_probs != nullptr ? grad_probs[tok * E + i] : T(0);
+        for (int64_t i = 0; i < E; ++i) dp[i] = (grad_probs != nullptr && m[i]) ? grad_probs[tok * E + i] : T(0);
         for (int64_t j = 0; j < k; ++j) {
           if (idx[j] >= 0) dp[idx[j]] += (dgate[j] - s1) / norm;
         }
         T pdp = 0;
         for (int64_t i = 0; i < E; ++i) pdp += p[i] * dp[i];
-        for (int64_t i = 0; i < E; ++i) dz[i] = p[i] * (dp[i] - pdp);
+        for (int64_t i = 0; i < E; ++i) dz[i] = m[i] ? p[i] * (dp[i] - pdp) : T(0);
 
         // Expert path: G = [c_i u_i | s v] for grad_B; du = c_i (g B_i), dv = s (g B_shared).
         for (int64_t i = 0; i < E; ++i) {
           for (int64_t l = 0; l < r; ++l) {
-            G[i * r + l] = u[i * r + l] * c[i];
-            dhe[i * r + l] = grow[i * r + l] * c[i];
+            G[i * r + l] = on[i] ? u[i * r + l] * c[i] : T(0);
+            dhe[i * r + l] = on[i] ? grow[i * r + l] * c[i] : T(0);
           }
         }
         if (P.shared) {
@@ -628,17 +644,19 @@ void backward_impl(const Problem& P, const at::Tensor& xc, const at::Tensor& xec
           T* dh = dhr + P.R;
           for (int64_t l = 0; l < r; ++l) {
             T acc = 0;
-            for (int64_t i = 0; i < E; ++i) acc += dz[i] * h[i * r + l];
+            for (int64_t i = 0; i < E; ++i) {
+              if (m[i]) acc += dz[i] * h[i * r + l];
+            }
             dhr[l] = acc * inv_sqrt_r;
           }
           for (int64_t i = 0; i < E; ++i) {
             for (int64_t l = 0; l < r; ++l) {
-              const T v = dz[i] * t[l] * inv_sqrt_r;
+              const T v = m[i] ? dz[i] * t[l] * inv_sqrt_r : T(0);
               dh[i * r + l] = P.has_xe ? v : dh[i * r + l] + v;
             }
           }
         } else {
-          for (int64_t i = 0; i < E; ++i) dhr[i] = dz[i];
+          for (int64_t i = 0; i < E; ++i) dhr[i] = m[i] ? dz[i] : T(0);
         }
       }
       at::Tensor gx_b = gx.narrow(0, item.t0, nb);
@@ -750,8 +768,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_lora_fwd_cpu(
   P.split = use_split(P.T, kSplitMaxTokensFwd);
   const at::Tensor xc = in_cd(x, P.cd);
   const at::Tensor xec = P.has_xe ? in_cd(*expert_input, P.cd) : at::Tensor();
-  const Weights W = make_weights(P, router, lora_a, shared_a, lora_b, shared_b);
-  const at::Tensor mask = expert_mask.contiguous();
+  const Weights W = make_weights(P, router, lora_a, shared_a, lora_b, shared_b, /*backward=*/false);
+  const at::Tensor& mask = P.mask;
   at::Tensor delta_c = at::empty({P.T, P.O}, xc.options());
   at::Tensor probs = at::zeros({P.T, P.E}, xc.options());
   at::Tensor topk_idx = at::full({P.T, P.k}, -1, x.options().dtype(at::kLong));
@@ -776,28 +794,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   Problem P = make_problem(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
                            top_k, scaling, router_type);
   P.split = use_split(P.T, kSplitMaxTokensBwd);
-  check_float(grad_delta, "grad_delta", 2, x.scalar_type());
-  check_shape(grad_delta, "grad_delta", {P.T, P.O});
-  check_float(probs, "probs", 2, P.cd);
-  check_shape(probs, "probs", {P.T, P.E});
-  check_tensor(topk_idx, "topk_idx", 2);
-  TORCH_CHECK(topk_idx.scalar_type() == at::kLong, "mole_lora (cpu): topk_idx must be int64, got ",
-              topk_idx.scalar_type());
-  check_shape(topk_idx, "topk_idx", {P.T, P.k});
+  const MoLEDims d{P.T, P.S, P.E, P.r, P.D, P.O, P.k, P.R, P.embedding, P.shared, P.has_xe};
+  check_mole_bwd_args(kWho, d, x, grad_delta, grad_probs, probs, P.cd, topk_idx);
+  check_cpu(grad_delta, "grad_delta");
+  check_cpu(probs, "probs");
+  check_cpu(topk_idx, "topk_idx");
+  // The backward indexes per-slot buffers with the top-k ids: every id is checked (a scan of T*k integers).
+  const at::Tensor ic = topk_idx.contiguous();
+  check_topk_values(kWho, ic.data_ptr<int64_t>(), P.mask.data_ptr<bool>(), P.offsets, P.E, P.k);
   at::Tensor gp;
   if (grad_probs.has_value()) {
-    check_tensor(*grad_probs, "grad_probs", 2);
-    check_shape(*grad_probs, "grad_probs", {P.T, P.E});
-    TORCH_CHECK(at::isFloatingType(grad_probs->scalar_type()), "mole_lora (cpu): grad_probs must be floating, got ",
-                grad_probs->scalar_type());
+    check_cpu(*grad_probs, "grad_probs");
     gp = in_cd(*grad_probs, P.cd);
   }
   const at::Tensor xc = in_cd(x, P.cd);
   const at::Tensor xec = P.has_xe ? in_cd(*expert_input, P.cd) : at::Tensor();
   const at::Tensor gc = in_cd(grad_delta, P.cd);
-  const Weights W = make_weights(P, router, lora_a, shared_a, lora_b, shared_b);
+  const Weights W = make_weights(P, router, lora_a, shared_a, lora_b, shared_b, /*backward=*/true);
   const at::Tensor pc = probs.detach().contiguous();
-  const at::Tensor ic = topk_idx.contiguous();
   const auto dtype = x.scalar_type();
   const int64_t Er = P.E * P.r;
   const at::TensorOptions opts = xc.options();
@@ -863,7 +877,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_route_cpu(const at::Tensor& 
                                                               c10::string_view router_type) {
   at::AutoDispatchBelowADInplaceOrView guard;
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  check_float(lora_a, "lora_a", 4, x.scalar_type());
+  TORCH_CHECK_VALUE(lora_a.defined() && lora_a.dim() == 4, kWho, ": lora_a must be 4-D, got shape ", lora_a.sizes());
   // Routing never reads B: a [S, E, 1, r] stand-in satisfies the shape checks without touching memory.
   const at::Tensor fake_b = at::empty({lora_a.size(0), lora_a.size(1), 1, lora_a.size(2)}, lora_a.options());
   Problem P = make_problem(x, std::nullopt, seg_offsets, lora_a, fake_b, router, std::nullopt, std::nullopt,

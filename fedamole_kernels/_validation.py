@@ -50,8 +50,19 @@ def _require_device(name: str, value: Tensor, device: torch.device) -> None:
 
 
 def validate_mole_args(
-    x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input,
-    top_k, scaling, router_type, check_values: bool = True,
+    x,
+    seg_offsets,
+    lora_a,
+    lora_b,
+    router,
+    shared_a,
+    shared_b,
+    expert_mask,
+    expert_input,
+    top_k,
+    scaling,
+    router_type,
+    check_values: bool = True,
 ) -> MoLEShapes:
     """Check every argument of `mole_lora`; return the problem sizes.
 
@@ -67,7 +78,11 @@ def validate_mole_args(
     _require_float("lora_a", lora_a, x.dtype)
     num_segments, num_slots, rank, a_din = lora_a.shape
     if a_din != d_in:
-        raise ValueError(f"lora_a must have shape [S, E, r, d_in={d_in}], got {list(lora_a.shape)}")
+        # x is what varies per call: name it, with the d_in the weights expect.
+        raise ValueError(
+            f"x must have shape [T, d_in={a_din}] (d_in of lora_a [S, E, r, d_in] = {list(lora_a.shape)}), "
+            f"got {list(x.shape)}"
+        )
     if num_slots < 1 or rank < 1 or num_segments < 1:
         raise ValueError(f"lora_a must have S >= 1, E >= 1 and r >= 1, got shape {list(lora_a.shape)}")
     lora_b = _require_tensor("lora_b", lora_b, 4)
@@ -108,9 +123,16 @@ def validate_mole_args(
         raise TypeError(f"seg_offsets must be an int32 or int64 tensor, got {seg_offsets.dtype}")
     _require_shape("seg_offsets", seg_offsets, (num_segments + 1,), "[S+1] with S = lora_a.shape[0]")
 
-    for name, value in (("lora_a", lora_a), ("lora_b", lora_b), ("router", router), ("shared_a", shared_a),
-                        ("shared_b", shared_b), ("expert_mask", expert_mask), ("expert_input", expert_input),
-                        ("seg_offsets", seg_offsets)):
+    for name, value in (
+        ("lora_a", lora_a),
+        ("lora_b", lora_b),
+        ("router", router),
+        ("shared_a", shared_a),
+        ("shared_b", shared_b),
+        ("expert_mask", expert_mask),
+        ("expert_input", expert_input),
+        ("seg_offsets", seg_offsets),
+    ):
         if value is not None:
             _require_device(name, value, x.device)
 
@@ -119,23 +141,146 @@ def validate_mole_args(
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_k > max(num_slots, MAX_PADDED_TOP_K):
-        raise ValueError(f"top_k must be <= max(E, {MAX_PADDED_TOP_K}) (E = {num_slots} slots), got {top_k}: "
-                         "topk_idx is [T, top_k], so a huge top_k only allocates padding")
+        raise ValueError(
+            f"top_k must be <= max(E, {MAX_PADDED_TOP_K}) (E = {num_slots} slots), got {top_k}: "
+            "topk_idx is [T, top_k], so a huge top_k only allocates padding"
+        )
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
     if not math.isfinite(scaling):
         raise ValueError(f"scaling must be finite, got {scaling}")
 
     if check_values:
-        bounds = seg_offsets.tolist()
-        if bounds[0] != 0:
-            raise ValueError(f"seg_offsets must start at 0, got seg_offsets[0] = {bounds[0]}")
-        if bounds[-1] != num_tokens:
-            raise ValueError(f"seg_offsets must end at T = x.shape[0] = {num_tokens}, got {bounds[-1]}")
-        for s in range(num_segments):
-            if bounds[s + 1] < bounds[s]:
-                raise ValueError(
-                    f"seg_offsets must be non-decreasing, got seg_offsets[{s}] = {bounds[s]} > "
-                    f"seg_offsets[{s + 1}] = {bounds[s + 1]}"
-                )
+        check_offset_values(seg_offsets.tolist(), num_tokens)
     return MoLEShapes(num_tokens, num_segments, num_slots, rank, d_in, d_out)
+
+
+def check_launch_args(
+    x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling, router_type
+) -> None:
+    """What a kernel launcher needs before it computes addresses from shapes: the checks of `validate_mole_args`
+    without the values of seg_offsets. A fast path of plain comparisons (~5x cheaper: the Triton launchers run it on
+    every call, after `mole_lora` already validated) accepts only what `validate_mole_args` accepts; anything else
+    goes to `validate_mole_args`, which raises the named error."""
+    try:
+        num_tokens, d_in = x.shape
+        num_segments, num_slots, rank, a_din = lora_a.shape
+        d_out = lora_b.shape[2]
+        rows = rank if router_type == "embedding" else num_slots
+        dtype, device = x.dtype, x.device
+        fast = (
+            dtype in FLOAT_DTYPES
+            and a_din == d_in >= 1
+            and num_segments >= 1
+            and num_slots >= 1
+            and rank >= 1
+            and d_out >= 1
+            and router_type in ROUTER_TYPES
+            and lora_b.shape == (num_segments, num_slots, d_out, rank)
+            and router.shape == (num_segments, rows, d_in)
+            and expert_mask.shape == (num_segments, num_slots)
+            and seg_offsets.shape == (num_segments + 1,)
+            and lora_a.dtype == lora_b.dtype == router.dtype == dtype
+            and expert_mask.dtype == torch.bool
+            and seg_offsets.dtype in (torch.int32, torch.int64)
+            and lora_a.device == lora_b.device == router.device == expert_mask.device == seg_offsets.device == device
+            and (shared_a is None) == (shared_b is None)
+            and (
+                shared_a is None
+                or (
+                    shared_a.shape == (num_segments, rank, d_in)
+                    and shared_b.shape == (num_segments, d_out, rank)
+                    and shared_a.dtype == shared_b.dtype == dtype
+                    and shared_a.device == shared_b.device == device
+                )
+            )
+            and (
+                expert_input is None
+                or (
+                    expert_input.shape == (num_tokens, d_in)
+                    and expert_input.dtype == dtype
+                    and expert_input.device == device
+                )
+            )
+            and type(top_k) is int
+            and 1 <= top_k <= max(num_slots, MAX_PADDED_TOP_K)
+            and type(scaling) in (int, float)
+            and math.isfinite(scaling)
+        )
+    except (AttributeError, TypeError, ValueError):  # not tensors, or the wrong number of dimensions
+        fast = False
+    if not fast:
+        validate_mole_args(
+            x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling,
+            router_type, check_values=False,
+        )  # fmt: skip
+
+
+def check_offset_values(bounds: list[int], num_tokens: int) -> None:
+    """seg_offsets values (read on the host): start at 0, non-decreasing, end at T."""
+    if bounds[0] != 0:
+        raise ValueError(f"seg_offsets must start at 0, got seg_offsets[0] = {bounds[0]}")
+    if bounds[-1] != num_tokens:
+        raise ValueError(f"seg_offsets must end at T = x.shape[0] = {num_tokens}, got {bounds[-1]}")
+    for s in range(len(bounds) - 1):
+        if bounds[s + 1] < bounds[s]:
+            raise ValueError(
+                f"seg_offsets must be non-decreasing, got seg_offsets[{s}] = {bounds[s]} > "
+                f"seg_offsets[{s + 1}] = {bounds[s + 1]}"
+            )
+
+
+def validate_backward_args(shapes: MoLEShapes, x: Tensor, grad_delta, grad_probs, probs, topk_idx, top_k: int) -> None:
+    """Shapes, dtypes and devices of the backward's extra arguments (the forward's are checked by
+    `validate_mole_args`): grad_delta [T, d_out] like x, grad_probs [T, E] floating or None, probs [T, E] floating,
+    topk_idx [T, top_k] int64. The values of topk_idx are each backend's to check."""
+    t, e = shapes.num_tokens, shapes.num_slots
+    _require_tensor("grad_delta", grad_delta, 2)
+    _require_float("grad_delta", grad_delta, x.dtype)
+    _require_shape("grad_delta", grad_delta, (t, shapes.d_out), "[T, d_out], like delta")
+    _require_tensor("probs", probs, 2)
+    _require_float("probs", probs)
+    _require_shape("probs", probs, (t, e), "[T, E], the forward's probs")
+    _require_tensor("topk_idx", topk_idx, 2)
+    if topk_idx.dtype != torch.int64:
+        raise TypeError(f"topk_idx must be an int64 tensor, got {topk_idx.dtype}")
+    _require_shape("topk_idx", topk_idx, (t, top_k), "[T, top_k], the forward's topk_idx")
+    if grad_probs is not None:
+        _require_tensor("grad_probs", grad_probs, 2)
+        _require_float("grad_probs", grad_probs)
+        _require_shape("grad_probs", grad_probs, (t, e), "[T, E], like probs")
+    for name, value in (
+        ("grad_delta", grad_delta),
+        ("grad_probs", grad_probs),
+        ("probs", probs),
+        ("topk_idx", topk_idx),
+    ):
+        if value is not None:
+            _require_device(name, value, x.device)
+
+
+def topk_errors(topk_idx: Tensor, expert_mask: Tensor, seg_offsets: Tensor) -> Tensor:
+    """Per token, whether its top-k ids are invalid: an id other than -1 outside [0, E), a masked slot of the token's
+    segment, or a slot twice. Vectorised on topk_idx's device, no host sync (segments found by a search in
+    seg_offsets, clamped, so offsets not yet checked cannot index out of range either)."""
+    num_tokens, k = topk_idx.shape
+    num_segments, num_slots = expert_mask.shape
+    tokens = torch.arange(num_tokens, device=topk_idx.device, dtype=seg_offsets.dtype)
+    seg_of_token = (torch.searchsorted(seg_offsets, tokens, right=True) - 1).clamp(0, num_segments - 1)
+    present = topk_idx >= 0
+    in_range = (topk_idx == -1) | (present & (topk_idx < num_slots))
+    active = expert_mask[seg_of_token].gather(1, topk_idx.clamp(0, num_slots - 1)) | ~present
+    # Padding gets distinct negative ids so that only real slots can repeat.
+    ids = torch.where(present, topk_idx, -1 - torch.arange(k, device=topk_idx.device))
+    ordered = ids.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+    return ~(in_range & active).all(1) | repeated
+
+
+def raise_topk_error(topk_idx: Tensor, bad: Tensor) -> None:
+    """The ValueError for the first token flagged by `topk_errors` (error path only: reads the row on the host)."""
+    token = int(bad.nonzero()[0, 0])
+    raise ValueError(
+        f"topk_idx[{token}] = {topk_idx[token].tolist()} is invalid: each id must be -1 or an active slot of the "
+        "token's segment (expert_mask True), without repeats; pass the forward's topk_idx"
+    )

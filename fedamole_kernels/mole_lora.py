@@ -28,6 +28,12 @@ kernel launches counted from the code (no GPU in this session):
                routing, expand (+1 with   grads out of the stacked buffers (+3 with dropout)
                dropout)
 
+Not in these counts, the self-defence of each backend (every registered op checks what it dereferences): triton
+and cuda add an error-flag fill, its reduction and an `_assert_async` per direction (4 tiny launches), cuda also the
+masking of absent slots in its stacked weights (logical_not + 2-3 masked fills); the triton launchers re-check shapes
+in Python (~5 us); the cpu op scans seg_offsets and, in the backward, topk_idx (S+1 and T*k integers). The reference
+checks its arguments too and reads topk_idx's validity in the same host read as the offsets.
+
 The reference's syncs are the `seg_offsets.tolist()` of its Python loop over segments (its `mask.any()` branch, one
 sync per segment, is gone); the fused backends never read seg_offsets or any other device value on the host, the
 layer caches its offsets per (T, S, device) and `mole_lora(seg_offsets=None)` its [0, T] per (T, device), so no

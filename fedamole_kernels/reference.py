@@ -10,6 +10,11 @@ Semantics per segment s (tokens ``lo:hi = seg_offsets[s]:seg_offsets[s+1]``), in
     u = einsum("td,erd->ter", x_e, A[s])               # x_e = expert_input (x' = dropout(x)) or x
     delta = scaling * sum_{i in idx} w_i * u_i @ B[s, i].T + scaling * (x_e @ A_s[s].T) @ B_s[s].T
 
+Masked means absent: the weights of masked slots are replaced by zeros (selected, never multiplied by a zero gate)
+before any product, and their probabilities and gradients are selected to exactly 0, so NaN or Inf in a slot that
+does not exist reaches no token and no gradient. The backend checks its own arguments (shapes, dtypes, devices, the
+values of seg_offsets and, in the backward, of topk_idx): the custom ops call it with whatever they were given.
+
 Everything is vectorised over a segment's slots; the only Python loop is over segments (clients). Math runs in
 float32 (float64 for float64 inputs) whatever the input dtype, so the oracle is as exact as it can be; results are
 cast back to the input dtypes. The backward is analytic (no autograd inside), so it doubles as the specification of
@@ -22,6 +27,14 @@ import math
 
 import torch
 from torch import Tensor
+
+from fedamole_kernels._validation import (
+    check_offset_values,
+    raise_topk_error,
+    topk_errors,
+    validate_backward_args,
+    validate_mole_args,
+)
 
 NAME = "reference"
 
@@ -73,11 +86,15 @@ def _dense_gates(idx: Tensor, gates: Tensor, num_slots: int) -> Tensor:
     return dense.scatter_add(1, idx.clamp(min=0), gates * selected)
 
 
-def _segments(seg_offsets: Tensor) -> list[tuple[int, int, int]]:
-    # The reference loops over segments in Python: one device->host read of the bounds per forward and per backward
-    # (the only host syncs of this backend; the fused backends never read seg_offsets on the host).
-    bounds = seg_offsets.tolist()
+def _segments(bounds: list[int], num_tokens: int) -> list[tuple[int, int, int]]:
+    """Non-empty segments (s, lo, hi) of checked bounds."""
+    check_offset_values(bounds, num_tokens)
     return [(s, bounds[s], bounds[s + 1]) for s in range(len(bounds) - 1) if bounds[s + 1] > bounds[s]]
+
+
+def _present(mask: Tensor, weights: Tensor) -> Tensor:
+    """`weights` [E, ...] with the slots that do not exist (mask False) replaced by zeros."""
+    return torch.where(mask.view(-1, *([1] * (weights.dim() - 1))), weights, 0.0)
 
 
 def mole_lora_forward(
@@ -94,17 +111,26 @@ def mole_lora_forward(
     scaling: float,
     router_type: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward of `mole_lora` on validated inputs. Returns (delta [T, d_out] x.dtype, probs [T, E] f32, idx [T, k])."""
+    """Forward of `mole_lora`. Returns (delta [T, d_out] x.dtype, probs [T, E] f32, idx [T, k])."""
+    validate_mole_args(
+        x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling,
+        router_type, check_values=False,
+    )  # fmt: skip
+    # The loop over segments in Python reads the bounds on the host: the one host sync of the forward (the fused
+    # backends never read seg_offsets on the host).
+    segments = _segments(seg_offsets.tolist(), x.shape[0])
     cd = _compute_dtype(x)
     num_tokens, num_slots, d_out = x.shape[0], lora_a.shape[1], lora_b.shape[2]
     delta = x.new_zeros(num_tokens, d_out, dtype=cd)
     probs = x.new_zeros(num_tokens, num_slots, dtype=torch.float32 if cd == torch.float32 else cd)
     topk_idx = torch.full((num_tokens, top_k), -1, dtype=torch.int64, device=x.device)
-    for s, lo, hi in _segments(seg_offsets):
+    for s, lo, hi in segments:
         xs = x[lo:hi].to(cd)
         xe = xs if expert_input is None else expert_input[lo:hi].to(cd)
-        a, b = lora_a[s].to(cd), lora_b[s].to(cd)
-        p, idx, gates, h, _ = route_segment(xs, a, router[s].to(cd), expert_mask[s], top_k, router_type)
+        mask = expert_mask[s]
+        a, b = _present(mask, lora_a[s].to(cd)), _present(mask, lora_b[s].to(cd))
+        w_r = router[s].to(cd) if router_type == "embedding" else _present(mask, router[s].to(cd))
+        p, idx, gates, h, _ = route_segment(xs, a, w_r, mask, top_k, router_type)
         u = h if (expert_input is None and h is not None) else torch.einsum("td,erd->ter", xe, a)
         c = _dense_gates(idx, gates, num_slots) * scaling
         out = torch.einsum("ter,eor->to", u * c[..., None], b)
@@ -140,6 +166,17 @@ def mole_lora_backward(
     top-k choice the forward made). `grad_probs` may be None (no loss on the probabilities). The grad of
     `expert_input` is None when it was None (its contribution then lands in the grad of x).
     """
+    shapes = validate_mole_args(
+        x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling,
+        router_type, check_values=False,
+    )  # fmt: skip
+    validate_backward_args(shapes, x, grad_delta, grad_probs, probs, topk_idx, top_k)
+    # The ids index per-slot tensors below: checked on the device, read with the bounds in the one host sync.
+    bad = topk_errors(topk_idx, expert_mask, seg_offsets)
+    *bounds, any_bad = torch.cat([seg_offsets.to(torch.int64), bad.any().view(1).to(torch.int64)]).tolist()
+    segments = _segments(bounds, x.shape[0])
+    if any_bad:
+        raise_topk_error(topk_idx, bad)
     cd = _compute_dtype(x)
     num_slots, rank = lora_a.shape[1], lora_a.shape[2]
     inv_sqrt_r = 1.0 / math.sqrt(rank)
@@ -150,12 +187,14 @@ def mole_lora_backward(
     gr = torch.zeros(router.shape, dtype=cd, device=x.device)
     gsa = None if shared_a is None else torch.zeros(shared_a.shape, dtype=cd, device=x.device)
     gsb = None if shared_b is None else torch.zeros(shared_b.shape, dtype=cd, device=x.device)
-    for s, lo, hi in _segments(seg_offsets):
+    for s, lo, hi in segments:
         xs = x[lo:hi].to(cd)
         xe = xs if expert_input is None else expert_input[lo:hi].to(cd)
         g = grad_delta[lo:hi].to(cd)
-        a, b, w_r = lora_a[s].to(cd), lora_b[s].to(cd), router[s].to(cd)
-        p = probs[lo:hi].to(cd)
+        mask = expert_mask[s]
+        a, b = _present(mask, lora_a[s].to(cd)), _present(mask, lora_b[s].to(cd))
+        w_r = router[s].to(cd) if router_type == "embedding" else _present(mask, router[s].to(cd))
+        p = torch.where(mask, probs[lo:hi].to(cd), 0.0)
         idx = topk_idx[lo:hi]
         selected = idx >= 0
         picked = p.gather(1, idx.clamp(min=0)) * selected
@@ -181,8 +220,8 @@ def mole_lora_backward(
         d_picked = (d_gate - (d_gate * gates).sum(-1, keepdim=True)) / norm * selected
         dp = p.new_zeros(p.shape).scatter_add(1, idx.clamp(min=0), d_picked)
         if grad_probs is not None:
-            dp = dp + grad_probs[lo:hi].to(cd)
-        dz = p * (dp - (p * dp).sum(-1, keepdim=True))
+            dp = dp + torch.where(mask, grad_probs[lo:hi].to(cd), 0.0)
+        dz = torch.where(mask, p * (dp - (p * dp).sum(-1, keepdim=True)), 0.0)
 
         if router_type == "embedding":
             h = torch.einsum("td,erd->ter", xs, a)

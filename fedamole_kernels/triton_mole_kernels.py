@@ -27,6 +27,8 @@ follows $TRITON_INTERPRET at launch time, whatever imported the package first.
 
 from __future__ import annotations
 
+# fmt: off
+# (ruff format would put each of the kernels' ~30 arguments on its own line; the grouped lists read better.)
 import triton
 import triton.language as tl
 
@@ -79,11 +81,29 @@ def _cumsum(x, axis: tl.constexpr):
 
 
 @triton.jit
-def _tile_map(pid, seg_ptr, S, SP: tl.constexpr, BM: tl.constexpr):
-    """Program pid -> (segment, first row, segment end); first row >= end means no work (past the last tile)."""
+def _clamped_bounds(lo_raw, hi_raw, T):
+    """Segment bounds clamped so that any seg_offsets values index rows in [0, T): lo into [0, T], hi into [lo, T].
+    Valid offsets are left as they are."""
+    lo = tl.minimum(tl.maximum(lo_raw, 0), T)
+    hi = tl.minimum(tl.maximum(hi_raw, lo), T)
+    return lo, hi
+
+
+@triton.jit
+def _tile_map(pid, seg_ptr, S, T, SP: tl.constexpr, BM: tl.constexpr):
+    """Program pid -> (segment, first row, segment end, bad); first row >= end means no work (past the last tile).
+
+    The offsets are clamped (`_clamped_bounds`), so no value reads or writes out of bounds; `bad` says whether they
+    were invalid (not 0 = first <= ... <= last = T), for the caller's error flag."""
     s = tl.arange(0, SP)
-    lo = tl.load(seg_ptr + s, mask=s < S, other=0).to(tl.int32)
-    hi = tl.load(seg_ptr + s + 1, mask=s < S, other=0).to(tl.int32)
+    lo_raw = tl.load(seg_ptr + s, mask=s < S, other=0).to(tl.int64)
+    hi_raw = tl.load(seg_ptr + s + 1, mask=s < S, other=0).to(tl.int64)
+    lo, hi = _clamped_bounds(lo_raw, hi_raw, T)
+    first = tl.load(seg_ptr).to(tl.int64)
+    last = tl.load(seg_ptr + S).to(tl.int64)
+    bad = (_sum(((lo != lo_raw) | (hi != hi_raw)).to(tl.int32), 0) > 0) | (first != 0) | (last != T)
+    lo = lo.to(tl.int32)
+    hi = hi.to(tl.int32)
     n_tiles = (hi - lo + BM - 1) // BM
     ends = _cumsum(n_tiles, 0)
     seg = _sum((ends <= pid).to(tl.int32), 0)  # empty segments have n_tiles = 0 and are skipped
@@ -91,7 +111,13 @@ def _tile_map(pid, seg_ptr, S, SP: tl.constexpr, BM: tl.constexpr):
     first_tile = _sum(tl.where(pick, ends - n_tiles, 0), 0)
     row0 = _sum(tl.where(pick, lo, 0), 0) + (pid - first_tile) * BM
     row_end = _sum(tl.where(pick, hi, 0), 0)
-    return seg, row0, row_end
+    return seg, row0, row_end, bad
+
+
+@triton.jit
+def _slot_active(mask_ptr, seg64, slots, E):
+    """expert_mask[seg, slots] as booleans (False past E): masked slots' weights are never loaded."""
+    return tl.load(mask_ptr + seg64 * E + slots, mask=(slots >= 0) & (slots < E), other=0) != 0
 
 
 @triton.jit
@@ -115,13 +141,14 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _route_shrink_fwd(
-    x_ptr, xe_ptr, seg_ptr, a_ptr, rt_ptr, sa_ptr, mask_ptr, probs_ptr, idx_ptr, uv_ptr,
-    S, E, r, d_in, KU, scaling, inv_sqrt_r,
+    x_ptr, xe_ptr, seg_ptr, a_ptr, rt_ptr, sa_ptr, mask_ptr, probs_ptr, idx_ptr, uv_ptr, err_ptr,
+    S, T, E, r, d_in, KU, scaling, inv_sqrt_r,
     SP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, ZP: tl.constexpr, TOPK: tl.constexpr,
     EMBED: tl.constexpr, HAS_XE: tl.constexpr, HAS_SHARED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
 ):
-    seg, row0, row_end = _tile_map(tl.program_id(0), seg_ptr, S, SP, BM)
+    seg, row0, row_end, bad = _tile_map(tl.program_id(0), seg_ptr, S, T, SP, BM)
+    tl.store(err_ptr, 1, mask=bad)  # err[0]: invalid seg_offsets (the launcher raises)
     if row0 >= row_end:
         return
     rows = row0 + tl.arange(0, BM)
@@ -131,7 +158,8 @@ def _route_shrink_fwd(
     ks = tl.arange(0, BK)
     # Expert columns in the padded [EP, R] layout; router / shared rows as R (or ZP) padded columns.
     cols = tl.arange(0, EP * R)
-    a_off, a_ok = _col_offsets(cols, R, r, E, r * d_in, d_in)
+    a_off, col_ok = _col_offsets(cols, R, r, E, r * d_in, d_in)
+    a_ok = col_ok & _slot_active(mask_ptr, seg64, cols // R, E)  # masked means absent: A (and B) never loaded
     a_base = a_ptr + seg64 * E * r * d_in + a_off
     rcols = tl.arange(0, R)
     r_ok = rcols < r
@@ -141,7 +169,7 @@ def _route_shrink_fwd(
     else:
         zcols = tl.arange(0, ZP)
         z_base = rt_ptr + seg64 * E * d_in + zcols * d_in
-        z_ok = zcols < E
+        z_ok = _slot_active(mask_ptr, seg64, zcols, E)
         zl = tl.full([BM, ZP], 0, tl.float32)
     if HAS_SHARED:
         s_base = sa_ptr + seg64 * r * d_in + rcols * d_in
@@ -211,7 +239,7 @@ def _route_shrink_fwd(
     gated = tl.reshape(tl.reshape(u, [BM, EP, R]) * gate[:, :, None], [BM, EP * R])
     dst = (cols // R) * r + cols % R
     tl.store(uv_ptr + rows64[:, None] * KU + dst[None, :], gated.to(uv_ptr.dtype.element_ty),
-             mask=rmask[:, None] & a_ok[None, :])
+             mask=rmask[:, None] & col_ok[None, :])
     if HAS_SHARED:
         tl.store(uv_ptr + rows64[:, None] * KU + E * r + rcols[None, :], (v * scaling).to(uv_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (rcols < r)[None, :])
@@ -219,16 +247,19 @@ def _route_shrink_fwd(
 
 @triton.jit
 def _seg_gemm(
-    d_ptr, seg_ptr, out_ptr,
+    d_ptr, seg_ptr, out_ptr, mask_ptr,
     w1_ptr, w1_s, w1_slot, w1_row, w1_n, rows1, slots1,
     w2_ptr, w2_s, w2_row, w2_n, rows2,
     w3_ptr, w3_s, w3_row, w3_n, rows3,
-    S, KD, N,
-    SP: tl.constexpr, HAS_W2: tl.constexpr, HAS_W3: tl.constexpr, ACC: tl.constexpr,
+    S, T, KD, N,
+    SP: tl.constexpr, HAS_W2: tl.constexpr, HAS_W3: tl.constexpr, ACC: tl.constexpr, MASK_W3: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BKD: tl.constexpr, BN: tl.constexpr,
 ):
-    """out[rows of segment s] (+)= D[rows] @ W_cat[s]; W_cat rows: slots of w1, then w2 rows, then w3 rows."""
-    seg, row0, row_end = _tile_map(tl.program_id(0), seg_ptr, S, SP, BM)
+    """out[rows of segment s] (+)= D[rows] @ W_cat[s]; W_cat rows: slots of w1, then w2 rows, then w3 rows.
+
+    Slots of w1 that expert_mask[s] marks absent are never loaded (zeros), nor, with MASK_W3, rows of w3 (one per
+    slot: the linear router)."""
+    seg, row0, row_end, _ = _tile_map(tl.program_id(0), seg_ptr, S, T, SP, BM)
     if row0 >= row_end:
         return
     rows = row0 + tl.arange(0, BM)
@@ -244,6 +275,7 @@ def _seg_gemm(
         d = tl.load(d_ptr + rows64[:, None] * KD + cols[None, :], mask=rmask[:, None] & (cols < KD)[None, :],
                     other=0.0)
         off, ok = _col_offsets(cols, rows1, rows1, slots1, w1_slot, w1_row)
+        ok = ok & _slot_active(mask_ptr, seg64, cols // rows1, slots1)
         w = tl.load(w1_ptr + seg64 * w1_s + off[:, None] + ns[None, :] * w1_n, mask=ok[:, None] & nmask[None, :],
                     other=0.0)
         if HAS_W2:
@@ -252,6 +284,8 @@ def _seg_gemm(
                          mask=ok[:, None] & nmask[None, :], other=0.0)
         if HAS_W3:
             off, ok = _col_offsets(cols - k1 - rows2, rows3, rows3, 1, 0, w3_row)
+            if MASK_W3:
+                ok = ok & _slot_active(mask_ptr, seg64, cols - k1 - rows2, slots1)
             w += tl.load(w3_ptr + seg64 * w3_s + off[:, None] + ns[None, :] * w3_n,
                          mask=ok[:, None] & nmask[None, :], other=0.0)
         acc = _dot(d, w, acc, UPCAST, PREC)
@@ -264,15 +298,20 @@ def _seg_gemm(
 
 @triton.jit
 def _route_bwd(
-    g_ptr, gp_ptr, x_ptr, xe_ptr, seg_ptr, a_ptr, b_ptr, rt_ptr, sa_ptr, sb_ptr, probs_ptr, idx_ptr,
-    ug_ptr, dx_ptr, dxe_ptr,
-    S, E, r, d_in, d_out, KU, KX, scaling, inv_sqrt_r,
+    g_ptr, gp_ptr, x_ptr, xe_ptr, seg_ptr, a_ptr, b_ptr, rt_ptr, sa_ptr, sb_ptr, probs_ptr, idx_ptr, mask_ptr,
+    ug_ptr, dx_ptr, dxe_ptr, err_ptr,
+    S, T, E, r, d_in, d_out, KU, KX, scaling, inv_sqrt_r,
     SP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr,
     EMBED: tl.constexpr, HAS_XE: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_GP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
-    """Routing + rank-space backward for one token tile (see reference.mole_lora_backward for the math)."""
-    seg, row0, row_end = _tile_map(tl.program_id(0), seg_ptr, S, SP, BM)
+    """Routing + rank-space backward for one token tile (see reference.mole_lora_backward for the math).
+
+    Masked means absent: masked slots' A and B are never loaded and their probs, grad_probs and dz are selected to 0.
+    Top-k ids are only compared, never used as addresses; ids that are not -1 or an active slot, or repeat, set
+    err[1] (the launcher raises) and select nothing."""
+    seg, row0, row_end, bad = _tile_map(tl.program_id(0), seg_ptr, S, T, SP, BM)
+    tl.store(err_ptr, 1, mask=bad)
     if row0 >= row_end:
         return
     rows = row0 + tl.arange(0, BM)
@@ -283,7 +322,8 @@ def _route_bwd(
     cols = tl.arange(0, EP * R)
     rcols = tl.arange(0, R)
     r_ok = rcols < r
-    a_off, a_ok = _col_offsets(cols, R, r, E, r * d_in, d_in)
+    a_off, col_ok = _col_offsets(cols, R, r, E, r * d_in, d_in)
+    a_ok = col_ok & _slot_active(mask_ptr, seg64, cols // R, E)  # masked means absent: A (and B) never loaded
     a_base = a_ptr + seg64 * E * r * d_in + a_off
     b_off, _ = _col_offsets(cols, R, r, E, d_out * r, 1)
     b_base = b_ptr + seg64 * E * d_out * r + b_off
@@ -331,12 +371,19 @@ def _route_bwd(
 
     # Gates w = p[idx] / sum p[idx] from the forward's probs and top-k choice.
     ecols = tl.arange(0, EP)
-    emask = rmask[:, None] & (ecols < E)[None, :]
+    active = _slot_active(mask_ptr, seg64, ecols, E)
+    emask = rmask[:, None] & active[None, :]
     p = tl.load(probs_ptr + rows64[:, None] * E + ecols[None, :], mask=emask, other=0.0)
     sel = tl.full([BM, EP], 0, tl.int32)
+    idx_bad = tl.full([BM], 0, tl.int32)
     for i in range(TOPK):
-        ix = tl.load(idx_ptr + rows64 * TOPK + i, mask=rmask, other=-1).to(tl.int32)
-        sel = tl.where(ecols[None, :] == ix[:, None], 1, sel)
+        ix = tl.load(idx_ptr + rows64 * TOPK + i, mask=rmask, other=-1)
+        hit = (ecols[None, :].to(tl.int64) == ix[:, None]) & active[None, :]
+        ok = (ix == -1) | (_sum(hit.to(tl.int32), 1) > 0)
+        repeat = _sum((hit & (sel != 0)).to(tl.int32), 1) > 0
+        idx_bad = tl.where(ok & ~repeat, idx_bad, 1)
+        sel = tl.where(hit, 1, sel)
+    tl.store(err_ptr + 1, 1, mask=_max(tl.where(rmask, idx_bad, 0), 0) > 0)
     picked = tl.where(sel != 0, p, 0.0)
     norm = tl.maximum(_sum(picked, 1), FP32_TINY)
     w = picked / norm[:, None]
@@ -349,11 +396,12 @@ def _route_bwd(
     dp = d_picked
     if HAS_GP:
         dp += tl.load(gp_ptr + rows64[:, None] * E + ecols[None, :], mask=emask, other=0.0).to(tl.float32)
-    dz = p * (dp - _sum(p * dp, 1)[:, None])
+    dz = tl.where(active[None, :], p * (dp - _sum(p * dp, 1)[:, None]), 0.0)
 
     dst = (cols // R) * r + cols % R
     row_ptr = rows64[:, None] * KX
-    emask2 = rmask[:, None] & a_ok[None, :]
+    emask2 = rmask[:, None] & col_ok[None, :]  # every column is written (zeros for masked slots)
+    estore = rmask[:, None] & (ecols < E)[None, :]
     ty = dx_ptr.dtype.element_ty
     tl.store(ug_ptr + rows64[:, None] * KU + dst[None, :],
              tl.reshape(u3 * (w * scaling)[:, :, None], [BM, EP * R]).to(ty), mask=emask2)
@@ -380,10 +428,10 @@ def _route_bwd(
         if HAS_XE:
             tl.store(dxe_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
             tl.store(dx_ptr + row_ptr + dst[None, :], tl.full([BM, EP * R], 0, ty), mask=emask2)
-            tl.store(dxe_ptr + row_ptr + rt_col + ecols[None, :], tl.full([BM, EP], 0, ty), mask=emask)
+            tl.store(dxe_ptr + row_ptr + rt_col + ecols[None, :], tl.full([BM, EP], 0, ty), mask=estore)
         else:
             tl.store(dx_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
-        tl.store(dx_ptr + row_ptr + rt_col + ecols[None, :], dz.to(ty), mask=emask)
+        tl.store(dx_ptr + row_ptr + rt_col + ecols[None, :], dz.to(ty), mask=estore)
     if HAS_SHARED:
         smask = rmask[:, None] & r_ok[None, :]
         tl.store(ug_ptr + rows64[:, None] * KU + E * r + rcols[None, :], (v * scaling).to(ty), mask=smask)
@@ -400,15 +448,16 @@ def _seg_wgrad(
     o1_ptr, o1_s, o1_slot, o1_row, o1_n, rows1, slots1,
     o2_ptr, o2_s, o2_row, o2_n, rows2,
     o3_ptr, o3_s, o3_row, o3_n, rows3,
-    KD, N,
+    T, KD, N,
     HAS_D2: tl.constexpr, HAS_O2: tl.constexpr, HAS_O3: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BKD: tl.constexpr, BN: tl.constexpr,
 ):
     """O_cat[s] = D[seg s]^T @ X[seg s] (+ D2^T @ X2), O_cat rows scattered to o1 slots, o2 rows, o3 rows."""
     seg = tl.program_id(0)
     seg64 = seg.to(tl.int64)
-    lo = tl.load(seg_ptr + seg).to(tl.int32)
-    hi = tl.load(seg_ptr + seg + 1).to(tl.int32)
+    lo, hi = _clamped_bounds(tl.load(seg_ptr + seg).to(tl.int64), tl.load(seg_ptr + seg + 1).to(tl.int64), T)
+    lo = lo.to(tl.int32)
+    hi = hi.to(tl.int32)
     cols = tl.program_id(1) * BKD + tl.arange(0, BKD)
     cmask = cols < KD
     ns = tl.program_id(2) * BN + tl.arange(0, BN)
@@ -471,3 +520,4 @@ else:
     # seg_gemm may accumulate into its output (ACC): restore it between autotuning runs.
     seg_gemm = triton.autotune(_gemm_configs(), key=["KD", "N"], restore_value=["out_ptr"])(_seg_gemm)
     seg_wgrad = triton.autotune(_wgrad_configs(), key=["KD", "N"])(_seg_wgrad)
+# fmt: on

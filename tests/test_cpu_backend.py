@@ -309,15 +309,15 @@ def test_cpp_checks_name_the_tensor():
     mask = torch.ones(1, 4, dtype=torch.bool)
     x, a, b, w = inputs["x"], inputs["lora_a"], inputs["lora_b"], inputs["router"]
     op = torch.ops.fedamole_ext.mole_lora_fwd
-    with pytest.raises(RuntimeError, match="lora_b has dtype"):
+    with pytest.raises(TypeError, match="lora_b has dtype"):
         op(x, None, offsets, a, b.double(), w, None, None, mask, 2, 2.0, "embedding")
-    with pytest.raises(RuntimeError, match="router must have shape"):
+    with pytest.raises(ValueError, match="router must have shape"):
         op(x, None, offsets, a, b, w[:, :2], None, None, mask, 2, 2.0, "embedding")
-    with pytest.raises(RuntimeError, match="unsupported dtype"):
+    with pytest.raises(TypeError, match="unsupported dtype"):
         op(x.to(torch.int32), None, offsets, a, b, w, None, None, mask, 2, 2.0, "embedding")
-    with pytest.raises(RuntimeError, match="seg_offsets must end at T"):
+    with pytest.raises(ValueError, match="seg_offsets must end at T"):
         op(x, None, torch.tensor([0, 3]), a, b, w, None, None, mask, 2, 2.0, "embedding")
-    with pytest.raises(RuntimeError, match="router_type"):
+    with pytest.raises(ValueError, match="router_type"):
         op(x, None, offsets, a, b, w, None, None, mask, 2, 2.0, "bogus")
 
 

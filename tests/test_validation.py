@@ -6,14 +6,16 @@ import pytest
 import torch
 
 from fedamole_kernels import mole_lora
+from fedamole_kernels._validation import check_launch_args
 
 from mole_cases import make_problem
 
 
 @pytest.fixture
 def prob():
-    return make_problem([3, 2], 3, 2, 4, 5, 2, ["111", "011"], expert_input=True).cast(torch.float32,
-                                                                                       requires_grad=False)
+    return make_problem([3, 2], 3, 2, 4, 5, 2, ["111", "011"], expert_input=True).cast(
+        torch.float32, requires_grad=False
+    )
 
 
 def _call(prob, **overrides):
@@ -82,3 +84,36 @@ def test_huge_top_k_is_fine(prob):
 def test_valid_input_still_runs(prob):
     delta, probs, idx = _call(prob)
     assert delta.shape == (5, 5) and probs.shape == (5, 3) and idx.shape == (5, 2)
+
+
+VALUE_CHECKS = ("start at 0", "end at T", "non-decreasing")
+
+
+@pytest.mark.parametrize("case", [i for i, (_, _, needle) in enumerate(BAD) if needle not in VALUE_CHECKS])
+def test_launcher_checks_reject_what_the_api_rejects(prob, case):
+    """`check_launch_args` (the Triton launchers' fast path) never accepts what `validate_mole_args` rejects."""
+    make_overrides, exc, needle = BAD[case]
+    kwargs = prob.kwargs(**make_overrides(prob))
+    with pytest.raises(exc, match=needle):
+        check_launch_args(*(kwargs[n] for n in LAUNCH_ARGS))
+
+
+LAUNCH_ARGS = (
+    "x",
+    "seg_offsets",
+    "lora_a",
+    "lora_b",
+    "router",
+    "shared_a",
+    "shared_b",
+    "expert_mask",
+    "expert_input",
+    "top_k",
+    "scaling",
+    "router_type",
+)
+
+
+def test_launcher_checks_accept_valid_input(prob):
+    check_launch_args(*(prob.kwargs()[n] for n in LAUNCH_ARGS))
+    check_launch_args(*(prob.kwargs(shared_a=None, shared_b=None, expert_input=None)[n] for n in LAUNCH_ARGS))

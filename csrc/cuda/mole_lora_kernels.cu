@@ -40,9 +40,16 @@ struct SegView {
   int64_t a_off, b_off, c_off;
 };
 
+// Segment s's token range, clamped to [0, T] (lo) and [lo, T] (hi): any seg_offsets values stay in bounds.
+__device__ __forceinline__ void seg_bounds(const int64_t* offs, int s, int64_t num_tokens, int64_t* lo, int64_t* hi) {
+  *lo = min(max(offs[s], int64_t(0)), num_tokens);
+  *hi = min(max(offs[s + 1], *lo), num_tokens);
+}
+
 __device__ __forceinline__ SegView seg_view(const SegGemmParams& p, int s) {
-  const int64_t lo = p.seg_offsets[s];
-  const int ntok = static_cast<int>(p.seg_offsets[s + 1] - lo);
+  int64_t lo, hi;
+  seg_bounds(p.seg_offsets, s, p.num_tokens, &lo, &hi);
+  const int ntok = static_cast<int>(hi - lo);
   SegView v{p.m, p.n, p.k, 0, 0, 0};
   if (p.token_dim == 0) {
     v.M = ntok;
@@ -187,9 +194,18 @@ __device__ __forceinline__ int find_segment(const int64_t* offs, int num_segment
   return lo;
 }
 
+// One thread checks the offsets (S + 1 loads) and flags invalid ones; the GEMMs clamp them meanwhile.
+__device__ __forceinline__ void flag_bad_offsets(const int64_t* offs, int num_segments, int64_t num_tokens,
+                                                 int32_t* error) {
+  bool bad = offs[0] != 0 || offs[num_segments] != num_tokens;
+  for (int s = 0; s < num_segments && !bad; ++s) bad = offs[s + 1] < offs[s];
+  if (bad) error[0] = 1;
+}
+
 template <typename T>
 __global__ void route_forward_kernel(const RouteParams p) {
   const int64_t tok = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (tok == 0 && p.error != nullptr) flag_bad_offsets(p.seg_offsets, p.num_segments, p.num_tokens, p.error);
   if (tok >= p.num_tokens) return;
   const int s = find_segment(p.seg_offsets, p.num_segments, tok);
   const int E = p.num_slots, r = p.rank, Er = E * r;
@@ -246,9 +262,9 @@ __global__ void route_forward_kernel(const RouteParams p) {
   const float* u = p.h_expert + tok * p.kc + p.router_rows;
   T* g = static_cast<T*>(p.gated) + tok * p.ke;
   for (int i = 0; i < E; ++i) {
-    float c = 0.f;
-    if ((taken >> i) & 1ull) c = prob[i] / norm * p.scaling;
-    for (int j = 0; j < r; ++j) g[i * r + j] = from_f<T>(u[i * r + j] * c);
+    const bool on = (taken >> i) & 1ull;  // selected, not multiplied by a zero gate
+    const float c = on ? prob[i] / norm * p.scaling : 0.f;
+    for (int j = 0; j < r; ++j) g[i * r + j] = from_f<T>(on ? u[i * r + j] * c : 0.f);
   }
   if (p.shared) {
     for (int j = 0; j < r; ++j) g[Er + j] = from_f<T>(u[Er + j] * p.scaling);
@@ -270,21 +286,39 @@ __global__ void route_backward_kernel(const RouteBackwardParams p) {
   const bool split = p.dh_route != nullptr;
   T* dR = split ? static_cast<T*>(p.dh_route) + tok * p.kc : dH;
 
+  // Top-k ids: only -1 or an active slot seen for the first time is used; anything else is flagged and skipped.
+  const int s = find_segment(p.seg_offsets, p.num_segments, tok);
+  const bool* mask = p.mask + static_cast<int64_t>(s) * E;
+  int sel[kMaxTopK];
+  unsigned long long taken = 0ull;
+  for (int q = 0; q < k; ++q) {
+    const int64_t raw = idx[q];
+    sel[q] = -1;
+    if (raw >= 0 && raw < E && mask[raw] && !((taken >> raw) & 1ull)) {
+      sel[q] = static_cast<int>(raw);
+      taken |= 1ull << raw;
+    } else if (raw != -1 && p.error != nullptr) {
+      p.error[1] = 1;
+    }
+  }
+  // Masked means absent: masked slots' probs and grad_probs are selected to 0, never trusted to be 0.
+  float pm[kMaxSlots];
+  for (int i = 0; i < E; ++i) pm[i] = mask[i] ? prob[i] : 0.f;
   float picked = 0.f;
   for (int q = 0; q < k; ++q)
-    if (idx[q] >= 0) picked += prob[idx[q]];
+    if (sel[q] >= 0) picked += pm[sel[q]];
   const float norm = fmaxf(picked, FLT_MIN);
   float c[kMaxSlots], dp[kMaxSlots], dgate[kMaxTopK];
   for (int i = 0; i < E; ++i) {
     c[i] = 0.f;
-    dp[i] = p.grad_probs != nullptr ? p.grad_probs[tok * E + i] : 0.f;
+    dp[i] = (p.grad_probs != nullptr && mask[i]) ? p.grad_probs[tok * E + i] : 0.f;
   }
   float s1 = 0.f;
   for (int q = 0; q < k; ++q) {
     dgate[q] = 0.f;
-    if (idx[q] < 0) continue;
-    const int i = static_cast<int>(idx[q]);
-    const float gate = prob[i] / norm;
+    if (sel[q] < 0) continue;
+    const int i = sel[q];
+    const float gate = pm[i] / norm;
     c[i] = gate * p.scaling;
     float acc = 0.f;
     for (int l = 0; l < r; ++l) acc = fmaf(gr[i * r + l], u[i * r + l], acc);
@@ -292,18 +326,19 @@ __global__ void route_backward_kernel(const RouteBackwardParams p) {
     s1 += dgate[q] * gate;
   }
   for (int q = 0; q < k; ++q)
-    if (idx[q] >= 0) dp[idx[q]] += (dgate[q] - s1) / norm;
+    if (sel[q] >= 0) dp[sel[q]] += (dgate[q] - s1) / norm;
   float pdp = 0.f;
-  for (int i = 0; i < E; ++i) pdp += prob[i] * dp[i];
-  for (int i = 0; i < E; ++i) dp[i] = prob[i] * (dp[i] - pdp);  // dp now holds dz
+  for (int i = 0; i < E; ++i) pdp += pm[i] * dp[i];
+  for (int i = 0; i < E; ++i) dp[i] = mask[i] ? pm[i] * (dp[i] - pdp) : 0.f;  // dp now holds dz
 
   const float inv_sqrt_r = rsqrtf(static_cast<float>(r));
   for (int i = 0; i < E; ++i) {
     for (int l = 0; l < r; ++l) {
       const int col = i * r + l;
-      G[col] = from_f<T>(u[col] * c[i]);
-      const float du = gr[col] * c[i];
-      const float dh = p.embedding ? dp[i] * hr[l] * inv_sqrt_r : 0.f;
+      const bool on = (taken >> i) & 1ull;  // selected, not multiplied by a zero gate
+      G[col] = from_f<T>(on ? u[col] * c[i] : 0.f);
+      const float du = on ? gr[col] * c[i] : 0.f;
+      const float dh = (p.embedding && mask[i]) ? dp[i] * hr[l] * inv_sqrt_r : 0.f;
       if (split) {
         dH[R + col] = from_f<T>(du);
         dR[R + col] = from_f<T>(dh);
@@ -324,7 +359,9 @@ __global__ void route_backward_kernel(const RouteBackwardParams p) {
     float dt;
     if (p.embedding) {
       dt = 0.f;
-      for (int i = 0; i < E; ++i) dt = fmaf(dp[i], hr[R + i * r + l], dt);
+      for (int i = 0; i < E; ++i) {
+        if (mask[i]) dt = fmaf(dp[i], hr[R + i * r + l], dt);
+      }
       dt *= inv_sqrt_r;
     } else {
       dt = dp[l];

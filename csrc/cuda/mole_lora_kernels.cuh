@@ -6,6 +6,12 @@
 //   Wc [S, Kc, D]  stacked down-projections [router rows R | A_1..A_E (E*r) | shared A (r)]
 //   Bc [S, O, Ke]  stacked up-projections   [B_1..B_E | shared B],  Ke = E*r (+ r)
 //   H  [T, Kc]     fp32 projections x Wc^T; routing reads columns [0, R + E*r), experts read [R, Kc)
+//
+// Bounds: seg_offsets and topk_idx are device data that the host never reads (no syncs). The kernels clamp every
+// segment to [0, T] and use only top-k ids that are -1 or an active, not yet seen slot, so no value reads or writes
+// out of bounds; invalid values set error[0] (seg_offsets) / error[1] (topk_idx), which the binding turns into an
+// error after the kernels (csrc/cuda_ops.cpp). Masked slots are absent: the binding zeroes their weights in the
+// stacked Wc / Bc, and the routing kernels select their probabilities and gradients to 0.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -34,6 +40,7 @@ struct SegGemmParams {
   void* c = nullptr;
   const int64_t* seg_offsets = nullptr;  // device, S + 1 entries
   int num_segments = 0;
+  int64_t num_tokens = 0;  // T: segment bounds are clamped to [0, T]
   int max_seg_tokens = 0;  // host-known upper bound of a segment's tokens (sizes the grid); T is always safe
   int m = 0, n = 0, k = 0;  // the token dimension's entry is ignored
   int token_dim = 0;
@@ -59,6 +66,7 @@ struct RouteParams {
   int64_t* topk_idx = nullptr;  // [T, k]
   void* gated = nullptr;        // [T, Ke] input dtype, or null
   int32_t* counts = nullptr;    // [S, E], zeroed by the caller, or null
+  int32_t* error = nullptr;     // [2], zeroed by the caller: error[0] = 1 for invalid seg_offsets
   int num_tokens = 0, num_segments = 0, num_slots = 0, rank = 0, top_k = 0;
   int router_rows = 0;  // R
   int kc = 0, ke = 0;
@@ -78,11 +86,14 @@ struct RouteBackwardParams {
   const float* grank = nullptr;     // [T, Ke]
   const float* probs = nullptr;     // [T, E]
   const int64_t* topk_idx = nullptr;
+  const int64_t* seg_offsets = nullptr;  // S + 1 entries
+  const bool* mask = nullptr;            // [S, E]
+  int32_t* error = nullptr;              // [2], zeroed by the caller: error[1] = 1 for invalid topk_idx
   const float* grad_probs = nullptr;  // [T, E] or null
   void* gated = nullptr;              // [T, Ke]
   void* dh = nullptr;                 // [T, Kc]
   void* dh_route = nullptr;           // [T, Kc] or null
-  int num_tokens = 0, num_slots = 0, rank = 0, top_k = 0, router_rows = 0, kc = 0, ke = 0;
+  int num_tokens = 0, num_segments = 0, num_slots = 0, rank = 0, top_k = 0, router_rows = 0, kc = 0, ke = 0;
   bool embedding = true, shared = false;
   float scaling = 1.f;
 };

@@ -1,0 +1,148 @@
+// Argument checks shared by the CPU and CUDA entry points of `mole_lora` (see mole_lora_checks.h). Wrong dtypes
+// raise TypeError in Python (TORCH_CHECK_TYPE), everything else ValueError (TORCH_CHECK_VALUE), as the Python API does.
+
+#include "mole_lora_checks.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+namespace fedamole {
+namespace {
+
+void check_rank(const char* who, const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK_VALUE(t.defined(), who, ": ", name, " is undefined");
+  TORCH_CHECK_VALUE(t.dim() == dim, who, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+void check_float(const char* who, const at::Tensor& t, const char* name, int64_t dim, at::ScalarType dtype) {
+  check_rank(who, t, name, dim);
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, who, ": ", name, " has dtype ", t.scalar_type(), " but x has dtype ", dtype,
+              "; all float inputs must match x");
+}
+
+void check_shape(const char* who, const at::Tensor& t, const char* name, at::IntArrayRef shape, const char* meaning) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, who, ": ", name, " must have shape ", shape, " (", meaning, "), got ", t.sizes());
+}
+
+}  // namespace
+
+MoLEDims check_mole_args(const char* who, const at::Tensor& x, const std::optional<at::Tensor>& expert_input,
+                         const at::Tensor& seg_offsets, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                         const at::Tensor& router, const std::optional<at::Tensor>& shared_a,
+                         const std::optional<at::Tensor>& shared_b, const at::Tensor& expert_mask, int64_t top_k,
+                         double scaling, c10::string_view router_type) {
+  MoLEDims d;
+  check_rank(who, x, "x", 2);
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), who, ": x has unsupported dtype ", x.scalar_type(),
+                   "; expected a floating dtype");
+  const auto dtype = x.scalar_type();
+  d.T = x.size(0);
+  d.D = x.size(1);
+  TORCH_CHECK_VALUE(d.D >= 1, who, ": x must have d_in >= 1 features, got shape ", x.sizes());
+  check_float(who, lora_a, "lora_a", 4, dtype);
+  d.S = lora_a.size(0);
+  d.E = lora_a.size(1);
+  d.r = lora_a.size(2);
+  TORCH_CHECK_VALUE(d.S >= 1 && d.E >= 1 && d.r >= 1, who, ": lora_a must have S, E, r >= 1, got shape ", lora_a.sizes());
+  // x and lora_a disagree on d_in: x is the tensor that varies per call, so name it.
+  TORCH_CHECK_VALUE(lora_a.size(3) == d.D, who, ": x must have shape [T, d_in=", lora_a.size(3),
+              "] (d_in of lora_a [S, E, r, d_in] = ", lora_a.sizes(), "), got ", x.sizes());
+  check_float(who, lora_b, "lora_b", 4, dtype);
+  d.O = lora_b.size(2);
+  check_shape(who, lora_b, "lora_b", {d.S, d.E, d.O, d.r}, "[S, E, d_out, r]");
+  TORCH_CHECK_VALUE(d.O >= 1, who, ": lora_b must have d_out >= 1, got shape ", lora_b.sizes());
+  TORCH_CHECK_VALUE(router_type == "embedding" || router_type == "linear", who,
+              ": router_type must be 'embedding' or 'linear', got '", std::string(router_type), "'");
+  d.embedding = router_type == "embedding";
+  d.R = d.embedding ? d.r : d.E;
+  check_float(who, router, "router", 3, dtype);
+  check_shape(who, router, "router", {d.S, d.R, d.D},
+              d.embedding ? "[S, r, d_in] for router_type='embedding'" : "[S, E, d_in] for router_type='linear'");
+  TORCH_CHECK_VALUE(shared_a.has_value() == shared_b.has_value(), who, ": shared_a and shared_b must be given together");
+  d.shared = shared_a.has_value();
+  if (d.shared) {
+    check_float(who, *shared_a, "shared_a", 3, dtype);
+    check_shape(who, *shared_a, "shared_a", {d.S, d.r, d.D}, "[S, r, d_in]");
+    check_float(who, *shared_b, "shared_b", 3, dtype);
+    check_shape(who, *shared_b, "shared_b", {d.S, d.O, d.r}, "[S, d_out, r]");
+  }
+  d.has_xe = expert_input.has_value();
+  if (d.has_xe) {
+    check_float(who, *expert_input, "expert_input", 2, dtype);
+    check_shape(who, *expert_input, "expert_input", {d.T, d.D}, "[T, d_in], like x");
+  }
+  check_rank(who, expert_mask, "expert_mask", 2);
+  TORCH_CHECK_TYPE(expert_mask.scalar_type() == at::kBool, who, ": expert_mask must be bool, got ",
+              expert_mask.scalar_type());
+  check_shape(who, expert_mask, "expert_mask", {d.S, d.E}, "[S, E]");
+  check_rank(who, seg_offsets, "seg_offsets", 1);
+  TORCH_CHECK_TYPE(seg_offsets.scalar_type() == at::kLong || seg_offsets.scalar_type() == at::kInt, who,
+              ": seg_offsets must be int32 or int64, got ", seg_offsets.scalar_type());
+  check_shape(who, seg_offsets, "seg_offsets", {d.S + 1}, "[S+1] with S = lora_a.shape[0]");
+  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= std::max(d.E, kMaxPaddedTopK), who, ": top_k must be in [1, max(E, ",
+              kMaxPaddedTopK, ")] (E = ", d.E, " slots), got ", top_k);
+  TORCH_CHECK_VALUE(std::isfinite(scaling), who, ": scaling must be finite, got ", scaling);
+  d.k = top_k;
+  return d;
+}
+
+void check_mole_bwd_args(const char* who, const MoLEDims& d, const at::Tensor& x, const at::Tensor& grad_delta,
+                         const std::optional<at::Tensor>& grad_probs, const at::Tensor& probs,
+                         at::ScalarType probs_dtype, const at::Tensor& topk_idx) {
+  check_float(who, grad_delta, "grad_delta", 2, x.scalar_type());
+  check_shape(who, grad_delta, "grad_delta", {d.T, d.O}, "[T, d_out], like delta");
+  check_rank(who, probs, "probs", 2);
+  TORCH_CHECK_TYPE(probs.scalar_type() == probs_dtype, who, ": probs must have dtype ", probs_dtype, ", got ",
+              probs.scalar_type());
+  check_shape(who, probs, "probs", {d.T, d.E}, "[T, E], the forward's probs");
+  check_rank(who, topk_idx, "topk_idx", 2);
+  TORCH_CHECK_TYPE(topk_idx.scalar_type() == at::kLong, who, ": topk_idx must be int64, got ", topk_idx.scalar_type());
+  check_shape(who, topk_idx, "topk_idx", {d.T, d.k}, "[T, top_k], the forward's topk_idx");
+  if (grad_probs.has_value()) {
+    check_rank(who, *grad_probs, "grad_probs", 2);
+    TORCH_CHECK_TYPE(at::isFloatingType(grad_probs->scalar_type()), who, ": grad_probs must be floating, got ",
+                grad_probs->scalar_type());
+    check_shape(who, *grad_probs, "grad_probs", {d.T, d.E}, "[T, E], like probs");
+  }
+}
+
+std::vector<int64_t> check_offsets_values(const char* who, const at::Tensor& seg_offsets, int64_t T) {
+  const at::Tensor offs = seg_offsets.to(at::kLong).contiguous();
+  const int64_t* o = offs.data_ptr<int64_t>();
+  std::vector<int64_t> v(o, o + offs.numel());
+  const int64_t S = static_cast<int64_t>(v.size()) - 1;
+  TORCH_CHECK_VALUE(v[0] == 0, who, ": seg_offsets must start at 0, got seg_offsets[0] = ", v[0]);
+  TORCH_CHECK_VALUE(v[S] == T, who, ": seg_offsets must end at T = x.shape[0] = ", T, ", got ", v[S]);
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK_VALUE(v[s] <= v[s + 1], who, ": seg_offsets must be non-decreasing, got seg_offsets[", s, "] = ", v[s],
+                " > seg_offsets[", s + 1, "] = ", v[s + 1]);
+  }
+  return v;
+}
+
+void check_topk_values(const char* who, const int64_t* topk_idx, const bool* expert_mask,
+                       const std::vector<int64_t>& offsets, int64_t E, int64_t k) {
+  const int64_t S = static_cast<int64_t>(offsets.size()) - 1;
+  for (int64_t s = 0; s < S; ++s) {
+    const bool* m = expert_mask + s * E;
+    for (int64_t t = offsets[s]; t < offsets[s + 1]; ++t) {
+      const int64_t* row = topk_idx + t * k;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t i = row[j];
+        if (i == -1) continue;
+        TORCH_CHECK_VALUE(i >= 0 && i < E, who, ": topk_idx[", t, ", ", j, "] = ", i, " is out of range: ids are -1 or in [0, E = ",
+                    E, ")");
+        TORCH_CHECK_VALUE(m[i], who, ": topk_idx[", t, ", ", j, "] = ", i, " is a masked slot of segment ", s,
+                    " (expert_mask[", s, ", ", i, "] is False)");
+        for (int64_t q = 0; q < j; ++q) {
+          TORCH_CHECK_VALUE(row[q] != i, who, ": topk_idx[", t, "] holds slot ", i, " twice");
+        }
+      }
+    }
+  }
+}
+
+}  // namespace fedamole
