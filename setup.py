@@ -36,8 +36,10 @@ def _extensions():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        _say("torch is not importable in the build environment: skipping the C++ extension "
-             "(install torch first and use `pip install --no-build-isolation`).")
+        _say(
+            "torch is not importable in the build environment: skipping the C++ extension "
+            "(install torch first and use `pip install --no-build-isolation`)."
+        )
         return [], {}
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         _say("no C++ compiler found: skipping the C++ extension.")

@@ -58,8 +58,8 @@ def dense_client(x, a, b, w_t, sa, sb, top_k, scaling):
     er = num_experts * rank
     h_all = x @ torch.cat([a.reshape(er, d_in), w_t, sa], 0).T  # [T, E*r + 2r]
     h = h_all[:, :er].view(num_tokens, num_experts, rank)
-    t = h_all[:, er:er + rank]
-    v = h_all[:, er + rank:]
+    t = h_all[:, er : er + rank]
+    v = h_all[:, er + rank :]
     z = (h * t[:, None, :]).sum(-1) / math.sqrt(rank)
     p = torch.softmax(z, dim=-1)
     vals, idx = p.topk(top_k, dim=-1)
@@ -87,7 +87,7 @@ def authors_client(x, a, b, w_t, sa, sb, top_k, scaling):
         n = counts[i]
         if n == 0:
             continue
-        sel = order[start:start + n]
+        sel = order[start : start + n]
         start += n
         tok = sel // top_k
         y = (x[tok] @ a[i].T) @ b[i].T
@@ -96,8 +96,18 @@ def authors_client(x, a, b, w_t, sa, sb, top_k, scaling):
 
 
 def run_cpu(x, offsets, params, top_k, scaling):
-    delta, probs, _ = mole_lora(x, offsets, params["lora_a"], params["lora_b"], params["router"], params["shared_a"],
-                                params["shared_b"], top_k=top_k, scaling=scaling, backend="cpu")
+    delta, probs, _ = mole_lora(
+        x,
+        offsets,
+        params["lora_a"],
+        params["lora_b"],
+        params["router"],
+        params["shared_a"],
+        params["shared_b"],
+        top_k=top_k,
+        scaling=scaling,
+        backend="cpu",
+    )
     return delta
 
 
@@ -105,9 +115,17 @@ def run_per_client(fn, x, offsets, params, top_k, scaling):
     bounds = offsets.tolist()
     outs = []
     for c in range(len(bounds) - 1):
-        xc = x[bounds[c]:bounds[c + 1]]
-        out, _ = fn(xc, params["lora_a"][c], params["lora_b"][c], params["router"][c], params["shared_a"][c],
-                    params["shared_b"][c], top_k, scaling)
+        xc = x[bounds[c] : bounds[c + 1]]
+        out, _ = fn(
+            xc,
+            params["lora_a"][c],
+            params["lora_b"][c],
+            params["router"][c],
+            params["shared_a"][c],
+            params["shared_b"][c],
+            top_k,
+            scaling,
+        )
         outs.append(out)
     return torch.cat(outs, 0)
 
@@ -178,12 +196,23 @@ def main() -> None:
                     raise SystemExit(f"{case}: provider {name} disagrees with dense (max abs err {err:.3g})")
         timings = time_fwd_bwd(providers, x, grad_out, params, args.warmup, args.repeat)
         for name, med in timings.items():
-            rows.append({
-                "case": case, "provider": name, "clients": clients, "tokens": num_tokens, "d_in": args.d_in,
-                "d_out": args.d_out, "experts": args.experts, "rank": args.rank, "top_k": args.top_k,
-                "dtype": args.dtype, "threads": torch.get_num_threads(), "median_ms": round(med * 1e3, 3),
-                "speedup_of_cpu": round(med / timings["cpu"], 3),
-            })
+            rows.append(
+                {
+                    "case": case,
+                    "provider": name,
+                    "clients": clients,
+                    "tokens": num_tokens,
+                    "d_in": args.d_in,
+                    "d_out": args.d_out,
+                    "experts": args.experts,
+                    "rank": args.rank,
+                    "top_k": args.top_k,
+                    "dtype": args.dtype,
+                    "threads": torch.get_num_threads(),
+                    "median_ms": round(med * 1e3, 3),
+                    "speedup_of_cpu": round(med / timings["cpu"], 3),
+                }
+            )
             print(f"{case:7s} {name:8s} {med * 1e3:9.2f} ms   cpu is {med / timings['cpu']:.2f}x faster")
 
     stamp = datetime.date.today().isoformat()
@@ -193,11 +222,18 @@ def main() -> None:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    meta = {"date": stamp, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "args": vars(args),
-            "command": "python benchmarks/bench_cpu.py " + " ".join(f"--{k.replace('_', '-')} {v}"
-                                                                    for k, v in vars(args).items()
-                                                                    if v not in (None, "") and k != "out_dir")}
+    meta = {
+        "date": stamp,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "args": vars(args),
+        "command": "python benchmarks/bench_cpu.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "") and k != "out_dir"
+        ),
+    }
     with open(base + ".json", "w") as fh:
         json.dump({"meta": meta, "rows": rows}, fh, indent=2)
     print(f"wrote {base}.csv and {base}.json")

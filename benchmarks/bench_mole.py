@@ -66,11 +66,15 @@ def make_tensors(case: Case) -> dict:
     mask[:, : case.active] = True
     bounds = [round(i * case.tokens / S) for i in range(S + 1)]
     return dict(
-        x=rnd(case.tokens, d), w0=rnd(d, d, scale=d**-0.5, grad=False),
-        lora_a=rnd(S, E, r, d, scale=d**-0.5), lora_b=rnd(S, E, d, r, scale=0.1), router=rnd(S, r, d, scale=d**-0.5),
+        x=rnd(case.tokens, d),
+        w0=rnd(d, d, scale=d**-0.5, grad=False),
+        lora_a=rnd(S, E, r, d, scale=d**-0.5),
+        lora_b=rnd(S, E, d, r, scale=0.1),
+        router=rnd(S, r, d, scale=d**-0.5),
         shared_a=rnd(S, r, d, scale=d**-0.5) if case.shared else None,
         shared_b=rnd(S, d, r, scale=0.1) if case.shared else None,
-        expert_mask=mask.to(case.device), seg_offsets=torch.tensor(bounds, device=case.device),
+        expert_mask=mask.to(case.device),
+        seg_offsets=torch.tensor(bounds, device=case.device),
     )
 
 
@@ -86,10 +90,23 @@ def base_layer(case: Case, t: dict) -> Callable:
 def backend_layer(name: str) -> Callable:
     def build(case: Case, t: dict) -> Callable:
         def layer():
-            delta, _, _ = mole_lora(t["x"], t["seg_offsets"], t["lora_a"], t["lora_b"], t["router"], t["shared_a"],
-                                    t["shared_b"], t["expert_mask"], top_k=case.top_k, scaling=2.0, backend=name)
+            delta, _, _ = mole_lora(
+                t["x"],
+                t["seg_offsets"],
+                t["lora_a"],
+                t["lora_b"],
+                t["router"],
+                t["shared_a"],
+                t["shared_b"],
+                t["expert_mask"],
+                top_k=case.top_k,
+                scaling=2.0,
+                backend=name,
+            )
             return t["x"] @ t["w0"].T + delta
+
         return layer
+
     return build
 
 
@@ -115,9 +132,11 @@ def compiled_layer(case: Case, t: dict) -> Callable:
 
     def layer():
         xs = t["x"].view(S, -1, case.d)
-        delta = fn(xs, t["lora_a"], t["lora_b"], t["router"], t["shared_a"], t["shared_b"], t["expert_mask"],
-                   case.top_k, 2.0)
+        delta = fn(
+            xs, t["lora_a"], t["lora_b"], t["router"], t["shared_a"], t["shared_b"], t["expert_mask"], case.top_k, 2.0
+        )
         return t["x"] @ t["w0"].T + delta.reshape(case.tokens, -1)
+
     return layer
 
 
@@ -131,7 +150,7 @@ def authors_loop_layer(case: Case, t: dict) -> Callable:
         x, y = t["x"], t["x"] @ t["w0"].T
         outs = []
         for s in range(case.segments):
-            xs = x[bounds[s]:bounds[s + 1]]
+            xs = x[bounds[s] : bounds[s + 1]]
             a, b = t["lora_a"][s], t["lora_b"][s]
             h = torch.stack([xs @ a[e].T for e in active[s]], 1)
             z = (h * (xs @ t["router"][s].T)[:, None]).sum(-1) / math.sqrt(case.rank)
@@ -145,6 +164,7 @@ def authors_loop_layer(case: Case, t: dict) -> Callable:
                     out = out.index_add(0, tok, 2.0 * w[tok, slot, None] * part)
             outs.append(out)
         return y + torch.cat(outs)
+
     return layer
 
 
@@ -217,13 +237,23 @@ def run(cases: list[Case], providers: list[str], modes: list[str], reps: int) ->
                     ms = median_ms(fns[mode], case.device, reps)
                     if name == "base":
                         base_ms[mode] = ms
-                    rows.append(dict(case.__dict__, dtype=str(case.dtype).replace("torch.", ""), provider=name,
-                                     mode=mode, ms=round(ms, 4), ratio=round(ms / base_ms[mode], 3),
-                                     max_err=float(f"{float(err):.3g}")))
-                    print(f"{case.tokens:>6} d={case.d:<5} E={case.slots}/{case.active} r={case.rank:<3} "
-                          f"S={case.segments:<3} {mode:<8} {name:<13} {ms:9.3f} ms  x{rows[-1]['ratio']:.2f}  "
-                          f"err {float(err):.2g}",
-                          flush=True)
+                    rows.append(
+                        dict(
+                            case.__dict__,
+                            dtype=str(case.dtype).replace("torch.", ""),
+                            provider=name,
+                            mode=mode,
+                            ms=round(ms, 4),
+                            ratio=round(ms / base_ms[mode], 3),
+                            max_err=float(f"{float(err):.3g}"),
+                        )
+                    )
+                    print(
+                        f"{case.tokens:>6} d={case.d:<5} E={case.slots}/{case.active} r={case.rank:<3} "
+                        f"S={case.segments:<3} {mode:<8} {name:<13} {ms:9.3f} ms  x{rows[-1]['ratio']:.2f}  "
+                        f"err {float(err):.2g}",
+                        flush=True,
+                    )
             except Exception as exc:  # one provider failing (e.g. no C compiler for torch.compile) is reported
                 print(f"{name}: skipped ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
             if case.device == "cuda":
@@ -261,13 +291,17 @@ def plot(rows: list[dict], path: Path) -> None:
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     shapes = list(dict.fromkeys((r["tokens"], r["d"], r["rank"], r["segments"]) for r in rows))
-    fig, axes = plt.subplots(len(modes), 1, figsize=(max(6, 0.9 * len(shapes) * len(providers) / 3), 3.2 * len(modes)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(modes), 1, figsize=(max(6, 0.9 * len(shapes) * len(providers) / 3), 3.2 * len(modes)), squeeze=False
+    )
     width = 0.8 / len(providers)
     for ax, mode in zip(axes[:, 0], modes):
         for i, prov in enumerate(providers):
-            vals = {(r["tokens"], r["d"], r["rank"], r["segments"]): r["ratio"] for r in rows
-                    if r["mode"] == mode and r["provider"] == prov}
+            vals = {
+                (r["tokens"], r["d"], r["rank"], r["segments"]): r["ratio"]
+                for r in rows
+                if r["mode"] == mode and r["provider"] == prov
+            }
             xs = [j + i * width for j, s in enumerate(shapes) if s in vals]
             ax.bar(xs, [vals[s] for s in shapes if s in vals], width, label=prov)
         ax.axhline(1.10, color="k", ls="--", lw=0.8)
@@ -314,8 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     grid = {k: ints(getattr(args, k), v) for k, v in grid.items()}
     if args.providers:
         providers = args.providers.split(",")
-    cases = [replace(base, tokens=t, d=d, rank=r, segments=s)
-             for d, t, r, s in itertools.product(grid["d"], grid["tokens"], grid["rank"], grid["segments"])]
+    cases = [
+        replace(base, tokens=t, d=d, rank=r, segments=s)
+        for d, t, r, s in itertools.product(grid["d"], grid["tokens"], grid["rank"], grid["segments"])
+    ]
     t0 = time.time()
     rows = run(cases, providers, args.modes.split(","), args.reps)
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench_mole_")) if args.smoke else RESULTS)

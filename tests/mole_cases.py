@@ -44,10 +44,20 @@ class Problem:
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def kwargs(self, **overrides) -> dict:
-        args = dict(x=self.x, seg_offsets=self.seg_offsets, lora_a=self.lora_a, lora_b=self.lora_b,
-                    router=self.router, shared_a=self.shared_a, shared_b=self.shared_b,
-                    expert_mask=self.expert_mask, expert_input=self.expert_input, top_k=self.top_k,
-                    scaling=self.scaling, router_type=self.router_type)
+        args = dict(
+            x=self.x,
+            seg_offsets=self.seg_offsets,
+            lora_a=self.lora_a,
+            lora_b=self.lora_b,
+            router=self.router,
+            shared_a=self.shared_a,
+            shared_b=self.shared_b,
+            expert_mask=self.expert_mask,
+            expert_input=self.expert_input,
+            top_k=self.top_k,
+            scaling=self.scaling,
+            router_type=self.router_type,
+        )
         args.update(overrides)
         return args
 
@@ -59,12 +69,26 @@ class Problem:
                 return t.detach().to(device=device, dtype=dtype).requires_grad_(requires_grad)
             return t.to(device)
 
-        return Problem(**{k: conv(v) if isinstance(v, torch.Tensor) or v is None else v
-                          for k, v in self.__dict__.items()})
+        return Problem(
+            **{k: conv(v) if isinstance(v, torch.Tensor) or v is None else v for k, v in self.__dict__.items()}
+        )
 
 
-def make_problem(lengths, num_slots, rank, d_in, d_out, top_k, masks, router_type="embedding", shared=True,
-                 expert_input=False, dtype=torch.float64, seed=0, skew=False) -> Problem:
+def make_problem(
+    lengths,
+    num_slots,
+    rank,
+    d_in,
+    d_out,
+    top_k,
+    masks,
+    router_type="embedding",
+    shared=True,
+    expert_input=False,
+    dtype=torch.float64,
+    seed=0,
+    skew=False,
+) -> Problem:
     """Random problem; B is non-zero so every gradient path is exercised. `skew` sends every token to slot 0."""
     gen = torch.Generator().manual_seed(seed)
     num_tokens, num_segments = sum(lengths), len(lengths)
@@ -88,12 +112,18 @@ def make_problem(lengths, num_slots, rank, d_in, d_out, top_k, masks, router_typ
     if masks is not None:
         mask = torch.tensor([[c == "1" for c in m] for m in masks], dtype=torch.bool)
     return Problem(
-        x=x, seg_offsets=offsets, lora_a=lora_a, lora_b=rand(num_segments, num_slots, d_out, rank, scale=0.5),
+        x=x,
+        seg_offsets=offsets,
+        lora_a=lora_a,
+        lora_b=rand(num_segments, num_slots, d_out, rank, scale=0.5),
         router=router,
         shared_a=rand(num_segments, rank, d_in, scale=0.5) if shared else None,
         shared_b=rand(num_segments, d_out, rank, scale=0.5) if shared else None,
-        expert_mask=mask, expert_input=rand(num_tokens, d_in) if expert_input else None,
-        top_k=top_k, scaling=1.5, router_type=router_type,
+        expert_mask=mask,
+        expert_input=rand(num_tokens, d_in) if expert_input else None,
+        top_k=top_k,
+        scaling=1.5,
+        router_type=router_type,
     )
 
 
@@ -144,6 +174,21 @@ def all_problems():
             for shared in (True, False):
                 for xe in (False, True):
                     pid = f"{name}-{router}-{'shared' if shared else 'noshared'}-{'xe' if xe else 'x'}"
-                    out.append((pid, dict(lengths=lengths, num_slots=e, rank=r, d_in=d_in, d_out=d_out, top_k=k,
-                                          masks=masks, router_type=router, shared=shared, expert_input=xe)))
+                    out.append(
+                        (
+                            pid,
+                            dict(
+                                lengths=lengths,
+                                num_slots=e,
+                                rank=r,
+                                d_in=d_in,
+                                d_out=d_out,
+                                top_k=k,
+                                masks=masks,
+                                router_type=router,
+                                shared=shared,
+                                expert_input=xe,
+                            ),
+                        )
+                    )
     return out

@@ -20,9 +20,14 @@ TIMING_KEYS = {"seconds", "wall_seconds"}
 def test_tree_round_trip(tmp_path):
     rng = np.random.default_rng(3)
     rng.random(5)
-    state = {"pool": {"a": torch.randn(3, 2), "mask": torch.tensor([True, False])},
-             "assign": np.eye(3, dtype=bool), "ids": np.arange(4, dtype=np.int32), "rng": rng,
-             "history": [{"x": np.ones(2)}, 1, 2.5, "s", None, (1, 2)], "k": np.int64(7)}
+    state = {
+        "pool": {"a": torch.randn(3, 2), "mask": torch.tensor([True, False])},
+        "assign": np.eye(3, dtype=bool),
+        "ids": np.arange(4, dtype=np.int32),
+        "rng": rng,
+        "history": [{"x": np.ones(2)}, 1, 2.5, "s", None, (1, 2)],
+        "k": np.int64(7),
+    }
     save_checkpoint(tmp_path, 4, state)
     round_idx, back = load_checkpoint(tmp_path)
     assert round_idx == 4
@@ -55,8 +60,24 @@ def test_only_the_latest_complete_checkpoint_is_kept_and_checked(tmp_path):
 
 
 def _cli(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "fedamole.cli", "simulate", "--preset", "tiny", "--rounds", "3",
-            "--local-steps", "6", "--seed", "7", "--no-progress", "--out", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "fedamole.cli",
+        "simulate",
+        "--preset",
+        "tiny",
+        "--rounds",
+        "3",
+        "--local-steps",
+        "6",
+        "--seed",
+        "7",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _strip_timing(obj):
@@ -106,7 +127,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         return condition
 
     kill_points = {  # before any checkpoint (start over), right after round 1, and in the middle of round 2
-        "during-setup": lambda out: (lambda t: t > 2.0),
+        "during-setup": lambda out: lambda t: t > 2.0,
         "after-round-1": lambda out: after_checkpoint(out, 0.0),
         "mid-round-2": lambda out: after_checkpoint(out, 0.4),
     }
@@ -137,7 +158,11 @@ def test_resume_refuses_a_different_configuration(tmp_path):
     cfg = make_config("tiny", {"rounds": 1, "local_steps": 1})
     simulate(cfg, progress=False, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="lr"):
-        simulate(make_config("tiny", {"rounds": 2, "local_steps": 1, "lr": 0.5}), progress=False,
-                 checkpoint_dir=tmp_path, resume=True)
+        simulate(
+            make_config("tiny", {"rounds": 2, "local_steps": 1, "lr": 0.5}),
+            progress=False,
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
     with pytest.raises(ValueError, match="checkpoint_dir"):
         simulate(cfg, progress=False, resume=True)

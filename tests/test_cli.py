@@ -10,12 +10,37 @@ from fedamole.cli import main
 def test_simulate_tiny_writes_summary_and_plot(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("preset: tiny\nlocal_steps: 2\n")
-    rc = main(["simulate", "--config", str(cfg), "--rounds", "2", "--algorithm", "fedamole", "--engine",
-               "sequential", "--seed", "3", "--no-progress", "--out", str(tmp_path / "run")])
+    rc = main(
+        [
+            "simulate",
+            "--config",
+            str(cfg),
+            "--rounds",
+            "2",
+            "--algorithm",
+            "fedamole",
+            "--engine",
+            "sequential",
+            "--seed",
+            "3",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert rc == 0
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    for key in ("algorithm", "engine", "clients", "rounds", "metric", "final_mean", "final_per_client", "history",
-                "wall_seconds"):
+    for key in (
+        "algorithm",
+        "engine",
+        "clients",
+        "rounds",
+        "metric",
+        "final_mean",
+        "final_per_client",
+        "history",
+        "wall_seconds",
+    ):
         assert key in s
     assert s["clients"] == 4 and s["rounds"] == 2 and len(s["history"]) == 2
     for h in s["history"]:
@@ -25,8 +50,22 @@ def test_simulate_tiny_writes_summary_and_plot(tmp_path, capsys):
 
 
 def test_compare_writes_table(tmp_path):
-    rc = main(["compare", "--preset", "tiny", "--algorithms", "fedamole,local", "--rounds", "1", "--local-steps",
-               "1", "--no-progress", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "compare",
+            "--preset",
+            "tiny",
+            "--algorithms",
+            "fedamole,local",
+            "--rounds",
+            "1",
+            "--local-steps",
+            "1",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     table = (tmp_path / "compare.md").read_text()
     assert "| fedamole |" in table and "| local |" in table

@@ -16,8 +16,19 @@ pytestmark = [
 FLOAT_INPUTS = ("x", "expert_input", "lora_a", "lora_b", "router", "shared_a", "shared_b")
 
 
-def make_inputs(seg_sizes, num_slots=6, rank=16, d_in=96, d_out=80, router_type="embedding", shared=True,
-                expert_input=False, mask=None, dtype=torch.float32, seed=0):
+def make_inputs(
+    seg_sizes,
+    num_slots=6,
+    rank=16,
+    d_in=96,
+    d_out=80,
+    router_type="embedding",
+    shared=True,
+    expert_input=False,
+    mask=None,
+    dtype=torch.float32,
+    seed=0,
+):
     g = torch.Generator().manual_seed(seed)
     num_segments, num_tokens = len(seg_sizes), sum(seg_sizes)
 
@@ -45,8 +56,19 @@ def run(backend, inputs, offsets, mask, top_k, router_type):
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
     full = {k: leaves.get(k) for k in FLOAT_INPUTS}
     delta, probs, idx = mole_lora(
-        full["x"], offsets, full["lora_a"], full["lora_b"], full["router"], full["shared_a"], full["shared_b"],
-        mask, full["expert_input"], top_k=top_k, scaling=2.0, router_type=router_type, backend=backend,
+        full["x"],
+        offsets,
+        full["lora_a"],
+        full["lora_b"],
+        full["router"],
+        full["shared_a"],
+        full["shared_b"],
+        mask,
+        full["expert_input"],
+        top_k=top_k,
+        scaling=2.0,
+        router_type=router_type,
+        backend=backend,
     )
     g = torch.Generator(device="cuda").manual_seed(1)
     loss = (delta.float() * torch.randn(delta.shape, generator=g, device="cuda")).sum()
@@ -63,8 +85,9 @@ def close(actual, expected, rtol, atol_scale, what):
 
 CASES = {
     "single": dict(seg_sizes=[300]),
-    "segments_empty_masked": dict(seg_sizes=[70, 0, 129, 1], mask=[[1] * 6, [1] * 6, [1, 0, 1, 1, 0, 0],
-                                                                     [0, 0, 0, 0, 0, 1]]),
+    "segments_empty_masked": dict(
+        seg_sizes=[70, 0, 129, 1], mask=[[1] * 6, [1] * 6, [1, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1]]
+    ),
     "all_masked": dict(seg_sizes=[17, 20], mask=[[0] * 6, [1] * 6]),
     "expert_input_no_shared": dict(seg_sizes=[50, 77], expert_input=True, shared=False),
     "odd_dims": dict(seg_sizes=[33], num_slots=3, rank=5, d_in=37, d_out=23),
@@ -97,20 +120,28 @@ def test_cuda_route_counts_match_topk():
 
     inputs, offsets, mask = make_inputs([64, 0, 40], mask=[[1] * 6, [1] * 6, [0, 1, 1, 1, 0, 1]])
     probs, idx, counts = mole_route(inputs["x"], offsets, inputs["lora_a"], inputs["router"], mask, 2)
-    _, ref_probs, ref_idx = mole_lora(inputs["x"], offsets, inputs["lora_a"], inputs["lora_b"], inputs["router"],
-                                      expert_mask=mask, backend="reference")
+    _, ref_probs, ref_idx = mole_lora(
+        inputs["x"],
+        offsets,
+        inputs["lora_a"],
+        inputs["lora_b"],
+        inputs["router"],
+        expert_mask=mask,
+        backend="reference",
+    )
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(probs, ref_probs, rtol=1e-4, atol=1e-6)
     bounds = offsets.tolist()
     for s in range(3):
-        seg = idx[bounds[s]:bounds[s + 1]].flatten()
+        seg = idx[bounds[s] : bounds[s + 1]].flatten()
         assert torch.equal(counts[s], torch.bincount(seg[seg >= 0], minlength=6))
 
 
 def test_cuda_large_bf16_runs():
     # GPU-sized shapes (d = 1024, r = 16, 8 slots, several clients), compared with the reference loosely.
-    inputs, offsets, _ = make_inputs([512, 256, 1024], num_slots=8, rank=16, d_in=1024, d_out=1024,
-                                     dtype=torch.bfloat16)
+    inputs, offsets, _ = make_inputs(
+        [512, 256, 1024], num_slots=8, rank=16, d_in=1024, d_out=1024, dtype=torch.bfloat16
+    )
     ref = run("reference", inputs, offsets, None, 2, "embedding")
     out = run("cuda", inputs, offsets, None, 2, "embedding")
     close(out[0], ref[0], 5e-2, 3e-2, "delta")

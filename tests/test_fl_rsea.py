@@ -58,25 +58,37 @@ def test_prefers_high_scores():
     assert x[0:2, 0].all() and x[2:4, 1].all() and x[4:6, 2].all()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"clients_per_expert": 2, "min_experts": 2, "max_experts": 3}, r"30 x 2 = 60 > clients x max_experts = 10 x 3"),
-    ({"clients_per_expert": 1, "min_experts": 4, "max_experts": 8}, r"30 x 1 = 30 < clients x min_experts = 10 x 4"),
-    ({"clients_per_expert": 11}, r"clients_per_expert \(11\) > number of clients \(10\)"),
-    ({"min_experts": 5, "max_experts": 4}, r"min_experts \(5\) must be <= max_experts \(4\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (
+            {"clients_per_expert": 2, "min_experts": 2, "max_experts": 3},
+            r"30 x 2 = 60 > clients x max_experts = 10 x 3",
+        ),
+        (
+            {"clients_per_expert": 1, "min_experts": 4, "max_experts": 8},
+            r"30 x 1 = 30 < clients x min_experts = 10 x 4",
+        ),
+        ({"clients_per_expert": 11}, r"clients_per_expert \(11\) > number of clients \(10\)"),
+        ({"min_experts": 5, "max_experts": 4}, r"min_experts \(5\) must be <= max_experts \(4\)"),
+    ],
+)
 def test_infeasible_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         assign_experts(np.ones((30, 10)), **kwargs)
 
 
-@pytest.mark.parametrize("scores,kwargs,match", [
-    (np.ones(5), {}, "2-D"),
-    (np.ones((0, 3)), {}, "non-empty"),
-    (np.array([[1.0, np.nan], [0, 1]]), {}, "finite"),
-    (np.ones((2, 2)), {"clients_per_expert": 0}, "clients_per_expert"),
-    (np.ones((2, 2)), {"min_experts": 1.5}, "min_experts"),
-    (np.ones((2, 2)), {"max_experts": True}, "max_experts"),
-])
+@pytest.mark.parametrize(
+    "scores,kwargs,match",
+    [
+        (np.ones(5), {}, "2-D"),
+        (np.ones((0, 3)), {}, "non-empty"),
+        (np.array([[1.0, np.nan], [0, 1]]), {}, "finite"),
+        (np.ones((2, 2)), {"clients_per_expert": 0}, "clients_per_expert"),
+        (np.ones((2, 2)), {"min_experts": 1.5}, "min_experts"),
+        (np.ones((2, 2)), {"max_experts": True}, "max_experts"),
+    ],
+)
 def test_bad_inputs(scores, kwargs, match):
     with pytest.raises(ValueError, match=match):
         assign_experts(scores, **kwargs)

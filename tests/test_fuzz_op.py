@@ -21,12 +21,26 @@ def problems(draw, max_tokens=5):
     num_segments = draw(st.integers(1, 4))
     lengths = draw(st.lists(st.integers(0, max_tokens), min_size=num_segments, max_size=num_segments))
     num_slots = draw(st.integers(1, 5))
-    masks = draw(st.one_of(st.none(), st.lists(st.text("01", min_size=num_slots, max_size=num_slots),
-                                               min_size=num_segments, max_size=num_segments)))
+    masks = draw(
+        st.one_of(
+            st.none(),
+            st.lists(
+                st.text("01", min_size=num_slots, max_size=num_slots), min_size=num_segments, max_size=num_segments
+            ),
+        )
+    )
     return make_problem(
-        lengths, num_slots, draw(st.integers(1, 4)), draw(st.integers(1, 9)), draw(st.integers(1, 7)),
-        draw(st.integers(1, 6)), masks, router_type=draw(st.sampled_from(["embedding", "linear"])),
-        shared=draw(st.booleans()), expert_input=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+        lengths,
+        num_slots,
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, 9)),
+        draw(st.integers(1, 7)),
+        draw(st.integers(1, 6)),
+        masks,
+        router_type=draw(st.sampled_from(["embedding", "linear"])),
+        shared=draw(st.booleans()),
+        expert_input=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
     )
 
 

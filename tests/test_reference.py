@@ -12,8 +12,10 @@ PROBLEMS = all_problems()
 
 def _loss_weights(delta, probs, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(delta.shape, generator=gen, dtype=torch.float64).to(delta.dtype),
-            torch.randn(probs.shape, generator=gen, dtype=torch.float64).to(probs.dtype))
+    return (
+        torch.randn(delta.shape, generator=gen, dtype=torch.float64).to(delta.dtype),
+        torch.randn(probs.shape, generator=gen, dtype=torch.float64).to(probs.dtype),
+    )
 
 
 @pytest.mark.parametrize("spec", [p[1] for p in PROBLEMS], ids=[p[0] for p in PROBLEMS])
@@ -35,10 +37,10 @@ def test_reference_matches_naive_loop(spec):
 
     gd, gp = _loss_weights(delta, probs)
     names = list(inputs)
-    got = torch.autograd.grad((delta * gd).sum() + (probs * gp).sum(), [inputs[n] for n in names],
-                              allow_unused=True)
-    want = torch.autograd.grad((n_delta * gd).sum() + (n_probs * gp).sum(), [inputs[n] for n in names],
-                               allow_unused=True)
+    got = torch.autograd.grad((delta * gd).sum() + (probs * gp).sum(), [inputs[n] for n in names], allow_unused=True)
+    want = torch.autograd.grad(
+        (n_delta * gd).sum() + (n_probs * gp).sum(), [inputs[n] for n in names], allow_unused=True
+    )
     for name, g, w in zip(names, got, want):
         w = torch.zeros_like(inputs[name]) if w is None else w
         g = torch.zeros_like(inputs[name]) if g is None else g
@@ -62,8 +64,9 @@ def test_skewed_routing_sends_every_token_to_one_expert(router_type):
     assert (probs[:, 0] > 0.99).all()
 
 
-@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 2e-2),
-                                             (torch.float16, 2e-3, 2e-3)])
+@pytest.mark.parametrize(
+    "dtype,rtol,atol", [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 2e-2), (torch.float16, 2e-3, 2e-3)]
+)
 def test_low_precision_matches_float64(dtype, rtol, atol):
     base = make_problem([6, 5], 4, 4, 16, 12, 2, ["1111", "0111"], expert_input=True)
     low = base.cast(dtype)
@@ -79,15 +82,17 @@ def test_low_precision_matches_float64(dtype, rtol, atol):
     d_high.sum().backward()
     for name in ("x", "lora_a", "lora_b", "router", "shared_a", "expert_input"):
         g_low, g_high = getattr(low, name).grad.double(), getattr(high, name).grad
-        torch.testing.assert_close(g_low, g_high, rtol=rtol, atol=atol * g_high.abs().max().item(),
-                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+        torch.testing.assert_close(
+            g_low, g_high, rtol=rtol, atol=atol * g_high.abs().max().item(), msg=lambda m, n=name: f"grad of {n}: {m}"
+        )
 
 
 @pytest.mark.parametrize("router_type", ["embedding", "linear"])
 @pytest.mark.parametrize("expert_input", [False, True])
 def test_gradcheck_float64(router_type, expert_input):
-    prob = make_problem([3, 0, 2], 3, 2, 4, 3, 2, ["111", "000", "101"], router_type=router_type,
-                        expert_input=expert_input).cast(torch.float64)
+    prob = make_problem(
+        [3, 0, 2], 3, 2, 4, 3, 2, ["111", "000", "101"], router_type=router_type, expert_input=expert_input
+    ).cast(torch.float64)
     inputs = prob.float_inputs()
     names = list(inputs)
 
@@ -99,17 +104,57 @@ def test_gradcheck_float64(router_type, expert_input):
 
 
 def test_opcheck_custom_ops():
-    prob = make_problem([3, 2], 3, 2, 4, 5, 2, ["111", "011"], expert_input=True).cast(torch.float32,
-                                                                                          requires_grad=False)
-    fwd_args = (prob.x, prob.expert_input, prob.seg_offsets, prob.lora_a, prob.lora_b, prob.router, prob.shared_a,
-                prob.shared_b, prob.expert_mask, 2, 1.5, "embedding", "reference")
+    prob = make_problem([3, 2], 3, 2, 4, 5, 2, ["111", "011"], expert_input=True).cast(
+        torch.float32, requires_grad=False
+    )
+    fwd_args = (
+        prob.x,
+        prob.expert_input,
+        prob.seg_offsets,
+        prob.lora_a,
+        prob.lora_b,
+        prob.router,
+        prob.shared_a,
+        prob.shared_b,
+        prob.expert_mask,
+        2,
+        1.5,
+        "embedding",
+        "reference",
+    )
     torch.library.opcheck(torch.ops.fedamole.mole_lora_fwd.default, fwd_args)
     delta, probs, idx = torch.ops.fedamole.mole_lora_fwd(*fwd_args)
-    bwd_args = (torch.randn_like(delta), torch.randn_like(probs), *fwd_args[:9], probs, idx, 2, 1.5, "embedding",
-                "reference")
+    bwd_args = (
+        torch.randn_like(delta),
+        torch.randn_like(probs),
+        *fwd_args[:9],
+        probs,
+        idx,
+        2,
+        1.5,
+        "embedding",
+        "reference",
+    )
     torch.library.opcheck(torch.ops.fedamole.mole_lora_bwd.default, bwd_args)
-    no_shared = (torch.randn_like(delta), None, prob.x, None, prob.seg_offsets, prob.lora_a, prob.lora_b,
-                 prob.router, None, None, prob.expert_mask, probs, idx, 2, 1.5, "embedding", "reference")
+    no_shared = (
+        torch.randn_like(delta),
+        None,
+        prob.x,
+        None,
+        prob.seg_offsets,
+        prob.lora_a,
+        prob.lora_b,
+        prob.router,
+        None,
+        None,
+        prob.expert_mask,
+        probs,
+        idx,
+        2,
+        1.5,
+        "embedding",
+        "reference",
+    )
     torch.library.opcheck(torch.ops.fedamole.mole_lora_bwd.default, no_shared)
 
 
@@ -117,9 +162,10 @@ def test_torch_compile_of_the_op_matches_eager():
     prob = make_problem([4, 3], 3, 2, 8, 6, 2, ["111", "110"]).cast(torch.float32)
 
     def fn(x, a, b, r):
-        delta, probs, _ = mole_lora(x, prob.seg_offsets, a, b, r, prob.shared_a, prob.shared_b, prob.expert_mask,
-                                    top_k=2, scaling=1.5)
-        return (delta ** 2).sum() + probs.sum()
+        delta, probs, _ = mole_lora(
+            x, prob.seg_offsets, a, b, r, prob.shared_a, prob.shared_b, prob.expert_mask, top_k=2, scaling=1.5
+        )
+        return (delta**2).sum() + probs.sum()
 
     args = (prob.x, prob.lora_a, prob.lora_b, prob.router)
     eager = fn(*args)

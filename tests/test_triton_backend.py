@@ -34,8 +34,24 @@ ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 2e-5, torch.float16: 1.5e-2, torch.bfloat16: 6e-2}
 
 
-def make_case(T=13, S=1, E=3, r=4, d_in=19, d_out=11, top_k=2, router="embedding", shared=True, xe=False,
-              mask=None, offsets=None, dtype=torch.float32, device="cpu", skew=False, seed=0):
+def make_case(
+    T=13,
+    S=1,
+    E=3,
+    r=4,
+    d_in=19,
+    d_out=11,
+    top_k=2,
+    router="embedding",
+    shared=True,
+    xe=False,
+    mask=None,
+    offsets=None,
+    dtype=torch.float32,
+    device="cpu",
+    skew=False,
+    seed=0,
+):
     """Random inputs (A, B, W_t ~ 0.3 N(0, 1) so that routing is neither flat nor one-hot)."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -58,11 +74,18 @@ def make_case(T=13, S=1, E=3, r=4, d_in=19, d_out=11, top_k=2, router="embedding
         cuts = sorted(torch.randint(0, T + 1, (S - 1,), generator=gen).tolist())
         offsets = [0, *cuts, T]
     kw = dict(
-        x=x, seg_offsets=torch.tensor(offsets, device=device), lora_a=lora_a, lora_b=lora_b, router=router_w,
+        x=x,
+        seg_offsets=torch.tensor(offsets, device=device),
+        lora_a=lora_a,
+        lora_b=lora_b,
+        router=router_w,
         shared_a=rnd(S, r, d_in, scale=0.3) if shared else None,
         shared_b=rnd(S, d_out, r, scale=0.3) if shared else None,
         expert_mask=None if mask is None else torch.tensor(mask, dtype=torch.bool, device=device),
-        expert_input=rnd(T, d_in) if xe else None, top_k=top_k, scaling=2.0, router_type=router,
+        expert_input=rnd(T, d_in) if xe else None,
+        top_k=top_k,
+        scaling=2.0,
+        router_type=router,
     )
     return kw
 
@@ -115,15 +138,24 @@ CASES = {
     "e1_k3_linear": dict(E=1, top_k=3, router="linear"),
     "k_equals_e": dict(E=4, top_k=4, r=16, d_in=70, d_out=67),
     "k_gt_e_masked": dict(E=4, top_k=5, S=2, mask=[[1, 0, 1, 1], [0, 1, 0, 0]]),
-    "empty_and_all_masked": dict(T=40, S=4, offsets=[0, 0, 33, 33, 40], xe=True,
-                                 mask=[[1, 1, 1], [1, 0, 1], [0, 0, 0], [0, 0, 0]]),
+    "empty_and_all_masked": dict(
+        T=40, S=4, offsets=[0, 0, 33, 33, 40], xe=True, mask=[[1, 1, 1], [1, 0, 1], [0, 0, 0], [0, 0, 0]]
+    ),
     "all_masked_linear": dict(T=9, S=2, offsets=[0, 4, 9], router="linear", mask=[[0, 0, 0], [1, 1, 0]]),
     "no_shared_xe_embed": dict(shared=False, xe=True, r=3, E=5, top_k=3),
     "skew_embedding": dict(T=30, E=4, skew=True),
     "skew_linear": dict(T=30, E=4, skew=True, router="linear", top_k=1),
     # 64 segments with lengths 0, 1, 0, 2, ... (half of them empty), 48 tokens.
-    "s64_many_empty": dict(T=48, S=64, E=2, r=2, d_in=9, d_out=7, top_k=1,
-                           offsets=[0] + [sum((0, 1, 0, 2)[j % 4] for j in range(i + 1)) for i in range(64)]),
+    "s64_many_empty": dict(
+        T=48,
+        S=64,
+        E=2,
+        r=2,
+        d_in=9,
+        d_out=7,
+        top_k=1,
+        offsets=[0] + [sum((0, 1, 0, 2)[j % 4] for j in range(i + 1)) for i in range(64)],
+    ),
 }
 
 
@@ -214,16 +246,16 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     every kernel for sm_90 ahead of time (ptxas ships with triton, no GPU needed) to catch it on CPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=str(ROOT), TRITON_CACHE_DIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT, "90"], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", AOT_SCRIPT, "90"], env=env, capture_output=True, text=True, timeout=300
+    )
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("no ptxas available for ahead-of-time compilation")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
 GPU_CASES = {
-    "bench_like": dict(T=1000, S=8, E=8, r=8, d_in=256, d_out=384, top_k=2,
-                       mask=[[1] * 6 + [0] * 2] * 8),
+    "bench_like": dict(T=1000, S=8, E=8, r=8, d_in=256, d_out=384, top_k=2, mask=[[1] * 6 + [0] * 2] * 8),
     "r16_linear_xe": dict(T=777, S=3, E=8, r=16, d_in=200, d_out=130, router="linear", xe=True),
     "odd_small": dict(T=5, S=2, E=3, r=5, d_in=19, d_out=11, top_k=4),
     "s64_many_empty": CASES["s64_many_empty"],

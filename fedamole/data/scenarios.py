@@ -172,12 +172,15 @@ def dirichlet_partition(
                 for c, chunk in enumerate(np.split(idx, cuts)):
                     parts[c].append(chunk)
             return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
-    raise ValueError(f"no Dirichlet(alpha={alpha}) draw in {max_tries} tries gave every one of {num_clients} clients "
-                     f">= {min_samples} samples; raise alpha or lower num_clients / min_samples")
+    raise ValueError(
+        f"no Dirichlet(alpha={alpha}) draw in {max_tries} tries gave every one of {num_clients} clients "
+        f">= {min_samples} samples; raise alpha or lower num_clients / min_samples"
+    )
 
 
-def dirichlet_success_probability(num_examples: int, num_groups: int, num_clients: int, alpha: float,
-                                  min_samples: int, max_tries: int = 1000) -> float:
+def dirichlet_success_probability(
+    num_examples: int, num_groups: int, num_clients: int, alpha: float, min_samples: int, max_tries: int = 1000
+) -> float:
     """Estimated probability that `dirichlet_partition` finds a draw giving every client >= `min_samples` of
     `num_examples` examples in `num_groups` equal groups, within `max_tries` draws.
 

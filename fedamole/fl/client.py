@@ -37,8 +37,19 @@ class SimulatedClientCrash(RuntimeError):
     """Raised by `client_update` when the payload injects a crash (fault "crash")."""
 
 
-__all__ = ["NOT_SCORED", "SimulatedClientCrash", "client_update", "finish_client", "load_state", "extract_state",
-           "embedding_stats", "dp_noise", "state_nbytes", "optimizer_weight_decay", "ADAMW_WEIGHT_DECAY"]
+__all__ = [
+    "NOT_SCORED",
+    "SimulatedClientCrash",
+    "client_update",
+    "finish_client",
+    "load_state",
+    "extract_state",
+    "embedding_stats",
+    "dp_noise",
+    "state_nbytes",
+    "optimizer_weight_decay",
+    "ADAMW_WEIGHT_DECAY",
+]
 
 _SLOT_KINDS = ("lora_a", "lora_b")
 
@@ -164,6 +175,7 @@ def embedding_stats(workload, examples, batch_size: int = 16) -> dict[str, dict[
             if e is not None:
                 acc[1] = e if acc[1] is None else acc[1] + e
             acc[2] += x.shape[0]
+
         return hook
 
     for name, m in modules.items():
@@ -198,8 +210,9 @@ def state_nbytes(state) -> int:
     return 0
 
 
-def client_update(workload, payload: dict, data: ClientData, seed: int, kind: str = "classification",
-                  choices=None) -> dict:
+def client_update(
+    workload, payload: dict, data: ClientData, seed: int, kind: str = "classification", choices=None
+) -> dict:
     """One client's round: load the payload, train locally, evaluate, compute statistics, build the upload.
 
     Fault injection (``payload["fault"]``): "dropout" returns ``{"dropped": True}`` without doing anything;
@@ -257,8 +270,17 @@ def client_update(workload, payload: dict, data: ClientData, seed: int, kind: st
 NOT_SCORED = object()  # `finish_client`: the metric has not been computed yet
 
 
-def finish_client(workload, payload: dict, data: ClientData, state: dict[str, Tensor], seed: int,
-                  train_loss: float, kind: str, choices, metric=NOT_SCORED) -> dict:
+def finish_client(
+    workload,
+    payload: dict,
+    data: ClientData,
+    state: dict[str, Tensor],
+    seed: int,
+    train_loss: float,
+    kind: str,
+    choices,
+    metric=NOT_SCORED,
+) -> dict:
     """Everything after local training (the model holds the trained client): evaluation, embedding statistics
     (+ DP noise), and the upload. Shared by every engine so that they build identical uploads."""
     model = workload.model
@@ -269,8 +291,14 @@ def finish_client(workload, payload: dict, data: ClientData, state: dict[str, Te
         from fedamole.fl.fdlora import adafusion
 
         fusion = payload["fusion"]
-        fusion_weights = adafusion(workload, {k: state[k] for k in fusion.private}, fusion, data.embed or data.train,
-                                   int(payload.get("batch_size", 1)), seed).tolist()
+        fusion_weights = adafusion(
+            workload,
+            {k: state[k] for k in fusion.private},
+            fusion,
+            data.embed or data.train,
+            int(payload.get("batch_size", 1)),
+            seed,
+        ).tolist()
     if metric is NOT_SCORED:
         metric = workload.evaluate(data.test, kind, choices) if payload.get("evaluate", True) else None
     stats = None
@@ -278,8 +306,9 @@ def finish_client(workload, payload: dict, data: ClientData, state: dict[str, Te
         stats = embedding_stats(workload, data.embed or data.train)
         eta = payload.get("dp_eta")
         if eta is not None:
-            stats = privatize_stats(workload, stats, data.embed or data.train,
-                                    payload.get("dp_mechanism", "gamma-uniform"), eta, seed + 1)
+            stats = privatize_stats(
+                workload, stats, data.embed or data.train, payload.get("dp_mechanism", "gamma-uniform"), eta, seed + 1
+            )
     return {
         "up": extract_state(model, payload.get("upload", list(down)), state),
         "private": extract_state(model, payload.get("keep", []), state),

@@ -46,8 +46,6 @@ __all__ = ["CohortEngine", "train_cohort"]
 _MOLE_KINDS = ("lora_a", "lora_b", "router", "shared_a", "shared_b")
 
 
-
-
 class _NotStackable(Exception):
     """The stacked path cannot represent this cohort (e.g. a trainable tensor outside MoLE and the head)."""
 
@@ -93,8 +91,15 @@ def _snapshot(model, modules: dict, extra: Sequence[str]) -> dict[str, Tensor]:
     return out
 
 
-def train_cohort(workload, payloads: Sequence[dict], datas: Sequence, seeds: Sequence[int], evaluate: bool = False,
-                 kind: str = "classification", choices=None) -> list[dict]:
+def train_cohort(
+    workload,
+    payloads: Sequence[dict],
+    datas: Sequence,
+    seeds: Sequence[int],
+    evaluate: bool = False,
+    kind: str = "classification",
+    choices=None,
+) -> list[dict]:
     """Train S clients' local steps together; returns per client ``{"trained": {name: tensor}, "train_loss"}``,
     plus ``"metric"`` when ``evaluate`` and the workload can score stacked clients (`evaluate_per_client`).
 
@@ -121,16 +126,24 @@ def train_cohort(workload, payloads: Sequence[dict], datas: Sequence, seeds: Seq
     stacked = {name: torch.stack([s[name] for s in snaps]) for name in snaps[0]}
     del snaps
     # One Parameter per stacked tensor: the modules use it, autograd fills its .grad, the optimizer updates it.
-    leaves = {name: nn.Parameter(t, requires_grad=name in trainable) for name, t in stacked.items()
-              if not name.endswith(".active_experts")}
+    leaves = {
+        name: nn.Parameter(t, requires_grad=name in trainable)
+        for name, t in stacked.items()
+        if not name.endswith(".active_experts")
+    }
     params = [leaves[name] for name in sorted(trainable)]
     if not params:
         raise _NotStackable("nothing to train (every state tensor is frozen)")
     steps = [int(p["steps"]) for p in payloads]
     batch_size = int(payloads[0].get("batch_size", 1))
     clip = payloads[0].get("max_grad_norm")
-    opt = StackedAdam(params, num, lr=[float(p["lr"]) for p in payloads], eps=1e-6,
-                      weight_decay=optimizer_weight_decay(payloads[0].get("optimizer", "adam")))
+    opt = StackedAdam(
+        params,
+        num,
+        lr=[float(p["lr"]) for p in payloads],
+        eps=1e-6,
+        weight_decay=optimizer_weight_decay(payloads[0].get("optimizer", "adam")),
+    )
     saved: list[tuple[nn.Module, str, object]] = []
     try:
         for name, m in modules.items():
@@ -153,8 +166,13 @@ def train_cohort(workload, payloads: Sequence[dict], datas: Sequence, seeds: Seq
             # Scored while the trained experts are still stacked: one forward serves every client's test rows.
             model.eval()
             metrics = workload.evaluate_per_client([d.test for d in datas], kind, choices)
-        out = [{"trained": {name: leaves[name][s].detach().clone() for name in trainable},
-                "train_loss": float(np.mean(losses[s]))} for s in range(num)]
+        out = [
+            {
+                "trained": {name: leaves[name][s].detach().clone() for name in trainable},
+                "train_loss": float(np.mean(losses[s])),
+            }
+            for s in range(num)
+        ]
         for s, metric in enumerate(metrics or []):
             if payloads[s].get("evaluate", True):
                 out[s]["metric"] = metric
@@ -168,8 +186,10 @@ def _run_steps(workload, opt: StackedAdam, datas, seeds, steps: list[int], batch
     """The local steps of a cohort; returns each client's per-step losses."""
     model, num = workload.model, len(steps)
     # Same data order as the sequential client: its own numpy generator seeded with its client seed.
-    iters = [workload.batches(d.train, batch_size, steps=n, rng=np.random.default_rng(seed))
-             for d, n, seed in zip(datas, steps, seeds)]
+    iters = [
+        workload.batches(d.train, batch_size, steps=n, rng=np.random.default_rng(seed))
+        for d, n, seed in zip(datas, steps, seeds)
+    ]
     # Deterministic dropout draws (they cannot equal the sequential ones anyway, see the module docstring).
     torch.manual_seed(seeds[0])
     model.train()
@@ -196,8 +216,17 @@ def _run_steps(workload, opt: StackedAdam, datas, seeds, steps: list[int], batch
     return losses
 
 
-def _finish(workload, payload: dict, data, seed: int, trained: dict[str, Tensor], train_loss: float, kind: str,
-            choices, metric=NOT_SCORED) -> dict:
+def _finish(
+    workload,
+    payload: dict,
+    data,
+    seed: int,
+    trained: dict[str, Tensor],
+    train_loss: float,
+    kind: str,
+    choices,
+    metric=NOT_SCORED,
+) -> dict:
     """Everything after local training, for one client, exactly as `client_update` does it."""
     model = workload.model
     state = {**payload.get("private", {}), **payload.get("down", {})}
@@ -214,8 +243,13 @@ def _finish(workload, payload: dict, data, seed: int, trained: dict[str, Tensor]
 def _shape(payload: dict) -> tuple:
     """Clients whose payloads have the same shape can share a cohort."""
     state_keys = sorted({**payload.get("private", {}), **payload.get("down", {})})
-    return (tuple(state_keys), tuple(sorted(payload.get("frozen", ()))), int(payload.get("batch_size", 1)),
-            payload.get("max_grad_norm") or None, payload.get("optimizer", "adam"))
+    return (
+        tuple(state_keys),
+        tuple(sorted(payload.get("frozen", ()))),
+        int(payload.get("batch_size", 1)),
+        payload.get("max_grad_norm") or None,
+        payload.get("optimizer", "adam"),
+    )
 
 
 class CohortEngine(Engine):
@@ -257,7 +291,7 @@ class CohortEngine(Engine):
         cohorts = []
         for members in groups.values():
             for i in range(0, len(members), size):
-                chunk = members[i:i + size]
+                chunk = members[i : i + size]
                 if len(chunk) > 1:
                     cohorts.append(chunk)
                 else:
@@ -272,10 +306,15 @@ class CohortEngine(Engine):
         self.report = {"cohorts": 0, "cohort_clients": 0, "fallbacks": []}
         for members in tqdm(cohorts, desc=f"round {round_idx} cohorts", leave=False, disable=not self.progress):
             try:
-                results = train_cohort(wl, [payloads[c] for c in members], [sc.clients[c] for c in members],
-                                       [seeds[c] for c in members], evaluate=any(payloads[c].get("evaluate", True)
-                                                                                 for c in members),
-                                       kind=sc.kind, choices=sc.choices)
+                results = train_cohort(
+                    wl,
+                    [payloads[c] for c in members],
+                    [sc.clients[c] for c in members],
+                    [seeds[c] for c in members],
+                    evaluate=any(payloads[c].get("evaluate", True) for c in members),
+                    kind=sc.kind,
+                    choices=sc.choices,
+                )
             except Exception as exc:  # noqa: BLE001 - the sequential path then reproduces (or reports) each client
                 self.report["fallbacks"].append({"clients": members, "error": f"{type(exc).__name__}: {exc}"})
                 continue
@@ -286,10 +325,27 @@ class CohortEngine(Engine):
         for c, payload in enumerate(payloads):
             if c in trained:
                 t = trained.pop(c)
-                out.append(run_client_safely(lambda c=c, payload=payload, t=t: _finish(
-                    wl, payload, sc.clients[c], seeds[c], t["trained"], t["train_loss"], sc.kind, sc.choices,
-                    t.get("metric", NOT_SCORED))))
+                out.append(
+                    run_client_safely(
+                        lambda c=c, payload=payload, t=t: _finish(
+                            wl,
+                            payload,
+                            sc.clients[c],
+                            seeds[c],
+                            t["trained"],
+                            t["train_loss"],
+                            sc.kind,
+                            sc.choices,
+                            t.get("metric", NOT_SCORED),
+                        )
+                    )
+                )
             else:
-                out.append(run_client_safely(lambda c=c, payload=payload: client_update(
-                    wl, payload, sc.clients[c], seeds[c], kind=sc.kind, choices=sc.choices)))
+                out.append(
+                    run_client_safely(
+                        lambda c=c, payload=payload: client_update(
+                            wl, payload, sc.clients[c], seeds[c], kind=sc.kind, choices=sc.choices
+                        )
+                    )
+                )
         return out

@@ -32,8 +32,9 @@ class Engine:
 
     name = "engine"
 
-    def __init__(self, workload_factory: Callable[[], object], scenario: Scenario, seed: int,
-                 progress: bool = True, **options) -> None:
+    def __init__(
+        self, workload_factory: Callable[[], object], scenario: Scenario, seed: int, progress: bool = True, **options
+    ) -> None:
         self.workload_factory = workload_factory
         self.scenario = scenario
         self.seed = seed
@@ -65,12 +66,20 @@ class SequentialEngine(Engine):
     def run(self, payloads: Sequence[dict], round_idx: int) -> list[dict]:
         sc = self.scenario
         out = []
-        bar = tqdm(list(enumerate(payloads)), desc=f"round {round_idx} clients", leave=False,
-                   disable=not self.progress)
+        bar = tqdm(list(enumerate(payloads)), desc=f"round {round_idx} clients", leave=False, disable=not self.progress)
         for c, payload in bar:
-            out.append(run_client_safely(lambda c=c, payload=payload: client_update(
-                self.workload, payload, sc.clients[c], client_seed(self.seed, round_idx, c), kind=sc.kind,
-                choices=sc.choices)))
+            out.append(
+                run_client_safely(
+                    lambda c=c, payload=payload: client_update(
+                        self.workload,
+                        payload,
+                        sc.clients[c],
+                        client_seed(self.seed, round_idx, c),
+                        kind=sc.kind,
+                        choices=sc.choices,
+                    )
+                )
+            )
         return out
 
 
@@ -94,7 +103,6 @@ def engine_class(name: str) -> type[Engine]:
     return getattr(module, attr)
 
 
-def make_engine(name: str, workload_factory, scenario: Scenario, seed: int, progress: bool = True,
-                **options) -> Engine:
+def make_engine(name: str, workload_factory, scenario: Scenario, seed: int, progress: bool = True, **options) -> Engine:
     """An engine by name (see `ENGINES`); `options` go to the engine's constructor (e.g. cohort_size)."""
     return engine_class(name)(workload_factory, scenario, seed, progress=progress, **options)

@@ -83,9 +83,18 @@ class FedAMoLE(Algorithm):
     assignment kept: what the authors plotted as "homogeneous"); ``router="linear"`` is the vanilla-router ablation.
     ``dp_eta`` adds noise of ``dp_mechanism`` (`fedamole.fl.dp`) to the uploaded embedding statistics."""
 
-    def __init__(self, num_experts: int = 30, clients_per_expert: int = 2, min_experts: int = 2,
-                 max_experts: int = 8, assignment: str = "rsea", router: str = "embedding",
-                 dp_eta: float | None = None, dp_mechanism: str = "gamma-uniform", name: str = "fedamole") -> None:
+    def __init__(
+        self,
+        num_experts: int = 30,
+        clients_per_expert: int = 2,
+        min_experts: int = 2,
+        max_experts: int = 8,
+        assignment: str = "rsea",
+        router: str = "embedding",
+        dp_eta: float | None = None,
+        dp_mechanism: str = "gamma-uniform",
+        name: str = "fedamole",
+    ) -> None:
         if assignment not in ASSIGNMENTS:
             raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
         if router not in ("embedding", "linear"):
@@ -108,11 +117,15 @@ class FedAMoLE(Algorithm):
             return self.min_experts, self.max_experts
         total = self.num_experts * self.k_c
         if total % num_clients:
-            raise ValueError(f"homogeneous assignment needs num_experts x clients_per_expert = {self.num_experts} x "
-                             f"{self.k_c} = {total} divisible by the number of clients ({num_clients})")
+            raise ValueError(
+                f"homogeneous assignment needs num_experts x clients_per_expert = {self.num_experts} x "
+                f"{self.k_c} = {total} divisible by the number of clients ({num_clients})"
+            )
         if total // num_clients > self.max_experts:
-            raise ValueError(f"homogeneous assignment gives {total // num_clients} experts per client > "
-                             f"max_experts ({self.max_experts})")
+            raise ValueError(
+                f"homogeneous assignment gives {total // num_clients} experts per client > "
+                f"max_experts ({self.max_experts})"
+            )
         return total // num_clients, total // num_clients
 
     def setup(self, model, num_train: list[int], seed: int) -> None:
@@ -124,13 +137,19 @@ class FedAMoLE(Algorithm):
         self.modules = {}
         for name, m in fedamole.mole_modules(model).items():
             r, d_in, d_out = m.config.rank, m.in_features, m.out_features
-            pool = {"lora_a": _kaiming((self.num_experts, r, d_in), d_in, gen),
-                    "lora_b": torch.zeros(self.num_experts, d_out, r),
-                    "shared_a": _kaiming((r, d_in), d_in, gen), "shared_b": torch.zeros(d_out, r)}
+            pool = {
+                "lora_a": _kaiming((self.num_experts, r, d_in), d_in, gen),
+                "lora_b": torch.zeros(self.num_experts, d_out, r),
+                "shared_a": _kaiming((r, d_in), d_in, gen),
+                "shared_b": torch.zeros(d_out, r),
+            }
             rows = (self.num_experts, d_in) if self.router == "linear" else (r, d_in)
             pool["router"] = _kaiming(rows, d_in, gen)
-            self.modules[name] = {"pool": pool, "rank": r,
-                                  "assign": self._assign(random_scores(self.num_experts, self.num_clients, self.rng))}
+            self.modules[name] = {
+                "pool": pool,
+                "rank": r,
+                "assign": self._assign(random_scores(self.num_experts, self.num_clients, self.rng)),
+            }
         self.extra = extra_state(model)
         self.history_assign: list[dict[str, np.ndarray]] = []
 
@@ -153,9 +172,18 @@ class FedAMoLE(Algorithm):
                 ids_all[name] = ids.astype(np.int32)
             down.update(self.extra)
             needs_stats = self.assignment in ("rsea", "homogeneous")
-            out.append({"down": down, "expert_ids": ids_all, "upload": list(down), "evaluate": True,
-                        "stats": needs_stats, "dp_eta": self.dp_eta if needs_stats else None,
-                        "dp_mechanism": self.dp_mechanism, "router": self.router})
+            out.append(
+                {
+                    "down": down,
+                    "expert_ids": ids_all,
+                    "upload": list(down),
+                    "evaluate": True,
+                    "stats": needs_stats,
+                    "dp_eta": self.dp_eta if needs_stats else None,
+                    "dp_mechanism": self.dp_mechanism,
+                    "router": self.router,
+                }
+            )
         return out
 
     def aggregate(self, round_idx: int, uploads: list[dict | None]) -> None:
@@ -211,13 +239,18 @@ class FedAMoLE(Algorithm):
         named = [(f"modules[{n!r}].assign", m["assign"]) for n, m in self.modules.items()]
         named += [(f"history_assign[{i}][{n!r}]", a) for i, h in enumerate(self.history_assign) for n, a in h.items()]
         for where, assign in named:
-            if not isinstance(assign, np.ndarray) or assign.dtype != bool or assign.shape != (self.num_experts,
-                                                                                              self.num_clients):
+            if (
+                not isinstance(assign, np.ndarray)
+                or assign.dtype != bool
+                or assign.shape != (self.num_experts, self.num_clients)
+            ):
                 raise ValueError(f"{where} must be a bool array of shape [{self.num_experts}, {self.num_clients}]")
             per_expert, per_client = assign.sum(1), assign.sum(0)
             if (per_expert != self.k_c).any() or (per_client < lo).any() or (per_client > hi).any():
-                raise ValueError(f"{where}: every expert needs exactly {self.k_c} clients and every client between "
-                                 f"{lo} and {hi} experts; got {per_expert.tolist()} and {per_client.tolist()}")
+                raise ValueError(
+                    f"{where}: every expert needs exactly {self.k_c} clients and every client between "
+                    f"{lo} and {hi} experts; got {per_expert.tolist()} and {per_client.tolist()}"
+                )
 
     def experts_per_client(self) -> dict[str, list[int]]:
         """Current |S_c| per module (the heterogeneous architecture)."""

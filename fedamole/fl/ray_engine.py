@@ -36,8 +36,17 @@ __all__ = ["RayEngine", "ClientActor", "RAY_OPTIONS"]
 
 log = logging.getLogger(__name__)
 
-RAY_OPTIONS = {"num_actors": 2, "cpus_per_actor": 0.5, "gpus_per_actor": 0, "address": None, "num_cpus": None,
-               "threads": None, "rebuild_data": False, "kill_actor_after_round": None, "crash_actor_in_round": None}
+RAY_OPTIONS = {
+    "num_actors": 2,
+    "cpus_per_actor": 0.5,
+    "gpus_per_actor": 0,
+    "address": None,
+    "num_cpus": None,
+    "threads": None,
+    "rebuild_data": False,
+    "kill_actor_after_round": None,
+    "crash_actor_in_round": None,
+}
 
 
 def _import_ray():
@@ -113,9 +122,18 @@ class ClientActor:
                 os._exit(1)  # injected fault: the process dies mid-chunk, as on a segfault or an OOM kill
             # A client's own exception is contained exactly as SequentialEngine does ({"failed": True, ...}), so
             # the round report does not depend on the engine; only the actor's death is handled by the driver.
-            out.append(run_client_safely(lambda c=c, payload=payload: client_update(
-                self.workload, payload, sc.clients[c], client_seed(self.seed, round_idx, c), kind=sc.kind,
-                choices=sc.choices)))
+            out.append(
+                run_client_safely(
+                    lambda c=c, payload=payload: client_update(
+                        self.workload,
+                        payload,
+                        sc.clients[c],
+                        client_seed(self.seed, round_idx, c),
+                        kind=sc.kind,
+                        choices=sc.choices,
+                    )
+                )
+            )
         return out
 
 
@@ -131,8 +149,10 @@ class RayEngine(Engine):
         self.config = self.options.get("config")
         self.mole_config = self.options.get("mole_config")
         if self.config is None or self.mole_config is None:
-            raise ValueError("engine 'ray' needs the options config (SimConfig) and mole_config (the algorithm's "
-                             "MoLEConfig): actors rebuild the model from them")
+            raise ValueError(
+                "engine 'ray' needs the options config (SimConfig) and mole_config (the algorithm's "
+                "MoLEConfig): actors rebuild the model from them"
+            )
         self.replacements = 0  # actors replaced after a failure (for reports and tests)
         self._actors: list = []
         self._actor_cls = None
@@ -162,8 +182,9 @@ class RayEngine(Engine):
                 log.warning("engine 'ray': gpus_per_actor is 0, so actors run on CPU although this machine has a GPU")
         threads = o["threads"] or getattr(self.config, "threads", None) or max(1, int(o["cpus_per_actor"]))
         self._threads = int(threads)
-        self._actor_cls = ray.remote(num_cpus=o["cpus_per_actor"], num_gpus=o["gpus_per_actor"],
-                                     max_restarts=0)(ClientActor)
+        self._actor_cls = ray.remote(num_cpus=o["cpus_per_actor"], num_gpus=o["gpus_per_actor"], max_restarts=0)(
+            ClientActor
+        )
         if not o["rebuild_data"]:
             self._scenario_ref = ray.put(self.scenario)  # once: every actor (and replacement) reads the same copy
         self._actors = [self._new_actor() for _ in range(o["num_actors"])]
@@ -202,8 +223,9 @@ class RayEngine(Engine):
             pending[fut] = (i, ref, 0)
         self._crashed = self._crashed or crash_now
         results: list = [None] * len(chunks)
-        with tqdm(total=len(payloads), desc=f"round {round_idx} clients (ray)", leave=False,
-                  disable=not self.progress) as bar:
+        with tqdm(
+            total=len(payloads), desc=f"round {round_idx} clients (ray)", leave=False, disable=not self.progress
+        ) as bar:
             while pending:
                 (fut,), _ = ray.wait(list(pending), num_returns=1)
                 i, ref, attempt = pending.pop(fut)
@@ -211,8 +233,10 @@ class RayEngine(Engine):
                     results[i] = ray.get(fut)
                 except ray.exceptions.RayActorError as exc:
                     if attempt >= 1:
-                        raise RuntimeError(f"engine 'ray': round {round_idx}, clients {chunks[i][0]}.."
-                                           f"{chunks[i][1] - 1} failed again on a replacement actor") from exc
+                        raise RuntimeError(
+                            f"engine 'ray': round {round_idx}, clients {chunks[i][0]}.."
+                            f"{chunks[i][1] - 1} failed again on a replacement actor"
+                        ) from exc
                     self._replace(i, exc)
                     pending[self._actors[i].run_chunk.remote(ref, chunks[i][0], round_idx, False)] = (i, ref, 1)
                     continue

@@ -35,15 +35,20 @@ def check_feasible(num_experts: int, num_clients: int, clients_per_expert: int, 
     if lo > hi:
         raise ValueError(f"min_experts ({lo}) must be <= max_experts ({hi})")
     if k > c:
-        raise ValueError(f"infeasible: clients_per_expert ({k}) > number of clients ({c}); an expert needs {k} "
-                         "distinct clients")
+        raise ValueError(
+            f"infeasible: clients_per_expert ({k}) > number of clients ({c}); an expert needs {k} distinct clients"
+        )
     total = n_e * k
     if total > c * hi:
-        raise ValueError(f"infeasible: experts x clients_per_expert = {n_e} x {k} = {total} > clients x max_experts"
-                         f" = {c} x {hi} = {c * hi}; raise max_experts or lower clients_per_expert")
+        raise ValueError(
+            f"infeasible: experts x clients_per_expert = {n_e} x {k} = {total} > clients x max_experts"
+            f" = {c} x {hi} = {c * hi}; raise max_experts or lower clients_per_expert"
+        )
     if total < c * lo:
-        raise ValueError(f"infeasible: experts x clients_per_expert = {n_e} x {k} = {total} < clients x min_experts"
-                         f" = {c} x {lo} = {c * lo}; add experts or lower min_experts")
+        raise ValueError(
+            f"infeasible: experts x clients_per_expert = {n_e} x {k} = {total} < clients x min_experts"
+            f" = {c} x {lo} = {c * lo}; add experts or lower min_experts"
+        )
 
 
 def _constraints(n_e: int, c: int, k: int, lo: int, hi: int):
@@ -83,8 +88,15 @@ def assign_experts(scores, clients_per_expert: int = 2, min_experts: int = 2, ma
 
     a_eq, b_eq, a_cl, lo_cl, hi_cl = _constraints(n_e, c, k, lo, hi)
     cost = -p.ravel()
-    res = sopt.linprog(cost, A_ub=sp.vstack([a_cl, -a_cl]).tocsr(), b_ub=np.concatenate([hi_cl, -lo_cl]),
-                       A_eq=a_eq, b_eq=b_eq, bounds=(0.0, 1.0), method="highs")
+    res = sopt.linprog(
+        cost,
+        A_ub=sp.vstack([a_cl, -a_cl]).tocsr(),
+        b_ub=np.concatenate([hi_cl, -lo_cl]),
+        A_eq=a_eq,
+        b_eq=b_eq,
+        bounds=(0.0, 1.0),
+        method="highs",
+    )
     x = res.x if res.status == 0 else None
     if x is None or np.abs(x - np.round(x)).max() > _INT_TOL:
         cons = [sopt.LinearConstraint(a_eq, b_eq, b_eq), sopt.LinearConstraint(a_cl, lo_cl, hi_cl)]

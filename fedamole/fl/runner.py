@@ -56,8 +56,9 @@ def _stop_if_nothing_ever_worked(results: list, worked: bool, what: str) -> bool
     failures = [(c, u.get("error")) for c, u in enumerate(results) if isinstance(u, dict) and u.get("failed")]
     if failures:
         c, error = failures[0]
-        raise AllClientsFailed(f"every client failed in {what} and none has worked in this run; "
-                               f"first error (client {c}): {error}")
+        raise AllClientsFailed(
+            f"every client failed in {what} and none has worked in this run; first error (client {c}): {error}"
+        )
     return False
 
 
@@ -91,8 +92,9 @@ def _eval_only(payloads: list[dict]) -> list[dict]:
     return [{**p, "steps": 0, "evaluate": True, "stats": False, "upload": [], "keep": []} for p in payloads]
 
 
-def _screen(raw: list[dict], payloads: list[dict], max_norm: float | None,
-            norm_ratio: float | None) -> tuple[list[dict | None], dict]:
+def _screen(
+    raw: list[dict], payloads: list[dict], max_norm: float | None, norm_ratio: float | None
+) -> tuple[list[dict | None], dict]:
     """Accepted uploads (None for a client that failed, dropped out or sent a rejected upload) and the report."""
     uploads: list[dict | None] = []
     report: dict = {"participants": 0, "failed_clients": [], "dropped_clients": [], "rejected_uploads": []}
@@ -121,8 +123,9 @@ def _down_bytes(payloads: list[dict]) -> int:
     return sum(state_nbytes(p.get("down", {})) + state_nbytes(p.get("expert_ids", {})) for p in payloads)
 
 
-def simulate(cfg: SimConfig, progress: bool = True, checkpoint_dir: str | Path | None = None,
-             resume: bool = False, on_round=None) -> dict:
+def simulate(
+    cfg: SimConfig, progress: bool = True, checkpoint_dir: str | Path | None = None, resume: bool = False, on_round=None
+) -> dict:
     """Run one simulation; returns the summary (see `write_summary`).
 
     `on_round(summary_so_far, history)` is called after every round, once the round is checkpointed (e.g.
@@ -156,14 +159,22 @@ def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int,
     done, state = loaded
     if done > cfg.rounds:
         raise ValueError(f"rounds (--rounds) is {cfg.rounds}, but {checkpoint_dir} already holds {done} rounds")
-    reference = {"config": cfg.to_dict(), "algorithm": dict(vars(algo)), "torch_rng": torch.get_rng_state(),
-                 "model": adapter_state_dict(workload.model), "summary": {}, "history": []}
+    reference = {
+        "config": cfg.to_dict(),
+        "algorithm": dict(vars(algo)),
+        "torch_rng": torch.get_rng_state(),
+        "model": adapter_state_dict(workload.model),
+        "summary": {},
+        "history": [],
+    }
     check_resume_state(done, state, reference)
     saved, now = state["config"], cfg.to_dict()
     differing = sorted(k for k in set(saved) | set(now) if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if differing:
-        raise ValueError(f"cannot resume from {checkpoint_dir}: the configuration differs in {differing} "
-                         f"(saved { {k: saved.get(k) for k in differing} })")
+        raise ValueError(
+            f"cannot resume from {checkpoint_dir}: the configuration differs in {differing} "
+            f"(saved { {k: saved.get(k) for k in differing} })"
+        )
     vars(algo).update(state["algorithm"])
     algo.check_state()
     load_adapter_state_dict(workload.model, state["model"])
@@ -179,13 +190,29 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
     workload = build_workload(cfg, model_config, scenario)
     # Engines in this process share `workload`; remote ones (Ray actors) rebuild it from (config, mole_config):
     # build_workload is seeded, so every copy starts from the same backbone.
-    engine = make_engine(cfg.engine, lambda: workload, scenario, cfg.seed, progress=progress,
-                         cohort_size=int(cfg.cohort_size), ray=dict(cfg.ray), config=cfg, mole_config=model_config)
+    engine = make_engine(
+        cfg.engine,
+        lambda: workload,
+        scenario,
+        cfg.seed,
+        progress=progress,
+        cohort_size=int(cfg.cohort_size),
+        ray=dict(cfg.ray),
+        config=cfg,
+        mole_config=model_config,
+    )
     algo.setup(workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
-    summary: dict = {"algorithm": cfg.algorithm, "engine": cfg.engine, "clients": cfg.clients, "rounds": cfg.rounds,
-                     "metric": scenario.metric, "scenario": scenario.name, "seed": cfg.seed,
-                     "train_sizes": [len(c.train) for c in scenario.clients],
-                     "test_sizes": [len(c.test) for c in scenario.clients]}
+    summary: dict = {
+        "algorithm": cfg.algorithm,
+        "engine": cfg.engine,
+        "clients": cfg.clients,
+        "rounds": cfg.rounds,
+        "metric": scenario.metric,
+        "scenario": scenario.name,
+        "seed": cfg.seed,
+        "train_sizes": [len(c.train) for c in scenario.clients],
+        "test_sizes": [len(c.test) for c in scenario.clients],
+    }
     if scenario.kind == "classification":
         summary["chance"] = 1.0 / (len(scenario.choices) if scenario.choices else scenario.num_labels)
     done, restored, history = _restore(checkpoint_dir, cfg, algo, workload) if resume else (0, {}, [])
@@ -198,8 +225,13 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
             worked = _stop_if_nothing_ever_worked(first, worked, "the initial evaluation")
             summary["initial_per_client"], summary["initial_failures"] = _eval_metrics(first)
             summary["initial_mean"] = _mean(summary["initial_per_client"])
-        for r in tqdm(range(done + 1, cfg.rounds + 1), desc=f"{cfg.algorithm} rounds", disable=not progress,
-                      initial=min(done, cfg.rounds), total=cfg.rounds):
+        for r in tqdm(
+            range(done + 1, cfg.rounds + 1),
+            desc=f"{cfg.algorithm} rounds",
+            disable=not progress,
+            initial=min(done, cfg.rounds),
+            total=cfg.rounds,
+        ):
             t_round = time.perf_counter()
             payloads = _settings(cfg, algo.payloads(r), r)
             faults = {f["client"]: f["kind"] for f in cfg.faults if f["round"] == r}
@@ -224,9 +256,16 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
                 per_client, report["eval_failures"] = _eval_metrics(engine.run(_eval_only(_settings(cfg, evals, r)), r))
             else:
                 per_client = [None if u is None else u["metric"] for u in uploads]
-            entry = {"round": r, "mean": _mean(per_client), "per_client": per_client, "bytes_up": int(bytes_up),
-                     "bytes_down": int(bytes_down), "seconds": time.perf_counter() - t_round,
-                     "train_loss": _mean([u["train_loss"] for u in uploads if u is not None]), **report}
+            entry = {
+                "round": r,
+                "mean": _mean(per_client),
+                "per_client": per_client,
+                "bytes_up": int(bytes_up),
+                "bytes_down": int(bytes_down),
+                "seconds": time.perf_counter() - t_round,
+                "train_loss": _mean([u["train_loss"] for u in uploads if u is not None]),
+                **report,
+            }
             if hasattr(algo, "experts_per_client"):
                 counts = np.array(list(algo.experts_per_client().values()))
                 entry["experts_per_client_mean"] = counts.mean(0).round(3).tolist()
@@ -235,17 +274,31 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
                 entry["assignment_share"] = share.round(3).tolist()
             history.append(entry)
             if checkpoint_dir is not None:
-                save_checkpoint(checkpoint_dir, r, {
-                    "config": cfg.to_dict(), "algorithm": dict(vars(algo)),
-                    "model": adapter_state_dict(workload.model), "torch_rng": torch.get_rng_state(),
-                    "summary": {k: v for k, v in summary.items() if k.startswith("initial_")}, "history": history,
-                })
+                save_checkpoint(
+                    checkpoint_dir,
+                    r,
+                    {
+                        "config": cfg.to_dict(),
+                        "algorithm": dict(vars(algo)),
+                        "model": adapter_state_dict(workload.model),
+                        "torch_rng": torch.get_rng_state(),
+                        "summary": {k: v for k, v in summary.items() if k.startswith("initial_")},
+                        "history": history,
+                    },
+                )
             if on_round is not None:
                 on_round(summary, history)
     finally:
         engine.close()
-    summary.update({"final_mean": history[-1]["mean"], "final_per_client": history[-1]["per_client"],
-                    "history": history, "wall_seconds": time.perf_counter() - t0, "config": cfg.to_dict()})
+    summary.update(
+        {
+            "final_mean": history[-1]["mean"],
+            "final_per_client": history[-1]["per_client"],
+            "history": history,
+            "wall_seconds": time.perf_counter() - t0,
+            "config": cfg.to_dict(),
+        }
+    )
     best = best_round(summary)
     summary.update({"best_mean": best.mean, "best_round": best.round})
     return summary
@@ -262,7 +315,7 @@ def plot_history(summaries: dict[str, dict], path: str | Path, per_client: bool 
     for label, s in summaries.items():
         rounds = [h["round"] for h in s["history"]]
         means = np.array([h["mean"] for h in s["history"]], dtype=float)  # None (nothing scored) -> NaN: a gap
-        line, = ax.plot(rounds, means, marker="o", lw=2.2, label=f"{label} (mean)")
+        (line,) = ax.plot(rounds, means, marker="o", lw=2.2, label=f"{label} (mean)")
         if per_client and len(summaries) == 1:
             per = np.array([h["per_client"] for h in s["history"]], dtype=float)
             for c in range(per.shape[1]):
@@ -303,8 +356,9 @@ def write_summary(summary: dict, out_dir: str | Path) -> Path:
     return out / "summary.json"
 
 
-def compare(cfg: SimConfig, algorithms: list[str], out_dir: str | Path, seeds: list[int] | None = None,
-            progress: bool = True) -> dict:
+def compare(
+    cfg: SimConfig, algorithms: list[str], out_dir: str | Path, seeds: list[int] | None = None, progress: bool = True
+) -> dict:
     """Run several algorithms (and seeds) on one scenario; writes per-run summaries (DIR/<algorithm>-seed<s>/),
     compare.json and compare.md (final-round and best-round client means, mean +- std over seeds) and compare.png
     (mean over seeds per round with a +-std band; its last point is the table's final mean)."""

@@ -58,9 +58,7 @@ UPLOAD_FAULTS = (
 )
 FAULT_KINDS = TRAINING_FAULTS + UPLOAD_FAULTS
 
-UPLOAD_KEYS = frozenset(
-    {"up", "private", "metric", "stats", "train_loss", "num_train", "expert_ids", "fusion_weights"}
-)
+UPLOAD_KEYS = frozenset({"up", "private", "metric", "stats", "train_loss", "num_train", "expert_ids", "fusion_weights"})
 # `check_round`: changes with an RMS per element below this are never rejected (float32 round-off of O(1) weights
 # is ~1e-7), so that a round whose updates are all tiny does not turn honest noise into outliers.
 UPLOAD_NORM_FLOOR = 1e-6
