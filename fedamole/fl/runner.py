@@ -182,8 +182,8 @@ def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int,
     return done, state["summary"], state["history"]
 
 
-def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resume: bool, on_round) -> dict:
-    t0 = time.perf_counter()
+def _build(cfg: SimConfig, progress: bool):
+    """(scenario, algorithm, workload, engine) of a run, the algorithm set up on the workload's model."""
     scenario = build_data(cfg)
     algo = make_algorithm(cfg)
     model_config = algo.mole_config(mole_config(cfg))
@@ -202,6 +202,10 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
         mole_config=model_config,
     )
     algo.setup(workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
+    return scenario, algo, workload, engine
+
+
+def _initial_summary(cfg: SimConfig, scenario) -> dict:
     summary: dict = {
         "algorithm": cfg.algorithm,
         "engine": cfg.engine,
@@ -215,6 +219,91 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
     }
     if scenario.kind == "classification":
         summary["chance"] = 1.0 / (len(scenario.choices) if scenario.choices else scenario.num_labels)
+    return summary
+
+
+def _train_round(cfg: SimConfig, r: int, algo, engine, worked: bool) -> tuple[list, dict, int, int, bool]:
+    """Round `r`'s local training with the configured faults, screened: (uploads, report, bytes up, bytes down,
+    worked)."""
+    payloads = _settings(cfg, algo.payloads(r), r)
+    faults = {f["client"]: f["kind"] for f in cfg.faults if f["round"] == r}
+    for c, kind in faults.items():
+        if kind in TRAINING_FAULTS:
+            payloads[c] = {**payloads[c], "fault": kind}
+    bytes_down = _down_bytes(payloads)
+    raw = engine.run(payloads, r)
+    for c, kind in faults.items():
+        if kind in UPLOAD_FAULTS and "up" in raw[c]:
+            raw[c] = corrupt_upload(raw[c], kind, payloads[c])
+    worked = _stop_if_nothing_ever_worked(raw, worked, f"round {r}")
+    uploads, report = _screen(raw, payloads, cfg.max_upload_norm, cfg.upload_norm_ratio)
+    received = [u for u in uploads if u is not None]
+    bytes_up = sum(state_nbytes(u["up"]) + state_nbytes(u["stats"] or {}) for u in received)
+    bytes_up += sum(state_nbytes(u.get("expert_ids") or {}) for u in received)  # clients send their ids
+    return uploads, report, bytes_up, bytes_down, worked
+
+
+def _run_round(cfg: SimConfig, r: int, algo, engine, worked: bool) -> tuple[dict, bool]:
+    """One round (train, screen, aggregate, evaluate) -> (its history entry, worked)."""
+    t_round = time.perf_counter()
+    uploads, report, bytes_up, bytes_down, worked = _train_round(cfg, r, algo, engine, worked)
+    algo.aggregate(r, uploads)
+    if algo.evaluates_global:
+        evals = algo.eval_payloads()
+        if r == cfg.rounds:  # earlier rounds: this model is the next round's download, counted there
+            bytes_down += _down_bytes(evals)
+        per_client, report["eval_failures"] = _eval_metrics(engine.run(_eval_only(_settings(cfg, evals, r)), r))
+    else:
+        per_client = [None if u is None else u["metric"] for u in uploads]
+    entry = {
+        "round": r,
+        "mean": _mean(per_client),
+        "per_client": per_client,
+        "bytes_up": int(bytes_up),
+        "bytes_down": int(bytes_down),
+        "seconds": time.perf_counter() - t_round,
+        "train_loss": _mean([u["train_loss"] for u in uploads if u is not None]),
+        **report,
+    }
+    if hasattr(algo, "experts_per_client"):
+        counts = np.array(list(algo.experts_per_client().values()))
+        entry["experts_per_client_mean"] = counts.mean(0).round(3).tolist()
+    if getattr(algo, "history_assign", None):  # the assignment this round trained with, averaged over modules
+        share = np.mean([m.astype(float) for m in algo.history_assign[-1].values()], axis=0)
+        entry["assignment_share"] = share.round(3).tolist()
+    return entry, worked
+
+
+def _checkpoint_state(cfg: SimConfig, algo, workload, summary: dict, history: list) -> dict:
+    return {
+        "config": cfg.to_dict(),
+        "algorithm": dict(vars(algo)),
+        "model": adapter_state_dict(workload.model),
+        "torch_rng": torch.get_rng_state(),
+        "summary": {k: v for k, v in summary.items() if k.startswith("initial_")},
+        "history": history,
+    }
+
+
+def _final_summary(cfg: SimConfig, summary: dict, history: list, t0: float) -> dict:
+    summary.update(
+        {
+            "final_mean": history[-1]["mean"],
+            "final_per_client": history[-1]["per_client"],
+            "history": history,
+            "wall_seconds": time.perf_counter() - t0,
+            "config": cfg.to_dict(),
+        }
+    )
+    best = best_round(summary)
+    summary.update({"best_mean": best.mean, "best_round": best.round})
+    return summary
+
+
+def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resume: bool, on_round) -> dict:
+    t0 = time.perf_counter()
+    scenario, algo, workload, engine = _build(cfg, progress)
+    summary = _initial_summary(cfg, scenario)
     done, restored, history = _restore(checkpoint_dir, cfg, algo, workload) if resume else (0, {}, [])
     summary.update({k: v for k, v in restored.items() if k.startswith("initial_")})
     # Whether any client has returned a result in this run (see `_stop_if_nothing_ever_worked`).
@@ -232,76 +321,15 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
             initial=min(done, cfg.rounds),
             total=cfg.rounds,
         ):
-            t_round = time.perf_counter()
-            payloads = _settings(cfg, algo.payloads(r), r)
-            faults = {f["client"]: f["kind"] for f in cfg.faults if f["round"] == r}
-            for c, kind in faults.items():
-                if kind in TRAINING_FAULTS:
-                    payloads[c] = {**payloads[c], "fault": kind}
-            bytes_down = _down_bytes(payloads)
-            raw = engine.run(payloads, r)
-            for c, kind in faults.items():
-                if kind in UPLOAD_FAULTS and "up" in raw[c]:
-                    raw[c] = corrupt_upload(raw[c], kind, payloads[c])
-            worked = _stop_if_nothing_ever_worked(raw, worked, f"round {r}")
-            uploads, report = _screen(raw, payloads, cfg.max_upload_norm, cfg.upload_norm_ratio)
-            received = [u for u in uploads if u is not None]
-            bytes_up = sum(state_nbytes(u["up"]) + state_nbytes(u["stats"] or {}) for u in received)
-            bytes_up += sum(state_nbytes(u.get("expert_ids") or {}) for u in received)  # clients send their ids
-            algo.aggregate(r, uploads)
-            if algo.evaluates_global:
-                evals = algo.eval_payloads()
-                if r == cfg.rounds:  # earlier rounds: this model is the next round's download, counted there
-                    bytes_down += _down_bytes(evals)
-                per_client, report["eval_failures"] = _eval_metrics(engine.run(_eval_only(_settings(cfg, evals, r)), r))
-            else:
-                per_client = [None if u is None else u["metric"] for u in uploads]
-            entry = {
-                "round": r,
-                "mean": _mean(per_client),
-                "per_client": per_client,
-                "bytes_up": int(bytes_up),
-                "bytes_down": int(bytes_down),
-                "seconds": time.perf_counter() - t_round,
-                "train_loss": _mean([u["train_loss"] for u in uploads if u is not None]),
-                **report,
-            }
-            if hasattr(algo, "experts_per_client"):
-                counts = np.array(list(algo.experts_per_client().values()))
-                entry["experts_per_client_mean"] = counts.mean(0).round(3).tolist()
-            if getattr(algo, "history_assign", None):  # the assignment this round trained with, averaged over modules
-                share = np.mean([m.astype(float) for m in algo.history_assign[-1].values()], axis=0)
-                entry["assignment_share"] = share.round(3).tolist()
+            entry, worked = _run_round(cfg, r, algo, engine, worked)
             history.append(entry)
             if checkpoint_dir is not None:
-                save_checkpoint(
-                    checkpoint_dir,
-                    r,
-                    {
-                        "config": cfg.to_dict(),
-                        "algorithm": dict(vars(algo)),
-                        "model": adapter_state_dict(workload.model),
-                        "torch_rng": torch.get_rng_state(),
-                        "summary": {k: v for k, v in summary.items() if k.startswith("initial_")},
-                        "history": history,
-                    },
-                )
+                save_checkpoint(checkpoint_dir, r, _checkpoint_state(cfg, algo, workload, summary, history))
             if on_round is not None:
                 on_round(summary, history)
     finally:
         engine.close()
-    summary.update(
-        {
-            "final_mean": history[-1]["mean"],
-            "final_per_client": history[-1]["per_client"],
-            "history": history,
-            "wall_seconds": time.perf_counter() - t0,
-            "config": cfg.to_dict(),
-        }
-    )
-    best = best_round(summary)
-    summary.update({"best_mean": best.mean, "best_round": best.round})
-    return summary
+    return _final_summary(cfg, summary, history, t0)
 
 
 def plot_history(summaries: dict[str, dict], path: str | Path, per_client: bool = True) -> Path:
