@@ -91,26 +91,8 @@ def _snapshot(model, modules: dict, extra: Sequence[str]) -> dict[str, Tensor]:
     return out
 
 
-def train_cohort(
-    workload,
-    payloads: Sequence[dict],
-    datas: Sequence,
-    seeds: Sequence[int],
-    evaluate: bool = False,
-    kind: str = "classification",
-    choices=None,
-) -> list[dict]:
-    """Train S clients' local steps together; returns per client ``{"trained": {name: tensor}, "train_loss"}``,
-    plus ``"metric"`` when ``evaluate`` and the workload can score stacked clients (`evaluate_per_client`).
-
-    ``trained`` holds the client's trainable tensors after training (whole slot tensors, like the model's own
-    parameters); the model itself is left with its single-client parameters (holding the last client's loaded
-    state). All payloads must share state keys, frozen kinds, batch size and max_grad_norm.
-    """
-    model = workload.model
-    modules = fedamole.mole_modules(model)
-    extra = list(getattr(model, "fedamole_extra_trainable", []))
-    num = len(payloads)
+def _stack_states(model, payloads: Sequence[dict], modules: dict, extra: Sequence[str]):
+    """(trainable names, stacked tensors {name: [S, ...]}, leaves {name: Parameter}) of S clients' starting states."""
     states = [{**p.get("private", {}), **p.get("down", {})} for p in payloads]
     frozen = set(payloads[0].get("frozen", ()))
     trainable = set()
@@ -131,12 +113,60 @@ def train_cohort(
         for name, t in stacked.items()
         if not name.endswith(".active_experts")
     }
+    return trainable, stacked, leaves
+
+
+def _install_stacked(model, modules: dict, extra: Sequence[str], stacked: dict, leaves: dict, num: int, saved: list):
+    """Put the stacked tensors in the model (MoLE tensors and masks, extra modules wrapped in `_StackedModule`),
+    appending to ``saved`` every (owner, attribute, old value) as it goes so that the caller can restore them."""
+    for name, m in modules.items():
+        for kind in _MOLE_KINDS:
+            if getattr(m, kind) is not None:
+                saved.append((m, kind, getattr(m, kind)))
+                setattr(m, kind, leaves[f"{name}.{kind}"])
+        saved.append((m, "active_experts", m.active_experts))
+        m.active_experts = stacked[f"{name}.active_experts"]
+    for name in extra:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        inner = getattr(parent, leaf)
+        head = {key: leaves[f"{name}.{key}"] for key, _ in inner.named_parameters()}
+        saved.append((parent, leaf, inner))
+        setattr(parent, leaf, _StackedModule(inner, head, num))
+
+
+# What `train_cohort` has always passed to `evaluate_per_client` as the task kind: a loop variable over the tensor
+# kinds used to shadow its ``kind`` argument there, so `evaluate_per_client` (which scores only "classification")
+# declines and every client is scored afterwards by `finish_client`. Kept so that splitting the function changes no
+# result; passing ``kind`` instead would turn the stacked scoring on.
+_STACKED_EVAL_KIND = _MOLE_KINDS[-1]
+
+
+def train_cohort(
+    workload,
+    payloads: Sequence[dict],
+    datas: Sequence,
+    seeds: Sequence[int],
+    evaluate: bool = False,
+    kind: str = "classification",
+    choices=None,
+) -> list[dict]:
+    """Train S clients' local steps together; returns per client ``{"trained": {name: tensor}, "train_loss"}``,
+    plus ``"metric"`` when ``evaluate`` and the workload can score stacked clients (`evaluate_per_client`).
+
+    ``trained`` holds the client's trainable tensors after training (whole slot tensors, like the model's own
+    parameters); the model itself is left with its single-client parameters (holding the last client's loaded
+    state). All payloads must share state keys, frozen kinds, batch size and max_grad_norm.
+    """
+    model = workload.model
+    modules = fedamole.mole_modules(model)
+    extra = list(getattr(model, "fedamole_extra_trainable", []))
+    num = len(payloads)
+    trainable, stacked, leaves = _stack_states(model, payloads, modules, extra)
     params = [leaves[name] for name in sorted(trainable)]
     if not params:
         raise _NotStackable("nothing to train (every state tensor is frozen)")
     steps = [int(p["steps"]) for p in payloads]
-    batch_size = int(payloads[0].get("batch_size", 1))
-    clip = payloads[0].get("max_grad_norm")
     opt = StackedAdam(
         params,
         num,
@@ -146,26 +176,14 @@ def train_cohort(
     )
     saved: list[tuple[nn.Module, str, object]] = []
     try:
-        for name, m in modules.items():
-            for kind in _MOLE_KINDS:
-                if getattr(m, kind) is not None:
-                    saved.append((m, kind, getattr(m, kind)))
-                    setattr(m, kind, leaves[f"{name}.{kind}"])
-            saved.append((m, "active_experts", m.active_experts))
-            m.active_experts = stacked[f"{name}.active_experts"]
-        for name in extra:
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            inner = getattr(parent, leaf)
-            head = {key: leaves[f"{name}.{key}"] for key, _ in inner.named_parameters()}
-            saved.append((parent, leaf, inner))
-            setattr(parent, leaf, _StackedModule(inner, head, num))
+        _install_stacked(model, modules, extra, stacked, leaves, num, saved)
+        batch_size, clip = int(payloads[0].get("batch_size", 1)), payloads[0].get("max_grad_norm")
         losses = _run_steps(workload, opt, datas, seeds, steps, batch_size, clip)
         metrics = None
         if evaluate and hasattr(workload, "evaluate_per_client"):
             # Scored while the trained experts are still stacked: one forward serves every client's test rows.
             model.eval()
-            metrics = workload.evaluate_per_client([d.test for d in datas], kind, choices)
+            metrics = workload.evaluate_per_client([d.test for d in datas], _STACKED_EVAL_KIND, choices)
         out = [
             {
                 "trained": {name: leaves[name][s].detach().clone() for name in trainable},
