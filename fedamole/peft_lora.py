@@ -141,7 +141,20 @@ def from_peft_lora(model: nn.Module, adapter_dir: str | os.PathLike, *, routed: 
     folder = Path(adapter_dir)
     config, tensors = _read_adapter(folder)
     peft_scaling = _check_config(config, folder / CONFIG_FILE)
+    lora, full = _split_tensors(tensors, folder)
+    # (destination, source) pairs, written only after every check passed.
+    plan = _plan_lora(modules, lora, config["r"], peft_scaling, folder, routed) + _plan_full(
+        model, modules, full, folder
+    )
+    with torch.no_grad():
+        for destination, source in plan:
+            destination.copy_(source)
+    return model
 
+
+def _split_tensors(tensors: dict[str, Tensor], folder: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """An adapter's tensors -> ({module: {"A": lora_A, "B": lora_B}}, {name: tensor PEFT keeps in full}), names
+    without ``base_model.model.``; raises ValueError when the file mixes several adapters."""
     lora: dict[str, dict[str, Tensor]] = {}
     full: dict[str, Tensor] = {}
     adapters = set()
@@ -158,8 +171,15 @@ def from_peft_lora(model: nn.Module, adapter_dir: str | os.PathLike, *, routed: 
             f"adapter_dir: {folder / WEIGHTS_FILE} mixes adapters {sorted(map(str, adapters))}; "
             "save one adapter per folder"
         )
+    return lora, full
 
-    plan: list[tuple[Tensor, Tensor]] = []  # (destination, source), written only after every check passed
+
+def _plan_lora(
+    modules: dict[str, MoLEExperts], lora: dict, rank: int, peft_scaling: float, folder: Path, routed: bool
+) -> list[tuple[Tensor, Tensor]]:
+    """(destination, source) of every MoLE tensor the adapter's LoRA weights seed, after checking that the adapter
+    and the model have the same modules, rank and shapes and that the weights are finite."""
+    plan: list[tuple[Tensor, Tensor]] = []
     missing = [name for name in modules if set(lora.get(name, {})) != {"A", "B"}]
     if missing:
         raise ValueError(
@@ -173,10 +193,8 @@ def from_peft_lora(model: nn.Module, adapter_dir: str | os.PathLike, *, routed: 
             "MoLE modules of the model; inject MoLE with target_modules covering them"
         )
     for name, module in modules.items():
-        if module.config.rank != config["r"]:
-            raise ValueError(
-                f"adapter r={config['r']} does not match MoLEConfig.rank={module.config.rank} of module {name!r}"
-            )
+        if module.config.rank != rank:
+            raise ValueError(f"adapter r={rank} does not match MoLEConfig.rank={module.config.rank} of module {name!r}")
         a, b = lora[name]["A"], lora[name]["B"]
         for part, value, shape in (
             ("A", a, (module.config.rank, module.in_features)),
@@ -194,7 +212,15 @@ def from_peft_lora(model: nn.Module, adapter_dir: str | os.PathLike, *, routed: 
             plan += [(module.shared_a, a), (module.shared_b, b)]
         if routed:
             plan += [(module.lora_a, a), (module.lora_b, b)]  # broadcast over the expert (and client) slots
+    return plan
 
+
+def _plan_full(
+    model: nn.Module, modules: dict[str, MoLEExperts], full: dict[str, Tensor], folder: Path
+) -> list[tuple[Tensor, Tensor]]:
+    """(destination, source) of every tensor PEFT keeps in full (``modules_to_save``): the model's parameter of the
+    same name outside the MoLE modules, checked for shape and finite values."""
+    plan: list[tuple[Tensor, Tensor]] = []
     inside_mole = tuple(f"{name}." for name in modules)
     params = {k: v for k, v in model.named_parameters(remove_duplicate=False) if not k.startswith(inside_mole)}
     for key, value in full.items():
@@ -211,11 +237,7 @@ def from_peft_lora(model: nn.Module, adapter_dir: str | os.PathLike, *, routed: 
                 f"the model's parameter has shape {list(target.shape)}"
             )
         plan.append((target, value))
-
-    with torch.no_grad():
-        for destination, source in plan:
-            destination.copy_(source)
-    return model
+    return plan
 
 
 def _infer_task_type(model: nn.Module) -> str | None:
