@@ -1,54 +1,20 @@
-"""FedAMoLE in the Hugging Face training stack, on CPU: Trainer (column pruning, aux loss, gradient accumulation,
-adapter-only saves), deepcopy, gradient checkpointing, generate with the KV cache, torch.compile and DDP (gloo)."""
+"""FedAMoLE in the Hugging Face training stack, on CPU: the Trainer (column pruning, aux loss, gradient
+accumulation) and adapter-only / full saves. deepcopy, gradient checkpointing, generate, torch.compile and DDP are in
+test_hf_runtime.py."""
 
-import copy
 import os
 
 import peft
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_cases import VOCAB, llama_mole_config, lm_batch, mole_params, peft_llama, randomise_b
 from test_models import tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification
 
 import fedamole
 from fedamole import MoLEConfig, MoLEPeftConfig
 from fedamole.presets import default_model_path
-
-VOCAB = 97
-
-
-def _llama_config(**overrides) -> MoLEPeftConfig:
-    fields = {"num_experts": 4, "rank": 4, "dropout": 0.0, "task_type": "CAUSAL_LM", **overrides}
-    return MoLEPeftConfig(**fields)
-
-
-def _peft_llama(seed=0, **overrides):
-    return fedamole.get_mole_model(tiny_llama(seed), _llama_config(**overrides))
-
-
-def _randomise_b(model, std=0.3, seed=1):
-    """Non-zero expert outputs (B starts at zero), deterministically."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("lora_b", "shared_b")):
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
-
-
-def _mole_params(model):
-    return {
-        n: p for n, p in model.named_parameters() if n.endswith(("lora_a", "lora_b", "router", "shared_a", "shared_b"))
-    }
-
-
-def _batch(rows=2, length=9, seed=3, pad=3):
-    """input_ids / attention_mask / labels with the last `pad` positions of the last row padded (labels -100)."""
-    ids = torch.randint(3, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[-1, length - pad :] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def _causal_ce(logits, labels):
@@ -95,14 +61,14 @@ def _lm_dataset(rows=8, length=10, seed=1, identical=False):
 def test_trainer_trains_the_peft_llama_and_prunes_columns_by_the_base_signature(tmp_path):
     from transformers import Trainer
 
-    model = _peft_llama()
+    model = peft_llama()
     trainer = Trainer(model=model, args=_training_args(tmp_path), train_dataset=_lm_dataset())
     batch = next(iter(trainer.get_train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}  # "text" pruned, input_ids kept
 
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    assert set(trainable) == set(_mole_params(model)) and len(trainable) == 20
+    assert set(trainable) == set(mole_params(model)) and len(trainable) == 20
     result = trainer.train()
     assert result.global_step == 3
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -116,10 +82,10 @@ def test_trainer_trains_the_peft_llama_and_prunes_columns_by_the_base_signature(
 
 def test_outputs_loss_is_task_loss_plus_coef_times_aux_and_reaches_the_router():
     coef = 0.5
-    model = _peft_llama(load_balance_coef=coef)
-    _randomise_b(model)
+    model = peft_llama(load_balance_coef=coef)
+    randomise_b(model)
     model.train()
-    batch = _batch()
+    batch = lm_batch()
     out = model(**batch)
     assert out.aux_loss.item() > 0
     manual = _causal_ce(out.logits, batch["labels"]) + coef * out.aux_loss
@@ -191,7 +157,7 @@ def test_gradient_accumulation_keeps_coef_times_aux_in_the_logged_loss(tmp_path)
 
     coef = 1.0
     rows = _lm_dataset(identical=True)  # every micro-batch is the same: every step sees the same loss
-    model = _peft_llama(load_balance_coef=coef)
+    model = peft_llama(load_balance_coef=coef)
     model.train()
     batch = {k: torch.tensor(rows[:2][k]) for k in ("input_ids", "attention_mask", "labels")}
     with torch.no_grad():
@@ -201,7 +167,7 @@ def test_gradient_accumulation_keeps_coef_times_aux_in_the_logged_loss(tmp_path)
 
     logged = {}
     for accumulation, per_device in ((1, 4), (2, 2)):
-        model = _peft_llama(load_balance_coef=coef)
+        model = peft_llama(load_balance_coef=coef)
         args = _training_args(
             tmp_path, max_steps=1, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation
         )
@@ -216,9 +182,9 @@ def test_gradient_accumulation_keeps_coef_times_aux_in_the_logged_loss(tmp_path)
 
 def test_num_items_in_batch_scales_only_the_aux_term_by_the_micro_batch_share():
     coef = 1.0
-    model = _peft_llama(load_balance_coef=coef)
+    model = peft_llama(load_balance_coef=coef)
     model.train()
-    batch = _batch(pad=4)
+    batch = lm_batch(pad=4)
     items = int(batch["labels"][:, 1:].ne(-100).sum())  # the Trainer's count for a causal LM
     with torch.no_grad():
         plain = model(**batch)
@@ -236,7 +202,7 @@ def test_num_items_in_batch_scales_only_the_aux_term_by_the_micro_batch_share():
 def test_trainer_save_model_writes_the_adapter_only_and_reloads_exactly(tmp_path):
     from transformers import Trainer
 
-    model = _peft_llama()
+    model = peft_llama()
     trainer = Trainer(model=model, args=_training_args(tmp_path, max_steps=2), train_dataset=_lm_dataset())
     trainer.train()
     trainer.save_model(str(tmp_path / "adapter"))
@@ -244,7 +210,7 @@ def test_trainer_save_model_writes_the_adapter_only_and_reloads_exactly(tmp_path
     assert {"adapter_model.safetensors", "adapter_config.json"} <= files
     assert not files & {"model.safetensors", "pytorch_model.bin", "config.json"}, files
 
-    batch = _batch()
+    batch = lm_batch()
     model.eval()
     with torch.no_grad():
         expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -263,10 +229,10 @@ def test_auto_model_on_an_adapter_folder_loads_base_plus_experts_exactly(tmp_pat
     """With a real base checkpoint, transformers' PEFT integration loads base + FedAMoLE adapter: no re-init."""
     tiny_llama().save_pretrained(str(tmp_path / "base"))
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), local_files_only=True)
-    model = fedamole.get_mole_model(base, _llama_config())
-    _randomise_b(model)
+    model = fedamole.get_mole_model(base, llama_mole_config())
+    randomise_b(model)
     model.save_pretrained(str(tmp_path / "adapter"))
-    ids = _batch()["input_ids"]
+    ids = lm_batch()["input_ids"]
     with torch.no_grad():
         expected = model.eval()(input_ids=ids).logits
         loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "adapter"), local_files_only=True).eval()
@@ -279,7 +245,7 @@ def test_full_save_pretrained_of_an_injected_model_keeps_the_base_weights_at_the
 
     reference = tiny_llama().state_dict()
     model = fedamole.inject_mole(tiny_llama(), MoLEConfig(num_experts=4, rank=4))
-    _randomise_b(model)
+    randomise_b(model)
     model.save_pretrained(str(tmp_path / "full"))
     saved = load_file(str(tmp_path / "full" / "model.safetensors"))
     assert "model.layers.0.self_attn.q_proj.weight" in saved and not any(".base." in k for k in saved)
@@ -289,214 +255,8 @@ def test_full_save_pretrained_of_an_injected_model_keeps_the_base_weights_at_the
     assert set(state) == set(reference)
     for key, value in reference.items():
         assert torch.equal(state[key], value), f"{key} was re-initialised"
-    ids = _batch()["input_ids"]
+    ids = lm_batch()["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(
             loaded.eval()(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits, rtol=0, atol=0
         )
-
-
-# --- 3. deepcopy ---------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("reentrant", [None, True], ids=["plain", "reentrant-checkpointing"])
-def test_deepcopy_after_a_training_forward_and_after_backward(reentrant):
-    model = _peft_llama(load_balance_coef=0.5)
-    if reentrant is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    _randomise_b(model)
-    model.train()
-    batch = _batch()
-    out = model(**batch)
-    before_backward = copy.deepcopy(model)  # routing tensors with autograd history must not be on the modules
-    out.loss.backward()
-    after_backward = copy.deepcopy(model)
-    grads = {n: p.grad.clone() for n, p in _mole_params(model).items()}
-
-    for clone in (before_backward, after_backward):
-        clone.zero_grad()
-        again = clone(**batch)
-        torch.testing.assert_close(again.logits, out.logits, rtol=0, atol=0)
-        torch.testing.assert_close(again.loss, out.loss, rtol=0, atol=0)
-        torch.testing.assert_close(again.aux_loss, out.aux_loss, rtol=0, atol=0)
-        again.loss.backward()
-        for name, param in _mole_params(clone).items():
-            torch.testing.assert_close(param.grad, grads[name], rtol=0, atol=1e-7)
-
-
-# --- 4. Gradient checkpointing -------------------------------------------------------------------------------------
-
-
-def _loss_and_grads(checkpointing, coef):
-    model = _peft_llama(load_balance_coef=coef)
-    _randomise_b(model)
-    if checkpointing is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
-    model.train()
-    out = model(**_batch(), use_cache=False)
-    out.loss.backward()
-    return out.loss.detach(), {n: p.grad.clone() for n, p in _mole_params(model).items()}
-
-
-def test_gradient_checkpointing_reentrant_and_not_give_the_same_loss_and_gradients():
-    loss, grads = _loss_and_grads(None, coef=1.0)
-    _, grads_without_aux = _loss_and_grads(None, coef=0.0)
-    routers = [n for n in grads if n.endswith("router")]
-    assert len(routers) == 4
-    for name in routers:  # the load-balance term reaches every router: the test can see it go missing
-        assert (grads[name] - grads_without_aux[name]).abs().max() > 1e-3, name
-    for reentrant in (True, False):
-        ckpt_loss, ckpt_grads = _loss_and_grads(reentrant, coef=1.0)
-        torch.testing.assert_close(ckpt_loss, loss, rtol=0, atol=1e-6)
-        assert set(ckpt_grads) == set(grads)
-        for name, grad in grads.items():
-            torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=f"{name} {reentrant=}")
-
-
-# --- 5. generate ---------------------------------------------------------------------------------------------------
-
-
-def test_generate_with_and_without_kv_cache_agree():
-    model = _peft_llama()
-    _randomise_b(model, std=0.5)
-    model.eval()
-    batch = _batch(length=6, pad=0)
-    batch["attention_mask"][1, :2] = 0  # left padding
-    kwargs = {
-        "max_new_tokens": 5,
-        "do_sample": False,
-        "pad_token_id": 0,
-        "output_scores": True,
-        "return_dict_in_generate": True,
-    }
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    cached = model.generate(**inputs, use_cache=True, **kwargs)
-    uncached = model.generate(**inputs, use_cache=False, **kwargs)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for a, b in zip(cached.scores, uncached.scores):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    with model.disable_adapter():
-        plain = model.generate(**inputs, use_cache=True, **kwargs)
-    assert not torch.equal(plain.sequences, cached.sequences)  # the experts do change the continuation
-
-
-# --- 6. torch.compile ----------------------------------------------------------------------------------------------
-
-
-def test_compile_inject_mole_model_one_graph_same_outputs():
-    model = fedamole.inject_mole(tiny_llama(), MoLEConfig(num_experts=4, rank=4, dropout=0.0))
-    _randomise_b(model)
-    model.train()
-    batch = _batch()
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    torch._dynamo.reset()
-    with fedamole.record_routing(model):
-        explained = torch._dynamo.explain(model)(**inputs)
-    assert explained.graph_break_count == 0, explained.break_reasons
-
-    with fedamole.record_routing(model) as routing:
-        eager = model(**inputs).logits
-    eager_aux = routing.load_balance_loss(batch["attention_mask"])
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
-    with fedamole.record_routing(model) as routing:
-        got = compiled(**inputs).logits
-    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
-    assert len(routing.calls) == 4
-    torch.testing.assert_close(routing.load_balance_loss(batch["attention_mask"]), eager_aux)
-
-
-def test_compile_peft_model_one_graph_same_loss_aux_and_gradients():
-    model = _peft_llama(load_balance_coef=1.0)
-    _randomise_b(model)
-    model.train()
-    batch = {**_batch(), "use_cache": False}
-    eager = model(**batch)
-    eager.loss.backward()
-    eager_grads = {n: p.grad.clone() for n, p in _mole_params(model).items()}
-    model.zero_grad()
-
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(model)(**batch)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    out = compiled(**batch)
-    torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.aux_loss, eager.aux_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
-    out.loss.backward()
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(_mole_params(model)[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_compile_the_hooked_hf_model_fullgraph():
-    """Regression: the tuner's hooks sit on the HF model; compiling that model (not the PeftModel) traces the hooks
-    as their own frames, and the routing pre-hook used to keep a @contextmanager object alive across them, which
-    Dynamo cannot do (fullgraph=True raised "reconstructing @contextmanager object")."""
-    model = _peft_llama(load_balance_coef=1.0)
-    _randomise_b(model)
-    model.train()
-    batch = {**_batch(), "use_cache": False}
-    eager = model(**batch)
-    torch._dynamo.reset()
-    compiled = torch.compile(model.get_base_model(), backend="eager", fullgraph=True)
-    out = compiled(**batch)
-    torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.aux_loss, eager.aux_loss, rtol=1e-5, atol=1e-6)
-
-
-# --- 7. DDP (gloo, 2 processes) ------------------------------------------------------------------------------------
-
-
-def _ddp_train(rank):
-    """Two SGD steps of the PEFT tiny Llama under DDP on this rank's own data; the DDP wrapper dies on return."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    torch.manual_seed(rank)  # different expert init per rank: DDP must broadcast rank 0's
-    model = fedamole.get_mole_model(tiny_llama(), _llama_config(load_balance_coef=0.5))
-    ddp = DistributedDataParallel(model)
-    params = _mole_params(model)
-    initial = {n: p.detach().clone() for n, p in params.items()}
-    optimizer = torch.optim.SGD(params.values(), lr=0.5)
-    losses = []
-    for step in range(2):
-        out = ddp(**_batch(seed=100 * rank + step))  # different data per rank
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(out.loss.detach())
-    return torch.stack(losses), initial, {n: p.detach().clone() for n, p in params.items()}
-
-
-def _ddp_worker(rank, world_size, init_file):
-    import datetime
-    import faulthandler
-    import gc
-
-    import torch.distributed as dist
-
-    faulthandler.dump_traceback_later(90, exit=True)  # a hang fails the test (with stacks) instead of blocking it
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=60)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timeout
-    )
-    try:
-        losses, initial, final = _ddp_train(rank)
-        gc.collect()  # DDP's reducer must go while the process group lives (else exit could hang in its teardown)
-        flat = torch.cat([p.reshape(-1) for p in final.values()])
-        gathered = [torch.empty_like(flat) for _ in range(world_size)]
-        dist.all_gather(gathered, flat)
-        all_losses = [torch.empty_like(losses) for _ in range(world_size)]
-        dist.all_gather(all_losses, losses)
-        assert not torch.equal(all_losses[0], all_losses[1]), "ranks saw the same data"
-        assert torch.equal(gathered[0], gathered[1]), "MoLE parameters differ across ranks"
-        for name, param in final.items():
-            assert not torch.equal(param, initial[name]), f"{name} did not change"
-    finally:
-        dist.destroy_process_group()
-
-
-def test_ddp_gloo_two_processes_keep_mole_parameters_in_sync(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
