@@ -120,11 +120,16 @@ def test_compile_inject_mole_model_one_graph_same_outputs():
     torch.testing.assert_close(routing.load_balance_loss(batch["attention_mask"]), eager_aux)
 
 
-def test_compile_peft_model_one_graph_same_loss_aux_and_gradients():
+def _training_peft_llama():
+    """A PEFT Llama with non-zero experts and the aux loss on, in training mode, and its batch (no KV cache)."""
     model = peft_llama(load_balance_coef=1.0)
     randomise_b(model)
     model.train()
-    batch = {**lm_batch(), "use_cache": False}
+    return model, {**lm_batch(), "use_cache": False}
+
+
+def test_compile_peft_model_one_graph_same_loss_aux_and_gradients():
+    model, batch = _training_peft_llama()
     eager = model(**batch)
     eager.loss.backward()
     eager_grads = {n: p.grad.clone() for n, p in mole_params(model).items()}
@@ -147,10 +152,7 @@ def test_compile_the_hooked_hf_model_fullgraph():
     """Regression: the tuner's hooks sit on the HF model; compiling that model (not the PeftModel) traces the hooks
     as their own frames, and the routing pre-hook used to keep a @contextmanager object alive across them, which
     Dynamo cannot do (fullgraph=True raised "reconstructing @contextmanager object")."""
-    model = peft_llama(load_balance_coef=1.0)
-    randomise_b(model)
-    model.train()
-    batch = {**lm_batch(), "use_cache": False}
+    model, batch = _training_peft_llama()
     eager = model(**batch)
     torch._dynamo.reset()
     compiled = torch.compile(model.get_base_model(), backend="eager", fullgraph=True)
