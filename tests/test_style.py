@@ -71,33 +71,39 @@ def _ruff(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([exe, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
+def _report(offenders: list[str], what: str) -> None:
+    """Fail with every offender, one per line."""
+    if offenders:
+        pytest.fail(f"{len(offenders)} {what}:\n" + "\n".join(f"  {o}" for o in offenders), pytrace=False)
+
+
 def test_ruff_format_check():
-    res = _ruff("format", "--check", ".")
-    assert res.returncode == 0, f"ruff format --check . fails (run `ruff format .`):\n{res.stdout}{res.stderr}"
+    res = _ruff("format", "--check", "--no-cache", ".")
+    if res.returncode != 0:
+        pytest.fail(f"ruff format --check . fails (run `ruff format .`):\n{res.stdout}{res.stderr}", pytrace=False)
 
 
 def test_ruff_check():
     res = _ruff("check", "--no-cache", ".")
-    assert res.returncode == 0, f"ruff check . fails:\n{res.stdout}{res.stderr}"
+    if res.returncode != 0:
+        pytest.fail(f"ruff check . fails:\n{res.stdout}{res.stderr}", pytrace=False)
 
 
 def test_python_modules_at_most_500_lines():
     long = [f"{_rel(p)} ({n} lines)" for p in _py_files() if (n := _line_count(p)) > MAX_MODULE_LINES]
-    assert not long, f"{len(long)} Python module(s) over {MAX_MODULE_LINES} lines:\n" + "\n".join(long)
+    _report(long, f"Python module(s) over {MAX_MODULE_LINES} lines")
 
 
 def test_functions_at_most_80_lines_outside_triton_kernels():
     long = [entry for p in _py_files() for entry in _long_functions(p)]
-    assert not long, f"{len(long)} function(s) over {MAX_FUNCTION_LINES} lines (Triton kernels exempt):\n" + "\n".join(
-        long
-    )
+    _report(long, f"function(s) over {MAX_FUNCTION_LINES} lines (Triton kernels exempt)")
 
 
 def test_cpp_sources_at_most_500_lines():
     files = sorted(p for d in CPP_DIRS for p in (ROOT / d).rglob("*") if p.suffix in CPP_SUFFIXES)
     assert files, "no C++/CUDA sources found under csrc/"
     long = [f"{_rel(p)} ({n} lines)" for p in files if (n := _line_count(p)) > MAX_MODULE_LINES]
-    assert not long, f"{len(long)} C++/CUDA source(s) over {MAX_MODULE_LINES} lines:\n" + "\n".join(long)
+    _report(long, f"C++/CUDA source(s) over {MAX_MODULE_LINES} lines")
 
 
 def test_the_checks_catch_offenders(tmp_path, monkeypatch):
