@@ -26,16 +26,14 @@ TORCH_LIBRARY(fedamole_ext, m) {
       "mole_lora(Tensor x, Tensor? expert_input, Tensor seg_offsets, Tensor lora_a, Tensor lora_b, "
       "Tensor router, Tensor? shared_a, Tensor? shared_b, Tensor expert_mask, int top_k, float scaling, "
       "str router_type) -> (Tensor, Tensor, Tensor)");
-  // Routing alone plus per-segment expert usage counts (top-k slots routed to each slot), for the load-balance loss.
-  m.def(
-      "mole_route(Tensor x, Tensor seg_offsets, Tensor lora_a, Tensor router, Tensor expert_mask, int top_k, "
-      "str router_type) -> (Tensor, Tensor, Tensor)");
+  // Test hook: the CPU kernels read their $FEDAMOLE_CPU_* tuning variables once; this rereads them (see
+  // csrc/mole_lora_cpu_common.cpp).
+  m.def("cpu_tuning_reload() -> int[]", &fedamole::cpu_tuning_reload);
 }
 
 TORCH_LIBRARY_IMPL(fedamole_ext, CPU, m) {
   m.impl("mole_lora_fwd", &fedamole::mole_lora_fwd_cpu);
   m.impl("mole_lora_bwd", &fedamole::mole_lora_bwd_cpu);
-  m.impl("mole_route", &fedamole::mole_route_cpu);
 }
 
 // Device-agnostic: both call mole_lora_fwd through the dispatcher (the Autograd kernel records the node; the other
@@ -49,7 +47,6 @@ TORCH_LIBRARY_IMPL(fedamole_ext, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(fedamole_ext, CUDA, m) {
   m.impl("mole_lora_fwd", &fedamole::mole_lora_fwd_cuda);
   m.impl("mole_lora_bwd", &fedamole::mole_lora_bwd_cuda);
-  m.impl("mole_route", &fedamole::mole_route_cuda);
 }
 #define FEDAMOLE_WITH_CUDA_VALUE Py_True
 #else

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace fedamole {
 
@@ -25,11 +26,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& shared_b, const at::Tensor& expert_mask, const at::Tensor& probs,
     const at::Tensor& topk_idx, int64_t top_k, double scaling, c10::string_view router_type);
 
-// Routing only: (probs [T, E], topk_idx [T, k], counts [S, E] int64 = top-k slots routed to each slot per segment).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_route_cpu(const at::Tensor& x, const at::Tensor& seg_offsets,
-                                                              const at::Tensor& lora_a, const at::Tensor& router,
-                                                              const at::Tensor& expert_mask, int64_t top_k,
-                                                              c10::string_view router_type);
+// fedamole_ext::cpu_tuning_reload: rereads $FEDAMOLE_CPU_SPLIT_MAX_TOKENS and $FEDAMOLE_CPU_PARTIAL_BYTES, which the
+// CPU kernels otherwise read once (csrc/mole_lora_cpu_common.cpp); returns [split max tokens (-1: unset), budget].
+std::vector<int64_t> cpu_tuning_reload();
 
 // fedamole_ext::mole_lora (csrc/mole_lora_autograd.cpp): forward with a C++ autograd node whose backward is
 // mole_lora_bwd; the Autograd kernel, and the kernel for dispatch below autograd (inference mode). Weights may also

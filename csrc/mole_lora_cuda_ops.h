@@ -24,9 +24,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& shared_b, const at::Tensor& expert_mask, const at::Tensor& probs,
     const at::Tensor& topk_idx, int64_t top_k, double scaling, c10::string_view router_type);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mole_route_cuda(const at::Tensor& x, const at::Tensor& seg_offsets,
-                                                               const at::Tensor& lora_a, const at::Tensor& router,
-                                                               const at::Tensor& expert_mask, int64_t top_k,
-                                                               c10::string_view router_type);
-
 }  // namespace fedamole

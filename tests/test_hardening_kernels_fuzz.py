@@ -4,7 +4,7 @@ input). The hypothesis loop runs in a child process whose exit code must be 0: a
 signal or an abort, not an exception.
 
 Ops: torch.ops.fedamole.mole_lora_fwd/_bwd (reference, cpu, triton), torch.ops.fedamole_ext.mole_lora_fwd/_bwd,
-the fused fedamole_ext::mole_lora (its backward with tampered ids) and mole_route, and the Triton launchers under
+the fused fedamole_ext::mole_lora (its backward with tampered ids), and the Triton launchers under
 TRITON_INTERPRET=1, with tiny shapes.
 """
 
@@ -35,13 +35,9 @@ def _ids_ok(ids: list[list[int]], mask: list[list[bool]], offsets: list[int]) ->
     return True
 
 
-def _fuzz_main(group: str, examples: int) -> None:
-    """The child: `group` "cpu" (reference, C++ ops) or "triton" (launchers and the custom op, interpreted)."""
-    import torch
-    from hypothesis import HealthCheck, given, settings
+def _case_strategy():
+    """Hypothesis strategy of one fuzz case: tiny shapes, arbitrary offsets and top-k ids."""
     from hypothesis import strategies as st
-
-    import fedamole_kernels  # noqa: F401  (registers torch.ops.fedamole.* and loads the extension's ops)
 
     @st.composite
     def cases(draw):
@@ -88,32 +84,46 @@ def _fuzz_main(group: str, examples: int) -> None:
             seed=draw(st.integers(0, 2**16)),
         )
 
-    def tensors(c):
-        g = torch.Generator().manual_seed(c["seed"])
-        t, s, e, r, d, o = (c[k] for k in ("num_tokens", "num_segments", "num_slots", "rank", "d_in", "d_out"))
-        rows = r if c["router_type"] == "embedding" else e
-        return (
-            torch.randn(t, d, generator=g),
-            torch.randn(t, d, generator=g) if c["expert_input"] else None,
-            torch.tensor(c["offsets"], dtype=torch.int64),
-            torch.randn(s, e, r, d, generator=g),
-            torch.randn(s, e, o, r, generator=g),
-            torch.randn(s, rows, d, generator=g),
-            torch.randn(s, r, d, generator=g) if c["shared"] else None,
-            torch.randn(s, o, r, generator=g) if c["shared"] else None,
-            torch.tensor(c["mask"]),
-        )
+    return cases()
 
-    def attempt(fn):
-        try:
-            return fn()
-        except Exception as exc:  # every failure must be a Python exception; a crash ends the child
-            return exc
 
-    def close(got, want):
-        for a, b in zip(got, want):
-            if isinstance(b, torch.Tensor) and b.numel():
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, equal_nan=True)
+def _tensors(c):
+    import torch
+
+    g = torch.Generator().manual_seed(c["seed"])
+    t, s, e, r, d, o = (c[k] for k in ("num_tokens", "num_segments", "num_slots", "rank", "d_in", "d_out"))
+    rows = r if c["router_type"] == "embedding" else e
+    return (
+        torch.randn(t, d, generator=g),
+        torch.randn(t, d, generator=g) if c["expert_input"] else None,
+        torch.tensor(c["offsets"], dtype=torch.int64),
+        torch.randn(s, e, r, d, generator=g),
+        torch.randn(s, e, o, r, generator=g),
+        torch.randn(s, rows, d, generator=g),
+        torch.randn(s, r, d, generator=g) if c["shared"] else None,
+        torch.randn(s, o, r, generator=g) if c["shared"] else None,
+        torch.tensor(c["mask"]),
+    )
+
+
+def _attempt(fn):
+    try:
+        return fn()
+    except Exception as exc:  # every failure must be a Python exception; a crash ends the child
+        return exc
+
+
+def _close(got, want):
+    import torch
+
+    for a, b in zip(got, want):
+        if isinstance(b, torch.Tensor) and b.numel():
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+def _ops(group: str):
+    """The forward and backward ops of `group`, each called as op(args, consts), the reference first."""
+    import torch
 
     fwd_ops = {"reference": lambda a, k: torch.ops.fedamole.mole_lora_fwd(*a, *k, "reference")}
     bwd_ops = {"reference": lambda a, k: torch.ops.fedamole.mole_lora_bwd(*a, *k, "reference")}
@@ -135,54 +145,84 @@ def _fuzz_main(group: str, examples: int) -> None:
             op_triton=lambda a, k: torch.ops.fedamole.mole_lora_fwd(*a, *k, "triton"),
         )
         bwd_ops.update(launcher=lambda a, k: triton_mole_lora.mole_lora_backward(*a, *k))
+    return fwd_ops, bwd_ops
+
+
+def _check_forward(c, args, consts, fwd_ops):
+    """Every forward returns the reference's result on valid offsets and raises on invalid ones."""
+    valid = _offsets_ok(c["offsets"], c["num_tokens"])
+    want = _attempt(lambda: fwd_ops["reference"](args, consts))
+    for name, op in fwd_ops.items():
+        got = _attempt(lambda op=op: op(args, consts))
+        if not valid:
+            assert isinstance(got, Exception), f"{name} forward accepted seg_offsets {c['offsets']}"
+        else:
+            assert not isinstance(got, Exception), f"{name} forward raised on valid input: {got!r}"
+            _close(got, want)
+    return valid, want
+
+
+def _check_backward(c, args, consts, bwd_ops, valid, want_fwd):
+    """Every backward agrees with the reference on valid offsets and ids and raises otherwise. Returns (ids, ok)."""
+    import torch
+
+    probs = want_fwd[1] if valid else torch.rand(c["num_tokens"], c["num_slots"])
+    if c["ids"] is not None:
+        ids = torch.tensor(c["ids"], dtype=torch.int64).reshape(c["num_tokens"], c["top_k"])
+    else:
+        ids = want_fwd[2] if valid else torch.full((c["num_tokens"], c["top_k"]), -1)
+    ids_valid = valid and _ids_ok(ids.tolist(), c["mask"], c["offsets"])
+    grad = torch.randn(c["num_tokens"], c["d_out"])
+    grad_probs = torch.randn(c["num_tokens"], c["num_slots"]) if c["grad_probs"] else None
+    bargs = (grad, grad_probs, *args, probs, ids)
+    want = _attempt(lambda: bwd_ops["reference"](bargs, consts))
+    for name, op in bwd_ops.items():
+        got = _attempt(lambda op=op: op(bargs, consts))
+        if not ids_valid:
+            assert isinstance(got, Exception), f"{name} backward accepted offsets {c['offsets']} / ids {ids}"
+        else:
+            assert not isinstance(got, Exception), f"{name} backward raised on valid input: {got!r}"
+            if c["ids"] is None:  # the forward's own choice: every backend must agree with the reference
+                _close(got, want)
+    return ids, ids_valid
+
+
+def _check_fused(args, consts, ids, ids_valid):
+    """The fused op's C++ autograd node raises on tampered saved ids exactly when they are invalid."""
+    import torch
+
+    x, xe, offs, a, b, w, sa, sb, mask = args
+    leaves = [t.clone().requires_grad_() for t in (x, a, b, w)]
+    out = _attempt(lambda: torch.ops.fedamole_ext.mole_lora(leaves[0], xe, offs, *leaves[1:], sa, sb, mask, *consts))
+    assert not isinstance(out, Exception), repr(out)
+    out[2].data.copy_(ids)  # tampered saved ids (untracked): the C++ autograd node runs mole_lora_bwd on them
+    back = _attempt(lambda: out[0].sum().backward())
+    assert isinstance(back, Exception) != ids_valid, f"fused backward with ids {ids}: {back!r}"
+
+
+def _fuzz_main(group: str, examples: int) -> None:
+    """The child: `group` "cpu" (reference, C++ ops) or "triton" (launchers and the custom op, interpreted)."""
+    import torch
+    from hypothesis import HealthCheck, given, settings
+
+    import fedamole_kernels  # noqa: F401  (registers torch.ops.fedamole.* and loads the extension's ops)
+
+    fwd_ops, bwd_ops = _ops(group)
 
     @settings(
         max_examples=examples, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
     )
-    @given(cases())
+    @given(_case_strategy())
     def check(c):
-        os.environ["FEDAMOLE_CPU_SPLIT_MAX_TOKENS"] = c["split"]
-        x, xe, offs, a, b, w, sa, sb, mask = args = tensors(c)
+        if group == "cpu":  # the C++ kernels read it once: reread it for this case (csrc/mole_lora_cpu_common.cpp)
+            os.environ["FEDAMOLE_CPU_SPLIT_MAX_TOKENS"] = c["split"]
+            torch.ops.fedamole_ext.cpu_tuning_reload()
+        args = _tensors(c)
         consts = (c["top_k"], 1.5, c["router_type"])
-        valid = _offsets_ok(c["offsets"], c["num_tokens"])
-        want = attempt(lambda: fwd_ops["reference"](args, consts))
-        for name, op in fwd_ops.items():
-            got = attempt(lambda op=op: op(args, consts))
-            if not valid:
-                assert isinstance(got, Exception), f"{name} forward accepted seg_offsets {c['offsets']}"
-            else:
-                assert not isinstance(got, Exception), f"{name} forward raised on valid input: {got!r}"
-                close(got, want)
-        if group == "cpu":
-            route = attempt(lambda: torch.ops.fedamole_ext.mole_route(x, offs, a, w, mask, *consts[::2]))
-            assert isinstance(route, Exception) != valid, f"mole_route: {route!r}"
-        probs = want[1] if valid else torch.rand(c["num_tokens"], c["num_slots"])
-        if c["ids"] is not None:
-            ids = torch.tensor(c["ids"], dtype=torch.int64).reshape(c["num_tokens"], c["top_k"])
-        else:
-            ids = want[2] if valid else torch.full((c["num_tokens"], c["top_k"]), -1)
-        ids_valid = valid and _ids_ok(ids.tolist(), c["mask"], c["offsets"])
-        grad = torch.randn(c["num_tokens"], c["d_out"])
-        grad_probs = torch.randn(c["num_tokens"], c["num_slots"]) if c["grad_probs"] else None
-        bargs = (grad, grad_probs, *args, probs, ids)
-        want = attempt(lambda: bwd_ops["reference"](bargs, consts))
-        for name, op in bwd_ops.items():
-            got = attempt(lambda op=op: op(bargs, consts))
-            if not ids_valid:
-                assert isinstance(got, Exception), f"{name} backward accepted offsets {c['offsets']} / ids {ids}"
-            else:
-                assert not isinstance(got, Exception), f"{name} backward raised on valid input: {got!r}"
-                if c["ids"] is None:  # the forward's own choice: every backend must agree with the reference
-                    close(got, want)
+        valid, want = _check_forward(c, args, consts, fwd_ops)
+        ids, ids_valid = _check_backward(c, args, consts, bwd_ops, valid, want)
         if group == "cpu" and valid and c["num_tokens"]:
-            leaves = [t.clone().requires_grad_() for t in (x, a, b, w)]
-            out = attempt(
-                lambda: torch.ops.fedamole_ext.mole_lora(leaves[0], xe, offs, *leaves[1:], sa, sb, mask, *consts)
-            )
-            assert not isinstance(out, Exception), repr(out)
-            out[2].data.copy_(ids)  # tampered saved ids (untracked): the C++ autograd node runs mole_lora_bwd on them
-            back = attempt(lambda: out[0].sum().backward())
-            assert isinstance(back, Exception) != ids_valid, f"fused backward with ids {ids}: {back!r}"
+            _check_fused(args, consts, ids, ids_valid)
 
     check()
     print("fuzz ok")

@@ -2,7 +2,7 @@
 // every .cu compiles with nothing but the CUDA toolkit (CI compiles them for sm_80 and sm_90a on CPU machines).
 // The torch binding (csrc/cuda_ops.cpp) stacks the weights, allocates outputs and calls these launchers.
 //
-// Layout conventions (the same as the CPU backend, csrc/mole_lora_cpu.cpp):
+// Layout conventions (the same as the CPU backend, csrc/mole_lora_cpu_common.cpp):
 //   Wc [S, Kc, D]  stacked down-projections [router rows R | A_1..A_E (E*r) | shared A (r)]
 //   Bc [S, O, Ke]  stacked up-projections   [B_1..B_E | shared B],  Ke = E*r (+ r)
 //   H  [T, Kc]     fp32 projections x Wc^T; routing reads columns [0, R + E*r), experts read [R, Kc)
