@@ -101,5 +101,18 @@ struct Proj {
 };
 Proj project(const Problem& P, const Weights& W, int64_t s, const at::Tensor& xb, const at::Tensor* xeb);
 
+// Weight gradients of the split path, in the compute dtype: [S, R, D], [S, E*r, D], [S, r, D], [S, E, O, r], [S, O, r].
+struct SplitGrads {
+  at::Tensor router, a, sa, b, sb;
+};
+
+// Split path, one token block (the only one of its segment): grad_x (and grad_x_e) from the unstacked weights, then
+// the segment's weight gradients straight into `sg`. dhr: [nb, Kc] without expert_input (dH, the A columns holding
+// both the routing and the expert terms), else [nb, Kr]; dhe: [nb, Ke] with expert_input.
+void split_input_and_weight_grads(const Problem& P, const Weights& W, SplitGrads& sg, const Item& item,
+                                  const std::vector<char>& used, const at::Tensor& xb, const at::Tensor& xeb,
+                                  const at::Tensor& g, const at::Tensor& gated, const at::Tensor& dhr,
+                                  const at::Tensor& dhe, at::Tensor gx_b, at::Tensor gxe_b);
+
 }  // namespace cpu
 }  // namespace fedamole
