@@ -42,6 +42,7 @@ def _fuzz_main(group: str, examples: int) -> None:
     from hypothesis import strategies as st
 
     import fedamole_kernels  # noqa: F401  (registers torch.ops.fedamole.* and loads the extension's ops)
+    from fedamole_kernels.problem import MoLEProblem
 
     @st.composite
     def cases(draw):
@@ -115,26 +116,31 @@ def _fuzz_main(group: str, examples: int) -> None:
             if isinstance(b, torch.Tensor) and b.numel():
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, equal_nan=True)
 
-    fwd_ops = {"reference": lambda a, k: torch.ops.fedamole.mole_lora_fwd(*a, *k, "reference")}
-    bwd_ops = {"reference": lambda a, k: torch.ops.fedamole.mole_lora_bwd(*a, *k, "reference")}
+    def _op_bwd_args(a):  # (grad_delta, grad_probs, *tensors, probs, ids) -> the custom op's (..., [tensors], ...)
+        return (*a[:2], list(a[2:-2]), *a[-2:])
+
+    fwd_ops = {"reference": lambda a, k: torch.ops.fedamole.mole_lora_fwd(list(a), *k, "reference")}
+    bwd_ops = {"reference": lambda a, k: torch.ops.fedamole.mole_lora_bwd(*_op_bwd_args(a), *k, "reference")}
     if group == "cpu":
         fwd_ops.update(
-            op_cpu=lambda a, k: torch.ops.fedamole.mole_lora_fwd(*a, *k, "cpu"),
+            op_cpu=lambda a, k: torch.ops.fedamole.mole_lora_fwd(list(a), *k, "cpu"),
             ext=lambda a, k: torch.ops.fedamole_ext.mole_lora_fwd(*a, *k),
             fused=lambda a, k: torch.ops.fedamole_ext.mole_lora(*a, *k),
         )
         bwd_ops.update(
-            op_cpu=lambda a, k: torch.ops.fedamole.mole_lora_bwd(*a, *k, "cpu"),
+            op_cpu=lambda a, k: torch.ops.fedamole.mole_lora_bwd(*_op_bwd_args(a), *k, "cpu"),
             ext=lambda a, k: torch.ops.fedamole_ext.mole_lora_bwd(*a, *k),
         )
     else:
         from fedamole_kernels import triton_mole_lora
 
         fwd_ops.update(
-            launcher=lambda a, k: triton_mole_lora.mole_lora_forward(*a, *k),
-            op_triton=lambda a, k: torch.ops.fedamole.mole_lora_fwd(*a, *k, "triton"),
+            launcher=lambda a, k: triton_mole_lora.TritonBackend().forward(MoLEProblem(*a, *k)),
+            op_triton=lambda a, k: torch.ops.fedamole.mole_lora_fwd(list(a), *k, "triton"),
         )
-        bwd_ops.update(launcher=lambda a, k: triton_mole_lora.mole_lora_backward(*a, *k))
+        bwd_ops.update(
+            launcher=lambda a, k: triton_mole_lora.TritonBackend().backward(MoLEProblem(*a[2:-2], *k), *a[:2], *a[-2:])
+        )
 
     @settings(
         max_examples=examples, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
