@@ -12,7 +12,6 @@ Weights may come with their segment dimension (lora_a [S, E, r, d_in], ...) or, 
 from __future__ import annotations
 
 import dataclasses
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -74,15 +73,15 @@ class MoLEProblem:
     # ---- conversions --------------------------------------------------------------------------------------------
     def tensors(self) -> tuple:
         """The tensor fields, in field order (the registered ops' order)."""
-        return _get_tensors(self)
+        return tuple(getattr(self, name) for name in TENSOR_FIELDS)  # (operator.attrgetter: a dynamo graph break)
 
     def config(self) -> tuple:
         """The static config fields (top_k, scaling, router_type, ...), in field order."""
-        return _get_config(self)
+        return tuple(getattr(self, name) for name in CONFIG_FIELDS)
 
     def flat_args(self) -> tuple:
         """Tensors then config: the argument list of the `fedamole_ext::*` ops."""
-        return _get_all(self)
+        return tuple(getattr(self, name) for name in ALL_FIELDS)
 
     def to_op_args(self) -> tuple:
         """(tensors as a list, *config): the leading arguments of the `fedamole::mole_lora_*` custom ops."""
@@ -134,8 +133,7 @@ TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(MoLEProblem) if "Tensor
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(MoLEProblem) if f.name not in TENSOR_FIELDS)
 # Tensors with a leading segment dimension (absent for one-segment weights), and the differentiable ones: the
 # backward of every backend returns one gradient per GRAD_FIELDS entry, None where the input is None.
-_get_tensors, _get_config = operator.attrgetter(*TENSOR_FIELDS), operator.attrgetter(*CONFIG_FIELDS)
-_get_all = operator.attrgetter(*TENSOR_FIELDS, *CONFIG_FIELDS)  # one C call: no per-field Python
+ALL_FIELDS = TENSOR_FIELDS + CONFIG_FIELDS
 SEGMENT_FIELDS = ("lora_a", "lora_b", "router", "shared_a", "shared_b", "expert_mask")
 GRAD_FIELDS = ("x", "expert_input", "lora_a", "lora_b", "router", "shared_a", "shared_b")
 
