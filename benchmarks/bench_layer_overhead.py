@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from fedamole import MoLEConfig  # noqa: E402
 from fedamole.layers import MoLELinear  # noqa: E402
 from fedamole_kernels.backends import available_backends, get_backend  # noqa: E402
+from fedamole_kernels.problem import MoLEProblem  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("fwd-nograd", "fwd", "fwd+bwd")
@@ -157,27 +158,28 @@ def interleaved_medians(calls: dict, repeat: int, warmup: int, target_s: float) 
 def kernel_calls(module: MoLELinear, x: torch.Tensor, grad: torch.Tensor) -> dict[str, object]:
     """The backend's own forward / forward+backward on the prepared inputs that the layer hands it."""
     backend = get_backend(module.config.backend)
-    lead = module.lora_a[None].detach()
-    args = (
-        x.detach(),
-        None,
-        torch.tensor([0, x.shape[0]], dtype=torch.int64),
-        lead,
-        module.lora_b[None].detach(),
-        module.router[None].detach(),
-        module.shared_a[None].detach(),
-        module.shared_b[None].detach(),
-        module.active_experts[None],
+    problem = MoLEProblem(
+        x=x.detach(),
+        expert_input=None,
+        seg_offsets=torch.tensor([0, x.shape[0]], dtype=torch.int64),
+        lora_a=module.lora_a[None].detach(),
+        lora_b=module.lora_b[None].detach(),
+        router=module.router[None].detach(),
+        shared_a=module.shared_a[None].detach(),
+        shared_b=module.shared_b[None].detach(),
+        expert_mask=module.active_experts[None],
+        top_k=module.config.top_k,
+        scaling=module.config.scaling,
+        router_type=module.config.router,
     )
-    cfg = (module.config.top_k, module.config.scaling, module.config.router)
     grad_delta = grad.reshape(-1, module.out_features)
 
     def fwd():
-        return backend.mole_lora_forward(*args, *cfg)
+        return backend.forward(problem)
 
     def fwd_bwd():
-        _, probs, idx = backend.mole_lora_forward(*args, *cfg)
-        backend.mole_lora_backward(grad_delta, None, *args, probs, idx, *cfg)
+        _, probs, idx = backend.forward(problem)
+        backend.backward(problem, grad_delta, None, probs, idx)
 
     return {"fwd-nograd": fwd, "fwd": fwd, "fwd+bwd": fwd_bwd}
 

@@ -188,8 +188,9 @@ class MoLEExperts(nn.Module):
         name = self._backends.get(key)
         if name is None:
             name = self._backends[key] = resolve_backend(self.config.backend, device)
-            # The backend's fused autograd op (cpu, cuda), called directly by forward: one dispatcher call per call.
-            self._fused[key] = getattr(get_backend(name), "mole_lora_autograd", None)
+            # The backend's fused autograd op (cpu, cuda), called directly by forward: one dispatcher call per call. It
+            # takes `MoLEProblem.flat_args()` (the `fedamole_ext::mole_lora` schema) with int64 offsets.
+            self._fused[key] = get_backend(name).fused
         return name
 
     def forward(self, x: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ Importing this package never initialises CUDA and never requires the compiled ex
 
 from fedamole_kernels._ext import HAS_CPU_EXT, HAS_CUDA_EXT
 from fedamole_kernels.backends import available_backends, resolve_backend
-from fedamole_kernels.mole_lora import MoLELoRAFunction, mole_lora
+from fedamole_kernels.mole_lora import mole_lora
 
-__all__ = ["HAS_CPU_EXT", "HAS_CUDA_EXT", "MoLELoRAFunction", "available_backends", "mole_lora", "resolve_backend"]
+__all__ = ["HAS_CPU_EXT", "HAS_CUDA_EXT", "available_backends", "mole_lora", "resolve_backend"]
 __version__ = "0.1.0"

@@ -1,9 +1,8 @@
-"""Argument checks for `mole_lora`: every failure is a ValueError/TypeError that names the argument."""
+"""Argument checks for `mole_lora` on a `MoLEProblem`: each failure is a ValueError/TypeError naming the argument."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -12,16 +11,6 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ROUTER_TYPES = ("embedding", "linear")
 # top_k above E only adds -1 padding to topk_idx [T, top_k]; past this it is surely a mistake (and memory).
 MAX_PADDED_TOP_K = 64
-
-
-@dataclass(frozen=True)
-class MoLEShapes:
-    num_tokens: int
-    num_segments: int
-    num_slots: int
-    rank: int
-    d_in: int
-    d_out: int
 
 
 def _require_tensor(name: str, value, ndim: int) -> Tensor:
@@ -49,32 +38,28 @@ def _require_device(name: str, value: Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {value.device} but x is on {device}; all tensors must be on one device")
 
 
-def validate_mole_args(
-    x,
-    seg_offsets,
-    lora_a,
-    lora_b,
-    router,
-    shared_a,
-    shared_b,
-    expert_mask,
-    expert_input,
-    top_k,
-    scaling,
-    router_type,
-    check_values: bool = True,
-) -> MoLEShapes:
-    """Check every argument of `mole_lora`; return the problem sizes.
+def validate_problem(problem, check_values: bool = True) -> None:
+    """Check every field of a `MoLEProblem` (`expert_mask` may be None: all slots), in the order of the public API's
+    arguments: each failure is a ValueError/TypeError that names the argument.
 
     `check_values=False` skips the data-dependent checks of `seg_offsets` (they need a device->host copy), which
     `torch.compile` cannot trace without a graph break.
     """
-    x = _require_tensor("x", x, 2)
+    _check_x_and_experts(problem)
+    _check_router_and_optional(problem)
+    _check_offsets_and_devices(problem)
+    _check_config(problem)
+    if check_values:
+        check_offset_values(problem.seg_offsets.tolist(), problem.x.shape[0])
+
+
+def _check_x_and_experts(p) -> None:
+    x = _require_tensor("x", p.x, 2)
     _require_float("x", x)
-    num_tokens, d_in = x.shape
+    d_in = x.shape[1]
     if d_in < 1:
         raise ValueError(f"x must have d_in >= 1 features, got shape {tuple(x.shape)}")
-    lora_a = _require_tensor("lora_a", lora_a, 4)
+    lora_a = _require_tensor("lora_a", p.lora_a, 4)
     _require_float("lora_a", lora_a, x.dtype)
     num_segments, num_slots, rank, a_din = lora_a.shape
     if a_din != d_in:
@@ -85,20 +70,26 @@ def validate_mole_args(
         )
     if num_slots < 1 or rank < 1 or num_segments < 1:
         raise ValueError(f"lora_a must have S >= 1, E >= 1 and r >= 1, got shape {list(lora_a.shape)}")
-    lora_b = _require_tensor("lora_b", lora_b, 4)
+    lora_b = _require_tensor("lora_b", p.lora_b, 4)
     _require_float("lora_b", lora_b, x.dtype)
     d_out = lora_b.shape[2]
     _require_shape("lora_b", lora_b, (num_segments, num_slots, d_out, rank), "[S, E, d_out, r]")
     if d_out < 1:
         raise ValueError(f"lora_b must have d_out >= 1, got shape {list(lora_b.shape)}")
-    if router_type not in ROUTER_TYPES:
-        raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {router_type!r}")
-    router = _require_tensor("router", router, 3)
+
+
+def _check_router_and_optional(p) -> None:
+    """router, shared_a / shared_b, expert_mask, expert_input (x, lora_a and lora_b already checked)."""
+    x, (num_segments, num_slots, rank, d_in), d_out = p.x, p.lora_a.shape, p.lora_b.shape[2]
+    if p.router_type not in ROUTER_TYPES:
+        raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {p.router_type!r}")
+    router = _require_tensor("router", p.router, 3)
     _require_float("router", router, x.dtype)
-    if router_type == "embedding":
+    if p.router_type == "embedding":
         _require_shape("router", router, (num_segments, rank, d_in), "[S, r, d_in] for router_type='embedding'")
     else:
         _require_shape("router", router, (num_segments, num_slots, d_in), "[S, E, d_in] for router_type='linear'")
+    shared_a, shared_b, expert_mask, expert_input = p.shared_a, p.shared_b, p.expert_mask, p.expert_input
     if (shared_a is None) != (shared_b is None):
         raise ValueError("shared_a and shared_b must be given together (or both None)")
     if shared_a is not None:
@@ -116,26 +107,22 @@ def validate_mole_args(
     if expert_input is not None:
         _require_tensor("expert_input", expert_input, 2)
         _require_float("expert_input", expert_input, x.dtype)
-        _require_shape("expert_input", expert_input, (num_tokens, d_in), "[T, d_in], like x")
+        _require_shape("expert_input", expert_input, (x.shape[0], d_in), "[T, d_in], like x")
 
-    seg_offsets = _require_tensor("seg_offsets", seg_offsets, 1)
+
+def _check_offsets_and_devices(p) -> None:
+    seg_offsets = _require_tensor("seg_offsets", p.seg_offsets, 1)
     if seg_offsets.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"seg_offsets must be an int32 or int64 tensor, got {seg_offsets.dtype}")
-    _require_shape("seg_offsets", seg_offsets, (num_segments + 1,), "[S+1] with S = lora_a.shape[0]")
-
-    for name, value in (
-        ("lora_a", lora_a),
-        ("lora_b", lora_b),
-        ("router", router),
-        ("shared_a", shared_a),
-        ("shared_b", shared_b),
-        ("expert_mask", expert_mask),
-        ("expert_input", expert_input),
-        ("seg_offsets", seg_offsets),
-    ):
+    _require_shape("seg_offsets", seg_offsets, (p.lora_a.shape[0] + 1,), "[S+1] with S = lora_a.shape[0]")
+    for name in ("lora_a", "lora_b", "router", "shared_a", "shared_b", "expert_mask", "expert_input", "seg_offsets"):
+        value = getattr(p, name)
         if value is not None:
-            _require_device(name, value, x.device)
+            _require_device(name, value, p.x.device)
 
+
+def _check_config(p) -> None:
+    top_k, scaling, num_slots = p.top_k, p.scaling, p.lora_a.shape[1]
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
     if top_k < 1:
@@ -150,70 +137,74 @@ def validate_mole_args(
     if not math.isfinite(scaling):
         raise ValueError(f"scaling must be finite, got {scaling}")
 
-    if check_values:
-        check_offset_values(seg_offsets.tolist(), num_tokens)
-    return MoLEShapes(num_tokens, num_segments, num_slots, rank, d_in, d_out)
 
-
-def check_launch_args(
-    x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling, router_type
-) -> None:
-    """What a kernel launcher needs before it computes addresses from shapes: the checks of `validate_mole_args`
+def check_launch(p) -> None:
+    """What a kernel launcher needs before it computes addresses from shapes: the checks of `validate_problem`
     without the values of seg_offsets. A fast path of plain comparisons (~5x cheaper: the Triton launchers run it on
-    every call, after `mole_lora` already validated) accepts only what `validate_mole_args` accepts; anything else
-    goes to `validate_mole_args`, which raises the named error."""
+    every call, after `mole_lora` already validated) accepts only what `validate_problem` accepts; anything else
+    goes to `validate_problem`, which raises the named error."""
     try:
-        num_tokens, d_in = x.shape
-        num_segments, num_slots, rank, a_din = lora_a.shape
-        d_out = lora_b.shape[2]
-        rows = rank if router_type == "embedding" else num_slots
-        dtype, device = x.dtype, x.device
-        fast = (
-            dtype in FLOAT_DTYPES
-            and a_din == d_in >= 1
-            and num_segments >= 1
-            and num_slots >= 1
-            and rank >= 1
-            and d_out >= 1
-            and router_type in ROUTER_TYPES
-            and lora_b.shape == (num_segments, num_slots, d_out, rank)
-            and router.shape == (num_segments, rows, d_in)
-            and expert_mask.shape == (num_segments, num_slots)
-            and seg_offsets.shape == (num_segments + 1,)
-            and lora_a.dtype == lora_b.dtype == router.dtype == dtype
-            and expert_mask.dtype == torch.bool
-            and seg_offsets.dtype in (torch.int32, torch.int64)
-            and lora_a.device == lora_b.device == router.device == expert_mask.device == seg_offsets.device == device
-            and (shared_a is None) == (shared_b is None)
-            and (
-                shared_a is None
-                or (
-                    shared_a.shape == (num_segments, rank, d_in)
-                    and shared_b.shape == (num_segments, d_out, rank)
-                    and shared_a.dtype == shared_b.dtype == dtype
-                    and shared_a.device == shared_b.device == device
-                )
-            )
-            and (
-                expert_input is None
-                or (
-                    expert_input.shape == (num_tokens, d_in)
-                    and expert_input.dtype == dtype
-                    and expert_input.device == device
-                )
-            )
-            and type(top_k) is int
-            and 1 <= top_k <= max(num_slots, MAX_PADDED_TOP_K)
-            and type(scaling) in (int, float)
-            and math.isfinite(scaling)
-        )
+        fast = _launch_fast_path(p)
     except (AttributeError, TypeError, ValueError):  # not tensors, or the wrong number of dimensions
         fast = False
     if not fast:
-        validate_mole_args(
-            x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling,
-            router_type, check_values=False,
-        )  # fmt: skip
+        validate_problem(p, check_values=False)
+
+
+def _launch_fast_path(p) -> bool:
+    x, lora_a, lora_b, router, expert_mask, seg_offsets = (
+        p.x,
+        p.lora_a,
+        p.lora_b,
+        p.router,
+        p.expert_mask,
+        p.seg_offsets,
+    )
+    shared_a, shared_b, expert_input, top_k, scaling = p.shared_a, p.shared_b, p.expert_input, p.top_k, p.scaling
+    num_tokens, d_in = x.shape
+    num_segments, num_slots, rank, a_din = lora_a.shape
+    d_out = lora_b.shape[2]
+    rows = rank if p.router_type == "embedding" else num_slots
+    dtype, device = x.dtype, x.device
+    return (
+        dtype in FLOAT_DTYPES
+        and a_din == d_in >= 1
+        and num_segments >= 1
+        and num_slots >= 1
+        and rank >= 1
+        and d_out >= 1
+        and p.router_type in ROUTER_TYPES
+        and lora_b.shape == (num_segments, num_slots, d_out, rank)
+        and router.shape == (num_segments, rows, d_in)
+        and expert_mask.shape == (num_segments, num_slots)
+        and seg_offsets.shape == (num_segments + 1,)
+        and lora_a.dtype == lora_b.dtype == router.dtype == dtype
+        and expert_mask.dtype == torch.bool
+        and seg_offsets.dtype in (torch.int32, torch.int64)
+        and lora_a.device == lora_b.device == router.device == expert_mask.device == seg_offsets.device == device
+        and (shared_a is None) == (shared_b is None)
+        and (
+            shared_a is None
+            or (
+                shared_a.shape == (num_segments, rank, d_in)
+                and shared_b.shape == (num_segments, d_out, rank)
+                and shared_a.dtype == shared_b.dtype == dtype
+                and shared_a.device == shared_b.device == device
+            )
+        )
+        and (
+            expert_input is None
+            or (
+                expert_input.shape == (num_tokens, d_in)
+                and expert_input.dtype == dtype
+                and expert_input.device == device
+            )
+        )
+        and type(top_k) is int
+        and 1 <= top_k <= max(num_slots, MAX_PADDED_TOP_K)
+        and type(scaling) in (int, float)
+        and math.isfinite(scaling)
+    )
 
 
 def check_offset_values(bounds: list[int], num_tokens: int) -> None:
@@ -230,14 +221,14 @@ def check_offset_values(bounds: list[int], num_tokens: int) -> None:
             )
 
 
-def validate_backward_args(shapes: MoLEShapes, x: Tensor, grad_delta, grad_probs, probs, topk_idx, top_k: int) -> None:
-    """Shapes, dtypes and devices of the backward's extra arguments (the forward's are checked by
-    `validate_mole_args`): grad_delta [T, d_out] like x, grad_probs [T, E] floating or None, probs [T, E] floating,
+def validate_backward_args(problem, grad_delta, grad_probs, probs, topk_idx) -> None:
+    """Shapes, dtypes and devices of the backward's extra arguments (the problem's are checked by
+    `validate_problem`): grad_delta [T, d_out] like x, grad_probs [T, E] floating or None, probs [T, E] floating,
     topk_idx [T, top_k] int64. The values of topk_idx are each backend's to check."""
-    t, e = shapes.num_tokens, shapes.num_slots
+    x, top_k, t, e = problem.x, problem.top_k, problem.num_tokens, problem.num_slots
     _require_tensor("grad_delta", grad_delta, 2)
     _require_float("grad_delta", grad_delta, x.dtype)
-    _require_shape("grad_delta", grad_delta, (t, shapes.d_out), "[T, d_out], like delta")
+    _require_shape("grad_delta", grad_delta, (t, problem.d_out), "[T, d_out], like delta")
     _require_tensor("probs", probs, 2)
     _require_float("probs", probs)
     _require_shape("probs", probs, (t, e), "[T, E], the forward's probs")

@@ -1,69 +1,86 @@
 """Backend table and selection for `mole_lora`.
 
-A backend is a module exposing::
+A backend is a `Backend` subclass (one instance per backend, registered in `BACKENDS`)::
 
     is_available(device: torch.device) -> bool
-    mole_lora_forward(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask,
-                      top_k, scaling, router_type) -> (delta, probs, topk_idx)
-    mole_lora_backward(grad_delta, grad_probs, x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a,
-                       shared_b, expert_mask, probs, topk_idx, top_k, scaling, router_type)
-        -> (grad_x, grad_expert_input | None, grad_a, grad_b, grad_router, grad_shared_a | None, grad_shared_b | None)
+    forward(problem: MoLEProblem) -> (delta, probs, topk_idx)
+    backward(problem, grad_delta, grad_probs, probs, topk_idx) -> one gradient per `problem.GRAD_FIELDS` entry
+        (x, expert_input | None, lora_a, lora_b, router, shared_a | None, shared_b | None)
+    fused: None, or a differentiable op taking `problem.flat_args()` (one dispatcher call, C++ backward node)
 
-with the semantics of `fedamole_kernels.reference`. Inputs reach a backend validated and contiguous, with
-`expert_mask` always a bool tensor (never None). Modules are imported lazily so that importing the package pulls in
-neither Triton nor CUDA.
+with the semantics of `fedamole_kernels.reference`. Problems reach a backend validated and contiguous, with
+`expert_mask` always a bool tensor (never None). Backend modules are imported lazily so that importing the package
+pulls in neither Triton nor CUDA.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType
 
 import torch
 
-# Preference order per device type: the first available backend is the default. On CUDA the Triton kernels fuse
-# routing into the shrink pass; on CPU the C++ kernels beat the reference (figures in benchmarks/results/).
-BACKEND_MODULES = {
-    "reference": "fedamole_kernels.reference",
-    "triton": "fedamole_kernels.triton_mole_lora",
-    "cuda": "fedamole_kernels.cuda_mole_lora",
-    "cpu": "fedamole_kernels.cpu_mole_lora",
-}
-PREFERENCE = {
-    "cuda": ("triton", "cuda", "reference"),
-    "cpu": ("cpu", "reference"),
+
+class Backend:
+    """Base of the backends: see the module docstring for the contract."""
+
+    name = ""
+    fused = None
+
+    def is_available(self, device: torch.device) -> bool:
+        raise NotImplementedError
+
+    def forward(self, problem):
+        raise NotImplementedError
+
+    def backward(self, problem, grad_delta, grad_probs, probs, topk_idx):
+        raise NotImplementedError
+
+
+# name -> (module, class, device types where it is a default). Table order is the preference order: the first
+# available default backend for a device type is its default. On CUDA the Triton kernels fuse routing into the
+# shrink pass; on CPU the C++ kernels beat the reference (figures in benchmarks/results/).
+BACKENDS = {
+    "triton": ("fedamole_kernels.triton_mole_lora", "TritonBackend", ("cuda",)),
+    "cuda": ("fedamole_kernels.cuda_mole_lora", "CudaBackend", ("cuda",)),
+    "cpu": ("fedamole_kernels.cpu_mole_lora", "CpuBackend", ("cpu",)),
+    "reference": ("fedamole_kernels.reference", "ReferenceBackend", None),  # None: every device type
 }
 BACKEND_ENV_VAR = "FEDAMOLE_BACKEND"
 
 
-def _load(name: str) -> ModuleType | None:
+def _preference(device_type: str) -> tuple[str, ...]:
+    return tuple(name for name, (_, _, types) in BACKENDS.items() if types is None or device_type in types)
+
+
+def _load(name: str) -> Backend | None:
     try:
-        return importlib.import_module(BACKEND_MODULES[name])
+        module, cls, _ = BACKENDS[name]
+        return getattr(importlib.import_module(module), cls)()
     except ImportError:
         return None
 
 
-_LOADED: dict[str, ModuleType] = {}
+_LOADED: dict[str, Backend] = {}
 
 
-def get_backend(name: str) -> ModuleType:
-    """The backend module `name`; raises ValueError if unknown, RuntimeError if it cannot be imported."""
-    module = _LOADED.get(name)  # every op call asks: a dict hit instead of importlib (~1 us per call)
-    if module is not None:
-        return module
-    if name not in BACKEND_MODULES:
-        raise ValueError(f"backend must be one of {sorted(BACKEND_MODULES)} or None, got {name!r}")
-    module = _load(name)
-    if module is None:
+def get_backend(name: str) -> Backend:
+    """The backend `name`; raises ValueError if unknown, RuntimeError if it cannot be imported."""
+    backend = _LOADED.get(name)  # every op call asks: a dict hit instead of importlib (~1 us per call)
+    if backend is not None:
+        return backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {name!r}")
+    backend = _load(name)
+    if backend is None:
         raise RuntimeError(f"backend {name!r} is not installed in this build (see available_backends())")
-    _LOADED[name] = module
-    return module
+    _LOADED[name] = backend
+    return backend
 
 
 def _usable(name: str, device: torch.device) -> bool:
-    module = _load(name)
-    return module is not None and bool(module.is_available(device))
+    backend = _LOADED.get(name) or _load(name)
+    return backend is not None and bool(backend.is_available(device))
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -76,7 +93,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
         devices = [torch.device(device)]
     names: list[str] = []
     for dev in devices:
-        for name in PREFERENCE.get(dev.type, ("reference",)) + tuple(BACKEND_MODULES):
+        for name in _preference(dev.type) + tuple(BACKENDS):
             if name not in names and _usable(name, dev):
                 names.append(name)
     return names
@@ -87,15 +104,15 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     requested = backend if backend is not None else (os.environ.get(BACKEND_ENV_VAR) or None)
     if requested is not None:
         source = "backend" if backend is not None else f"${BACKEND_ENV_VAR}"
-        if requested not in BACKEND_MODULES:
-            raise ValueError(f"{source} must be one of {sorted(BACKEND_MODULES)}, got {requested!r}")
+        if requested not in BACKENDS:
+            raise ValueError(f"{source} must be one of {sorted(BACKENDS)}, got {requested!r}")
         if not _usable(requested, device):
             raise ValueError(
                 f"{source}={requested!r} is not available for {device.type} tensors; "
                 f"available: {available_backends(device)}"
             )
         return requested
-    for name in PREFERENCE.get(device.type, ("reference",)):
+    for name in _preference(device.type):
         if _usable(name, device):
             return name
     return "reference"

@@ -1,10 +1,14 @@
 """`mole_lora`: top-k routed mixture of LoRA experts over segments (clients), forward and backward.
 
 Layers, as in the rest of the package:
+  0. `MoLEProblem` (fedamole_kernels.problem): the op's tensors and static config, built and validated once by
+     `mole_lora`; every layer below passes it (or its `to_op_args()`) and none lists the tensors;
   1. `torch.library.custom_op`s `fedamole::mole_lora_fwd` / `fedamole::mole_lora_bwd` (+ `register_fake`, so
-     `torch.compile` traces through them without graph breaks), dispatching to a backend module;
-  2. `MoLELoRAFunction`, the autograd.Function tying them together (under torch.compile, and in eager mode for the
-     reference and triton backends, where it calls the backend directly: the custom op cost ~28 us per eager call);
+     `torch.compile` traces through them without graph breaks), taking the problem's tensors as one `Tensor?[]` in
+     field order plus its config, and dispatching to a backend;
+  2. `_MoLELoRAFunction`, the private autograd.Function tying them together (under torch.compile, and in eager mode
+     for the reference and triton backends, where it calls the backend directly: the custom op cost ~28 us per eager
+     call);
   3. the cpu and cuda backends' fused op `fedamole_ext::mole_lora` (C++ autograd node: one dispatcher call per
      forward, no Python in the backward), which eager calls use instead of 1-2;
   4. `mole_lora`, the validated functional API, and `mole_lora_prevalidated` for callers that checked their tensors
@@ -54,10 +58,13 @@ import contextlib
 import torch
 from torch import Tensor
 
-from fedamole_kernels._validation import validate_mole_args
+from fedamole_kernels._ext_ops import ext_args
 from fedamole_kernels.backends import get_backend, resolve_backend, resolve_backend_for_trace
+from fedamole_kernels.problem import GRAD_FIELDS, SEGMENT_FIELDS, TENSOR_FIELDS, MoLEProblem, compute_dtype
 
 _EMPTY_SHAPE = (0,)
+_NUM_TENSORS = len(TENSOR_FIELDS)
+_SQUEEZED = tuple(n for n in GRAD_FIELDS if n in SEGMENT_FIELDS)  # gradients of one-segment weights lose dim 0
 
 
 def _no_autocast(device_type: str):
@@ -68,63 +75,21 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def _probs_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("fedamole::mole_lora_fwd", mutates_args=())
 def _mole_lora_fwd(
-    x: Tensor,
-    expert_input: Tensor | None,
-    seg_offsets: Tensor,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    router: Tensor,
-    shared_a: Tensor | None,
-    shared_b: Tensor | None,
-    expert_mask: Tensor,
-    top_k: int,
-    scaling: float,
-    router_type: str,
-    backend: str,
+    tensors: list[Tensor | None], top_k: int, scaling: float, router_type: str, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    with _no_autocast(x.device.type):
-        return get_backend(backend).mole_lora_forward(
-            x,
-            expert_input,
-            seg_offsets,
-            lora_a,
-            lora_b,
-            router,
-            shared_a,
-            shared_b,
-            expert_mask,
-            top_k,
-            scaling,
-            router_type,
-        )
+    problem = MoLEProblem.from_op_args(tensors, top_k, scaling, router_type)
+    with _no_autocast(problem.x.device.type):
+        return get_backend(backend).forward(problem)
 
 
 @_mole_lora_fwd.register_fake
-def _(
-    x,
-    expert_input,
-    seg_offsets,
-    lora_a,
-    lora_b,
-    router,
-    shared_a,
-    shared_b,
-    expert_mask,
-    top_k,
-    scaling,
-    router_type,
-    backend,
-):
-    num_tokens, num_slots, d_out = x.shape[0], lora_a.shape[1], lora_b.shape[2]
-    delta = x.new_empty(num_tokens, d_out)
-    probs = x.new_empty(num_tokens, num_slots, dtype=_probs_dtype(x))
-    topk_idx = x.new_empty(num_tokens, top_k, dtype=torch.int64)
+def _(tensors, top_k, scaling, router_type, backend):
+    p = MoLEProblem.from_op_args(tensors, top_k, scaling, router_type)
+    delta = p.x.new_empty(p.num_tokens, p.d_out)
+    probs = p.x.new_empty(p.num_tokens, p.num_slots, dtype=compute_dtype(p.x))
+    topk_idx = p.x.new_empty(p.num_tokens, p.top_k, dtype=torch.int64)
     return delta, probs, topk_idx
 
 
@@ -132,124 +97,54 @@ def _(
 def _mole_lora_bwd(
     grad_delta: Tensor,
     grad_probs: Tensor | None,
-    x: Tensor,
-    expert_input: Tensor | None,
-    seg_offsets: Tensor,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    router: Tensor,
-    shared_a: Tensor | None,
-    shared_b: Tensor | None,
-    expert_mask: Tensor,
+    tensors: list[Tensor | None],
     probs: Tensor,
     topk_idx: Tensor,
     top_k: int,
     scaling: float,
     router_type: str,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    with _no_autocast(x.device.type):
-        grads = get_backend(backend).mole_lora_backward(
-            grad_delta,
-            grad_probs,
-            x,
-            expert_input,
-            seg_offsets,
-            lora_a,
-            lora_b,
-            router,
-            shared_a,
-            shared_b,
-            expert_mask,
-            probs,
-            topk_idx,
-            top_k,
-            scaling,
-            router_type,
-        )
+) -> list[Tensor]:
+    problem = MoLEProblem.from_op_args(tensors, top_k, scaling, router_type)
+    with _no_autocast(problem.x.device.type):
+        grads = get_backend(backend).backward(problem, grad_delta, grad_probs, probs, topk_idx)
     # Custom ops cannot return None: absent inputs get an empty placeholder that the Function maps back to None.
-    return tuple(x.new_empty(_EMPTY_SHAPE) if g is None else g for g in grads)
+    return [problem.x.new_empty(_EMPTY_SHAPE) if g is None else g for g in grads]
 
 
 @_mole_lora_bwd.register_fake
-def _(
-    grad_delta,
-    grad_probs,
-    x,
-    expert_input,
-    seg_offsets,
-    lora_a,
-    lora_b,
-    router,
-    shared_a,
-    shared_b,
-    expert_mask,
-    probs,
-    topk_idx,
-    top_k,
-    scaling,
-    router_type,
-    backend,
-):
-    def like(t):
-        return x.new_empty(_EMPTY_SHAPE) if t is None else torch.empty_like(t)
-
-    return like(x), like(expert_input), like(lora_a), like(lora_b), like(router), like(shared_a), like(shared_b)
+def _(grad_delta, grad_probs, tensors, probs, topk_idx, top_k, scaling, router_type, backend):
+    problem = MoLEProblem.from_op_args(tensors, top_k, scaling, router_type)
+    likes = (getattr(problem, name) for name in GRAD_FIELDS)
+    return [problem.x.new_empty(_EMPTY_SHAPE) if t is None else torch.empty_like(t) for t in likes]
 
 
-def _run_forward(tensors: tuple, top_k: int, scaling: float, router_type: str, backend: str) -> tuple:
-    """Forward on the op's (stacked) tensors: the custom op under torch.compile (one opaque node in the graph), else
-    the backend module directly. The custom op costs ~28 us per eager call by itself (dispatcher, its Python kernel,
-    the dynamo-disable wrapper: 47 us through the op vs 19 us for the bare backend at d=16, T=1, 1 thread). Autocast
-    is turned off around the backend as in the custom ops (`_no_autocast`), without a context manager when it is
-    off already."""
+def _run_forward(problem: MoLEProblem, backend: str) -> tuple:
+    """Forward on a (stacked) problem: the custom op under torch.compile (one opaque node in the graph), else the
+    backend directly. The custom op costs ~28 us per eager call by itself (dispatcher, its Python kernel, the
+    dynamo-disable wrapper: 47 us through the op vs 19 us for the bare backend at d=16, T=1, 1 thread). Autocast is
+    turned off around the backend as in the custom ops (`_no_autocast`), without a context manager when it is off
+    already."""
     if torch.compiler.is_compiling():
-        return torch.ops.fedamole.mole_lora_fwd(*tensors, top_k, scaling, router_type, backend)
-    device_type = tensors[0].device.type
+        return torch.ops.fedamole.mole_lora_fwd(*problem.to_op_args(), backend)
+    device_type = problem.x.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
-            return get_backend(backend).mole_lora_forward(*tensors, top_k, scaling, router_type)
-    return get_backend(backend).mole_lora_forward(*tensors, top_k, scaling, router_type)
+            return get_backend(backend).forward(problem)
+    return get_backend(backend).forward(problem)
 
 
-def _run_backward(grad_delta, grad_probs, tensors: tuple, probs, topk_idx, top_k, scaling, router_type, backend):
-    """Backward counterpart of `_run_forward`: gradients of the 9 op tensors but seg_offsets and expert_mask, None for
-    absent (None) inputs."""
+def _run_backward(problem: MoLEProblem, backend: str, grad_delta, grad_probs, probs, topk_idx) -> tuple:
+    """Backward counterpart of `_run_forward`: one gradient per GRAD_FIELDS entry, None for absent (None) inputs."""
     if torch.compiler.is_compiling():
-        grads = torch.ops.fedamole.mole_lora_bwd(
-            grad_delta, grad_probs, *tensors, probs, topk_idx, top_k, scaling, router_type, backend
-        )
-        present = (True, tensors[1] is not None, True, True, True, tensors[6] is not None, tensors[7] is not None)
-        return tuple(g if keep else None for g, keep in zip(grads, present))
-    device_type = tensors[0].device.type
+        tensors, *config = problem.to_op_args()
+        grads = torch.ops.fedamole.mole_lora_bwd(grad_delta, grad_probs, tensors, probs, topk_idx, *config, backend)
+        return tuple(None if getattr(problem, n) is None else g for n, g in zip(GRAD_FIELDS, grads))
+    device_type = problem.x.device.type
     if torch.is_autocast_enabled(device_type):  # see _no_autocast
         with torch.autocast(device_type, enabled=False):
-            return get_backend(backend).mole_lora_backward(
-                grad_delta, grad_probs, *tensors, probs, topk_idx, top_k, scaling, router_type
-            )
-    return get_backend(backend).mole_lora_backward(
-        grad_delta, grad_probs, *tensors, probs, topk_idx, top_k, scaling, router_type
-    )
-
-
-def _contiguous(t: Tensor | None) -> Tensor | None:
-    return t if t is None or t.is_contiguous() else t.contiguous()
-
-
-def _stacked(tensors: tuple) -> tuple:
-    """One-segment weights (lora_a [E, r, d_in], ..., expert_mask [E]) -> the op's [1, E, r, d_in], ... (views)."""
-    x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask = tensors
-    return (
-        x,
-        expert_input,
-        seg_offsets,
-        lora_a.unsqueeze(0),
-        lora_b.unsqueeze(0),
-        router.unsqueeze(0),
-        None if shared_a is None else shared_a.unsqueeze(0),
-        None if shared_b is None else shared_b.unsqueeze(0),
-        expert_mask.unsqueeze(0),
-    )
+            return get_backend(backend).backward(problem, grad_delta, grad_probs, probs, topk_idx)
+    return get_backend(backend).backward(problem, grad_delta, grad_probs, probs, topk_idx)
 
 
 _OFFSETS: dict[tuple, Tensor] = {}
@@ -269,9 +164,9 @@ def _one_segment(x: Tensor) -> Tensor:
     return offsets
 
 
-class MoLELoRAFunction(torch.autograd.Function):
+class _MoLELoRAFunction(torch.autograd.Function):
     """Autograd glue: forward and backward of the backend (through the custom ops above under torch.compile);
-    `topk_idx` is not differentiable.
+    `topk_idx` is not differentiable. Arguments: the problem's tensors and config (`flat_args()`), then the backend.
 
     The weights may also come without their segment dimension (lora_a [E, r, d_in], ..., expert_mask [E]: one
     segment, the `MoLEExperts` layout); the segment dimension is then added here, outside autograd, rather than by
@@ -280,41 +175,37 @@ class MoLELoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        tensors, (top_k, scaling, router_type, backend) = args[:9], args[9:]
-        unstacked = tensors[3].dim() == 3
+        *flat, backend = args
+        problem = MoLEProblem(*flat)
         ctx.set_materialize_grads(False)
-        ctx.config = (top_k, scaling, router_type, backend, unstacked)
-        delta, probs, topk_idx = _run_forward(
-            _stacked(tensors) if unstacked else tensors, top_k, scaling, router_type, backend
-        )
-        ctx.save_for_backward(*tensors, probs, topk_idx)
+        ctx.config = (tuple(flat[_NUM_TENSORS:]), backend)
+        delta, probs, topk_idx = _run_forward(problem.stacked(), backend)
+        ctx.save_for_backward(*flat[:_NUM_TENSORS], probs, topk_idx)
         ctx.mark_non_differentiable(topk_idx)
         return delta, probs, topk_idx
 
     @staticmethod
     def backward(ctx, grad_delta, grad_probs, _grad_idx):
         *tensors, probs, topk_idx = ctx.saved_tensors
-        top_k, scaling, router_type, backend, unstacked = ctx.config
-        x, lora_b = tensors[0], tensors[4]
+        config, backend = ctx.config
+        problem = MoLEProblem(*tensors, *config)
+        x = problem.x
         if grad_delta is None:
-            grad_delta = torch.zeros(x.shape[0], lora_b.shape[-2], dtype=x.dtype, device=x.device)
+            grad_delta = torch.zeros(x.shape[0], problem.d_out, dtype=x.dtype, device=x.device)
         grads = _run_backward(
+            problem.stacked(),
+            backend,
             grad_delta.contiguous(),
             None if grad_probs is None else grad_probs.contiguous(),
-            _stacked(tensors) if unstacked else tuple(tensors),
             probs,
             topk_idx,
-            top_k,
-            scaling,
-            router_type,
-            backend,
         )
-        g_x, g_xe, g_a, g_b, g_r, g_sa, g_sb = grads
-        if unstacked:
-            g_a, g_b, g_r = g_a.squeeze(0), g_b.squeeze(0), g_r.squeeze(0)
-            g_sa = None if g_sa is None else g_sa.squeeze(0)
-            g_sb = None if g_sb is None else g_sb.squeeze(0)
-        return g_x, g_xe, None, g_a, g_b, g_r, g_sa, g_sb, None, None, None, None, None
+        by_name = dict(zip(GRAD_FIELDS, grads))
+        if problem.lora_a.dim() == 3:  # one-segment weights: gradients in their shape
+            for name in _SQUEEZED:
+                if by_name[name] is not None:
+                    by_name[name] = by_name[name].squeeze(0)
+        return (*(by_name.get(name) for name in TENSOR_FIELDS), *(None for _ in config), None)
 
 
 def mole_lora(
@@ -360,15 +251,13 @@ def mole_lora(
     trusted = seg_offsets is None or not check_offsets or torch.compiler.is_compiling()
     if seg_offsets is None and isinstance(x, Tensor):
         seg_offsets = _one_segment(x)
-    validate_mole_args(
-        x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling,
-        router_type, check_values=not trusted,
+    problem = MoLEProblem.build(
+        x=x, expert_input=expert_input, seg_offsets=seg_offsets, lora_a=lora_a, lora_b=lora_b, router=router,
+        shared_a=shared_a, shared_b=shared_b, expert_mask=expert_mask, top_k=top_k, scaling=scaling,
+        router_type=router_type, check_values=not trusted,
     )  # fmt: skip
     name = (resolve_backend_for_trace if torch.compiler.is_compiling() else resolve_backend)(backend, x.device)
-    if expert_mask is None:
-        expert_mask = torch.ones(lora_a.shape[:2], dtype=torch.bool, device=x.device)
-    tensors = (x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask)
-    return _apply(tuple(map(_contiguous, tensors)), int(top_k), float(scaling), router_type, name)
+    return _apply(problem, name)
 
 
 def mole_lora_prevalidated(
@@ -386,14 +275,15 @@ def mole_lora_prevalidated(
     router_type: str,
     backend: str | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`mole_lora` without the per-call argument validation, for callers that checked their tensors once.
+    """`mole_lora` without the per-call argument validation, for callers that checked their tensors once (the
+    documented internal entry of `MoLEExperts`).
 
     Same semantics and shapes as `mole_lora`; `expert_mask` is required, every tensor must already have the shape,
     dtype and device `mole_lora` would accept, and `seg_offsets` must hold valid values (it is never read on the
     host). The weights may also come without their segment dimension (lora_a [E, r, d_in], lora_b [E, d_out, r],
     router [r | E, d_in], shared_a [r, d_in], shared_b [d_out, r], expert_mask [E]: one segment). `backend` is a
     resolved backend name (None only under torch.compile, resolved at trace time). `MoLEExperts` validates its own
-    weights when they change and uses this on every forward.
+    weights when they change and uses this on every forward it does not send to the fused op itself.
 
     Eager calls on the cpu and cuda backends are one dispatcher call (see `_apply`).
     """
@@ -401,23 +291,25 @@ def mole_lora_prevalidated(
         seg_offsets = _one_segment(x)
     if backend is None or torch.compiler.is_compiling():
         backend = resolve_backend_for_trace(backend, x.device)
-    tensors = (x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask)
-    return _apply(tuple(map(_contiguous, tensors)), int(top_k), float(scaling), router_type, backend)
+    problem = MoLEProblem(
+        x=x, expert_input=expert_input, seg_offsets=seg_offsets, lora_a=lora_a, lora_b=lora_b, router=router,
+        shared_a=shared_a, shared_b=shared_b, expert_mask=expert_mask, top_k=int(top_k), scaling=float(scaling),
+        router_type=router_type,
+    )  # fmt: skip
+    return _apply(problem.contiguous(), backend)
 
 
-def _apply(tensors: tuple, top_k: int, scaling: float, router_type: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """The differentiable op on checked, contiguous tensors (weights with or without the segment dimension).
+def _apply(problem: MoLEProblem, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The differentiable op on a checked, contiguous problem (weights with or without the segment dimension).
 
     Eager: the backend's fused autograd op where it has one (cpu, cuda: one dispatcher call, C++ backward node), else
-    with gradients off the bare backend forward, else `MoLELoRAFunction`. Under torch.compile: `MoLELoRAFunction`
+    with gradients off the bare backend forward, else `_MoLELoRAFunction`. Under torch.compile: `_MoLELoRAFunction`
     over the traceable custom ops. Per call at d=16, T=1, 1 thread, forward with grad: ~35 us less through the fused
     op than through the Function, and its backward ~40 us less (no Python)."""
     if not torch.compiler.is_compiling():
-        fused = getattr(get_backend(backend), "mole_lora_autograd", None)
+        fused = get_backend(backend).fused
         if fused is not None:
-            return fused(*tensors, top_k, scaling, router_type)
+            return fused(*ext_args(problem))
         if not torch.is_grad_enabled():
-            return _run_forward(
-                _stacked(tensors) if tensors[3].dim() == 3 else tensors, top_k, scaling, router_type, backend
-            )
-    return MoLELoRAFunction.apply(*tensors, top_k, scaling, router_type, backend)
+            return _run_forward(problem.stacked(), backend)
+    return _MoLELoRAFunction.apply(*problem.flat_args(), backend)

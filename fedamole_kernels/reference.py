@@ -28,13 +28,9 @@ import math
 import torch
 from torch import Tensor
 
-from fedamole_kernels._validation import (
-    check_offset_values,
-    raise_topk_error,
-    topk_errors,
-    validate_backward_args,
-    validate_mole_args,
-)
+from fedamole_kernels._validation import check_offset_values, raise_topk_error, topk_errors, validate_backward_args
+from fedamole_kernels.backends import Backend
+from fedamole_kernels.problem import GRAD_FIELDS, MoLEProblem, compute_dtype
 
 NAME = "reference"
 
@@ -42,10 +38,6 @@ NAME = "reference"
 def is_available(device: torch.device) -> bool:
     """The reference runs wherever PyTorch runs."""
     return True
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def route_segment(
@@ -97,158 +89,139 @@ def _present(mask: Tensor, weights: Tensor) -> Tensor:
     return torch.where(mask.view(-1, *([1] * (weights.dim() - 1))), weights, 0.0)
 
 
-def mole_lora_forward(
-    x: Tensor,
-    expert_input: Tensor | None,
-    seg_offsets: Tensor,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    router: Tensor,
-    shared_a: Tensor | None,
-    shared_b: Tensor | None,
-    expert_mask: Tensor,
-    top_k: int,
-    scaling: float,
-    router_type: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+def mole_lora_forward(problem: MoLEProblem) -> tuple[Tensor, Tensor, Tensor]:
     """Forward of `mole_lora`. Returns (delta [T, d_out] x.dtype, probs [T, E] f32, idx [T, k])."""
-    validate_mole_args(
-        x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling,
-        router_type, check_values=False,
-    )  # fmt: skip
+    problem.validate(check_values=False)
+    p, x, top_k, scaling = problem, problem.x, problem.top_k, problem.scaling
     # The loop over segments in Python reads the bounds on the host: the one host sync of the forward (the fused
     # backends never read seg_offsets on the host).
-    segments = _segments(seg_offsets.tolist(), x.shape[0])
-    cd = _compute_dtype(x)
-    num_tokens, num_slots, d_out = x.shape[0], lora_a.shape[1], lora_b.shape[2]
+    segments = _segments(p.seg_offsets.tolist(), x.shape[0])
+    cd = compute_dtype(x)
+    num_tokens, num_slots, d_out = x.shape[0], p.num_slots, p.d_out
     delta = x.new_zeros(num_tokens, d_out, dtype=cd)
     probs = x.new_zeros(num_tokens, num_slots, dtype=torch.float32 if cd == torch.float32 else cd)
     topk_idx = torch.full((num_tokens, top_k), -1, dtype=torch.int64, device=x.device)
     for s, lo, hi in segments:
         xs = x[lo:hi].to(cd)
-        xe = xs if expert_input is None else expert_input[lo:hi].to(cd)
-        mask = expert_mask[s]
-        a, b = _present(mask, lora_a[s].to(cd)), _present(mask, lora_b[s].to(cd))
-        w_r = router[s].to(cd) if router_type == "embedding" else _present(mask, router[s].to(cd))
-        p, idx, gates, h, _ = route_segment(xs, a, w_r, mask, top_k, router_type)
-        u = h if (expert_input is None and h is not None) else torch.einsum("td,erd->ter", xe, a)
+        xe = xs if p.expert_input is None else p.expert_input[lo:hi].to(cd)
+        mask = p.expert_mask[s]
+        a, b, w_r = _segment_weights(p, s, cd)
+        probs_s, idx, gates, h, _ = route_segment(xs, a, w_r, mask, top_k, p.router_type)
+        u = h if (p.expert_input is None and h is not None) else torch.einsum("td,erd->ter", xe, a)
         c = _dense_gates(idx, gates, num_slots) * scaling
         out = torch.einsum("ter,eor->to", u * c[..., None], b)
-        if shared_a is not None:
-            out += scaling * (xe @ shared_a[s].to(cd).T) @ shared_b[s].to(cd).T
+        if p.shared_a is not None:
+            out += scaling * (xe @ p.shared_a[s].to(cd).T) @ p.shared_b[s].to(cd).T
         delta[lo:hi] = out
-        probs[lo:hi] = p.to(probs.dtype)
+        probs[lo:hi] = probs_s.to(probs.dtype)
         topk_idx[lo:hi] = idx
     return delta.to(x.dtype), probs.to(torch.float32) if cd == torch.float32 else probs, topk_idx
 
 
+def _segment_weights(p: MoLEProblem, s: int, cd: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Segment s's A [E, r, d_in], B [E, d_out, r] (absent slots zeroed) and router in the compute dtype."""
+    mask = p.expert_mask[s]
+    a, b = _present(mask, p.lora_a[s].to(cd)), _present(mask, p.lora_b[s].to(cd))
+    w_r = p.router[s].to(cd) if p.router_type == "embedding" else _present(mask, p.router[s].to(cd))
+    return a, b, w_r
+
+
 def mole_lora_backward(
-    grad_delta: Tensor,
-    grad_probs: Tensor | None,
-    x: Tensor,
-    expert_input: Tensor | None,
-    seg_offsets: Tensor,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    router: Tensor,
-    shared_a: Tensor | None,
-    shared_b: Tensor | None,
-    expert_mask: Tensor,
-    probs: Tensor,
-    topk_idx: Tensor,
-    top_k: int,
-    scaling: float,
-    router_type: str,
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Analytic backward. Returns grads for (x, expert_input, lora_a, lora_b, router, shared_a, shared_b).
+    problem: MoLEProblem, grad_delta: Tensor, grad_probs: Tensor | None, probs: Tensor, topk_idx: Tensor
+) -> tuple[Tensor | None, ...]:
+    """Analytic backward. Returns grads for GRAD_FIELDS (x, expert_input, lora_a, lora_b, router, shared_a, shared_b).
 
     `probs` and `topk_idx` are the forward outputs (routing is not recomputed, so the backward sees exactly the
     top-k choice the forward made). `grad_probs` may be None (no loss on the probabilities). The grad of
     `expert_input` is None when it was None (its contribution then lands in the grad of x).
     """
-    shapes = validate_mole_args(
-        x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling,
-        router_type, check_values=False,
-    )  # fmt: skip
-    validate_backward_args(shapes, x, grad_delta, grad_probs, probs, topk_idx, top_k)
+    p, x = problem, problem.x
+    p.validate(check_values=False)
+    validate_backward_args(p, grad_delta, grad_probs, probs, topk_idx)
     # The ids index per-slot tensors below: checked on the device, read with the bounds in the one host sync.
-    bad = topk_errors(topk_idx, expert_mask, seg_offsets)
-    *bounds, any_bad = torch.cat([seg_offsets.to(torch.int64), bad.any().view(1).to(torch.int64)]).tolist()
+    bad = topk_errors(topk_idx, p.expert_mask, p.seg_offsets)
+    *bounds, any_bad = torch.cat([p.seg_offsets.to(torch.int64), bad.any().view(1).to(torch.int64)]).tolist()
     segments = _segments(bounds, x.shape[0])
     if any_bad:
         raise_topk_error(topk_idx, bad)
-    cd = _compute_dtype(x)
-    num_slots, rank = lora_a.shape[1], lora_a.shape[2]
-    inv_sqrt_r = 1.0 / math.sqrt(rank)
-    gx = torch.zeros(x.shape, dtype=cd, device=x.device)
-    gxe = None if expert_input is None else torch.zeros(x.shape, dtype=cd, device=x.device)
-    ga = torch.zeros(lora_a.shape, dtype=cd, device=x.device)
-    gb = torch.zeros(lora_b.shape, dtype=cd, device=x.device)
-    gr = torch.zeros(router.shape, dtype=cd, device=x.device)
-    gsa = None if shared_a is None else torch.zeros(shared_a.shape, dtype=cd, device=x.device)
-    gsb = None if shared_b is None else torch.zeros(shared_b.shape, dtype=cd, device=x.device)
+    cd = compute_dtype(x)
+    grads = {}
+    for name in GRAD_FIELDS:
+        t = getattr(p, name)
+        grads[name] = None if t is None else torch.zeros(t.shape, dtype=cd, device=x.device)
     for s, lo, hi in segments:
-        xs = x[lo:hi].to(cd)
-        xe = xs if expert_input is None else expert_input[lo:hi].to(cd)
         g = grad_delta[lo:hi].to(cd)
-        mask = expert_mask[s]
-        a, b = _present(mask, lora_a[s].to(cd)), _present(mask, lora_b[s].to(cd))
-        w_r = router[s].to(cd) if router_type == "embedding" else _present(mask, router[s].to(cd))
-        p = torch.where(mask, probs[lo:hi].to(cd), 0.0)
-        idx = topk_idx[lo:hi]
-        selected = idx >= 0
-        picked = p.gather(1, idx.clamp(min=0)) * selected
-        norm = picked.sum(-1, keepdim=True).clamp_min(torch.finfo(cd).tiny)
-        gates = picked / norm
-        c = _dense_gates(idx, gates, num_slots) * scaling
+        gp = None if grad_probs is None else grad_probs[lo:hi]
+        _segment_backward(p, grads, s, lo, hi, g, gp, probs[lo:hi], topk_idx[lo:hi], cd)
+    return tuple(None if grads[n] is None else grads[n].to(getattr(p, n).dtype) for n in GRAD_FIELDS)
 
-        u = torch.einsum("td,erd->ter", xe, a)
-        g_rank = torch.einsum("to,eor->ter", g, b)  # dL/d(gated u) per slot
-        gb[s] = torch.einsum("to,ter->eor", g, u * c[..., None])
-        du = g_rank * c[..., None]
-        ga[s] = torch.einsum("ter,td->erd", du, xe)
-        gxe_seg = torch.einsum("ter,erd->td", du, a)
-        if shared_a is not None:
-            v = xe @ shared_a[s].to(cd).T
-            gsb[s] = scaling * g.T @ v
-            dv = scaling * g @ shared_b[s].to(cd)
-            gsa[s] = dv.T @ xe
-            gxe_seg += dv @ shared_a[s].to(cd)
 
-        # gates w = p[idx] / sum p[idx]  ->  dp on the selected slots; then the masked softmax backward.
-        d_gate = scaling * (g_rank * u).sum(-1).gather(1, idx.clamp(min=0)) * selected
-        d_picked = (d_gate - (d_gate * gates).sum(-1, keepdim=True)) / norm * selected
-        dp = p.new_zeros(p.shape).scatter_add(1, idx.clamp(min=0), d_picked)
-        if grad_probs is not None:
-            dp = dp + torch.where(mask, grad_probs[lo:hi].to(cd), 0.0)
-        dz = torch.where(mask, p * (dp - (p * dp).sum(-1, keepdim=True)), 0.0)
+def _segment_backward(p, grads, s, lo, hi, g, grad_probs, probs, idx, cd) -> None:
+    """Gradients of segment s (tokens lo:hi) written into `grads` (field name -> buffer in the compute dtype)."""
+    xs = p.x[lo:hi].to(cd)
+    xe = xs if p.expert_input is None else p.expert_input[lo:hi].to(cd)
+    mask = p.expert_mask[s]
+    a, b, w_r = _segment_weights(p, s, cd)
+    scaling = p.scaling
+    prob = torch.where(mask, probs.to(cd), 0.0)
+    selected = idx >= 0
+    picked = prob.gather(1, idx.clamp(min=0)) * selected
+    norm = picked.sum(-1, keepdim=True).clamp_min(torch.finfo(cd).tiny)
+    gates = picked / norm
+    c = _dense_gates(idx, gates, p.num_slots) * scaling
 
-        if router_type == "embedding":
-            h = torch.einsum("td,erd->ter", xs, a)
-            t = xs @ w_r.T
-            dh = dz[..., None] * t[:, None, :] * inv_sqrt_r
-            dt = (dz[..., None] * h).sum(1) * inv_sqrt_r
-            ga[s] += torch.einsum("ter,td->erd", dh, xs)
-            gr[s] = dt.T @ xs
-            gx_seg = torch.einsum("ter,erd->td", dh, a) + dt @ w_r
-        else:
-            gr[s] = dz.T @ xs
-            gx_seg = dz @ w_r
-        if expert_input is None:
-            gx[lo:hi] = gx_seg + gxe_seg
-        else:
-            gx[lo:hi] = gx_seg
-            gxe[lo:hi] = gxe_seg
+    u = torch.einsum("td,erd->ter", xe, a)
+    g_rank = torch.einsum("to,eor->ter", g, b)  # dL/d(gated u) per slot
+    grads["lora_b"][s] = torch.einsum("to,ter->eor", g, u * c[..., None])
+    du = g_rank * c[..., None]
+    grads["lora_a"][s] = torch.einsum("ter,td->erd", du, xe)
+    gxe_seg = torch.einsum("ter,erd->td", du, a)
+    if p.shared_a is not None:
+        v = xe @ p.shared_a[s].to(cd).T
+        grads["shared_b"][s] = scaling * g.T @ v
+        dv = scaling * g @ p.shared_b[s].to(cd)
+        grads["shared_a"][s] = dv.T @ xe
+        gxe_seg += dv @ p.shared_a[s].to(cd)
 
-    def cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
-        return None if grad is None else grad.to(like.dtype)
+    # gates w = p[idx] / sum p[idx]  ->  dp on the selected slots; then the masked softmax backward.
+    d_gate = scaling * (g_rank * u).sum(-1).gather(1, idx.clamp(min=0)) * selected
+    d_picked = (d_gate - (d_gate * gates).sum(-1, keepdim=True)) / norm * selected
+    dp = prob.new_zeros(prob.shape).scatter_add(1, idx.clamp(min=0), d_picked)
+    if grad_probs is not None:
+        dp = dp + torch.where(mask, grad_probs.to(cd), 0.0)
+    dz = torch.where(mask, prob * (dp - (prob * dp).sum(-1, keepdim=True)), 0.0)
+    gx_seg = _router_backward(p, grads, s, dz, xs, a, w_r)
+    if p.expert_input is None:
+        grads["x"][lo:hi] = gx_seg + gxe_seg
+    else:
+        grads["x"][lo:hi] = gx_seg
+        grads["expert_input"][lo:hi] = gxe_seg
 
-    return (
-        cast(gx, x),
-        cast(gxe, expert_input),
-        cast(ga, lora_a),
-        cast(gb, lora_b),
-        cast(gr, router),
-        cast(gsa, shared_a),
-        cast(gsb, shared_b),
-    )
+
+def _router_backward(p, grads, s, dz, xs, a, w_r) -> Tensor:
+    """Scores backward: dz [n, E] -> router (and, for the embedding router, lora_a) gradients; returns the grad of x
+    through the scores."""
+    if p.router_type == "embedding":
+        inv_sqrt_r = 1.0 / math.sqrt(p.rank)
+        h = torch.einsum("td,erd->ter", xs, a)
+        t = xs @ w_r.T
+        dh = dz[..., None] * t[:, None, :] * inv_sqrt_r
+        dt = (dz[..., None] * h).sum(1) * inv_sqrt_r
+        grads["lora_a"][s] += torch.einsum("ter,td->erd", dh, xs)
+        grads["router"][s] = dt.T @ xs
+        return torch.einsum("ter,erd->td", dh, a) + dt @ w_r
+    grads["router"][s] = dz.T @ xs
+    return dz @ w_r
+
+
+class ReferenceBackend(Backend):
+    """The oracle, on any device."""
+
+    name = NAME
+
+    @staticmethod
+    def is_available(device: torch.device) -> bool:
+        return is_available(device)
+
+    forward = staticmethod(mole_lora_forward)
+    backward = staticmethod(mole_lora_backward)

@@ -15,7 +15,7 @@ no atomics (every output element is written by one program), so results are dete
 float64 inputs fall back to the reference (Triton's fp64 tl.dot is not worth a kernel variant here).
 
 The launchers defend themselves, whoever calls them (the custom ops pass their arguments through unchecked): shapes,
-dtypes and devices are checked on the host (`validate_mole_args`, no device access), tensors made contiguous, and
+dtypes and devices are checked on the host (`MoLEProblem.check_launch`, no device access), tensors made contiguous, and
 the kernels clamp seg_offsets into [0, T] and only compare top-k ids, so no value indexes out of bounds. Invalid
 offsets or ids set a device error flag instead of a host check: on CPU tensors (the interpreter) it is read at once
 and raises ValueError; on a GPU `torch._assert_async` raises without a host sync (a device-side assert, after which
@@ -40,12 +40,9 @@ except Exception as exc:  # a broken install must read as "not installed" to the
     raise ImportError(f"the Triton backend needs triton: {exc}") from exc
 
 from fedamole_kernels import reference
-from fedamole_kernels._validation import (
-    MoLEShapes,
-    check_launch_args,
-    check_offset_values,
-    validate_backward_args,
-)
+from fedamole_kernels._validation import check_offset_values, validate_backward_args
+from fedamole_kernels.backends import Backend
+from fedamole_kernels.problem import MoLEProblem
 
 NAME = "triton"
 _KERNELS = "fedamole_kernels.triton_mole_kernels"
@@ -89,11 +86,6 @@ def _launch_opts(x: Tensor) -> dict:
         "UPCAST": _kernels().INTERPRETED and x.dtype == torch.bfloat16,
         "PREC": "tf32" if (x.dtype != torch.float32 or tf32) else "ieee",
     }
-
-
-def _buf_dtype(x: Tensor) -> torch.dtype:
-    # Rank-space buffers feed tl.dot against x / weights: keep them in x's dtype (fp32 accumulation inside).
-    return x.dtype
 
 
 def _meta(kind: str) -> dict:
@@ -206,19 +198,14 @@ def _rows(t: Tensor, row_is_inner: bool) -> tuple:
     return (t, a_ * b_, b_, 1, a_)
 
 
-def _check_args(
-    x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k, scaling, router_type
-) -> None:
-    """Shapes, dtypes, devices (`check_launch_args`); with no tokens no kernel runs to flag bad offsets, so on the
-    host they are checked directly (CPU tensors only: free there, a sync on a GPU, where nothing is read anyway)."""
-    check_launch_args(x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k,
-                      scaling, router_type)  # fmt: skip
-    if x.shape[0] == 0 and seg_offsets.device.type == "cpu":
-        check_offset_values(seg_offsets.tolist(), 0)
-
-
-def _contiguous(*tensors):
-    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in tensors)
+def _checked(problem: MoLEProblem) -> MoLEProblem:
+    """Shapes, dtypes, devices (`check_launch`), then the problem with contiguous tensors; with no tokens no kernel
+    runs to flag bad offsets, so on the host they are checked directly (CPU tensors only: free there, a sync on a
+    GPU, where nothing is read anyway)."""
+    problem.check_launch()
+    if problem.num_tokens == 0 and problem.seg_offsets.device.type == "cpu":
+        check_offset_values(problem.seg_offsets.tolist(), 0)
+    return problem.contiguous()
 
 
 def _raise_flagged(err: Tensor, what: str) -> None:
@@ -236,186 +223,151 @@ def _raise_flagged(err: Tensor, what: str) -> None:
     torch._assert_async(err.eq(0).all(), f"mole_lora (triton {what}): invalid seg_offsets or topk_idx")
 
 
-def mole_lora_forward(
-    x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, top_k, scaling, router_type
-):
+def mole_lora_forward(problem: MoLEProblem) -> tuple[Tensor, Tensor, Tensor]:
     """Forward -> (delta [T, d_out] x.dtype, probs [T, E] float32, topk_idx [T, top_k] int64)."""
-    _check_args(x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k,
-                scaling, router_type)  # fmt: skip
-    if x.dtype == torch.float64:
-        return reference.mole_lora_forward(
-            x,
-            expert_input,
-            seg_offsets,
-            lora_a,
-            lora_b,
-            router,
-            shared_a,
-            shared_b,
-            expert_mask,
-            top_k,
-            scaling,
-            router_type,
-        )
-    x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask = _contiguous(
-        x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask
-    )
+    p = problem = _checked(problem)
+    if p.x.dtype == torch.float64:
+        return reference.mole_lora_forward(problem)
     k = _kernels()
-    num_tokens, d_in = x.shape
-    num_segments, num_slots, rank, _ = lora_a.shape
-    d_out = lora_b.shape[2]
-    has_shared = shared_a is not None
-    delta = x.new_empty(num_tokens, d_out)
+    x, num_tokens, num_slots, rank = p.x, p.num_tokens, p.num_slots, p.rank
+    has_shared = p.shared_a is not None
+    delta = x.new_empty(num_tokens, p.d_out)
     probs = x.new_empty(num_tokens, num_slots, dtype=torch.float32)
-    topk_idx = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
+    topk_idx = torch.empty(num_tokens, p.top_k, dtype=torch.int64, device=x.device)
     if num_tokens == 0:
         return delta, probs, topk_idx
     ku = num_slots * rank + rank * has_shared
-    uv = x.new_empty(num_tokens, ku, dtype=_buf_dtype(x))
+    # Rank-space buffers feed tl.dot against x / weights: keep them in x's dtype (fp32 accumulation inside).
+    uv = x.new_empty(num_tokens, ku)
     ep = _pow2(num_slots, 2)
     err = torch.zeros(2, dtype=torch.int32, device=x.device)
-    k.route_shrink_fwd[_token_grid(num_tokens, num_segments)](
+    k.route_shrink_fwd[_token_grid(num_tokens, p.num_segments)](
         x,
-        x if expert_input is None else expert_input,
-        seg_offsets,
-        lora_a,
-        router,
-        x if shared_a is None else shared_a,
-        expert_mask,
+        x if p.expert_input is None else p.expert_input,
+        p.seg_offsets,
+        p.lora_a,
+        p.router,
+        x if p.shared_a is None else p.shared_a,
+        p.expert_mask,
         probs,
         topk_idx,
         uv,
         err,
-        num_segments,
+        p.num_segments,
         num_tokens,
         num_slots,
         rank,
-        d_in,
+        p.d_in,
         ku,
-        float(scaling),
+        float(p.scaling),
         1.0 / math.sqrt(rank),
-        SP=_pow2(num_segments, 2),
+        SP=_pow2(p.num_segments, 2),
         EP=ep,
         R=_pow2(rank, 16),
         ZP=max(16, ep),
-        TOPK=top_k,
-        EMBED=router_type == "embedding",
-        HAS_XE=expert_input is not None,
+        TOPK=p.top_k,
+        EMBED=p.router_type == "embedding",
+        HAS_XE=p.expert_input is not None,
         HAS_SHARED=has_shared,
         **_launch_opts(x),
         **_meta("route"),
     )
-    expand(uv, seg_offsets, delta, expert_mask, _slots(lora_b, True), _rows(shared_b, True) if has_shared else None)
+    shared = _rows(p.shared_b, True) if has_shared else None
+    expand(uv, p.seg_offsets, delta, p.expert_mask, _slots(p.lora_b, True), shared)
     _raise_flagged(err, "forward")
     return delta, probs, topk_idx
 
 
 def mole_lora_backward(
-    grad_delta,
-    grad_probs,
-    x,
-    expert_input,
-    seg_offsets,
-    lora_a,
-    lora_b,
-    router,
-    shared_a,
-    shared_b,
-    expert_mask,
-    probs,
-    topk_idx,
-    top_k,
-    scaling,
-    router_type,
-):
+    problem: MoLEProblem, grad_delta: Tensor, grad_probs: Tensor | None, probs: Tensor, topk_idx: Tensor
+) -> tuple[Tensor | None, ...]:
     """Backward -> grads of (x, expert_input | None, lora_a, lora_b, router, shared_a | None, shared_b | None), each
     in its input's dtype. Uses the forward's probs / topk_idx (routing is not recomputed)."""
-    _check_args(x, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, expert_input, top_k,
-                scaling, router_type)  # fmt: skip
-    shapes = MoLEShapes(x.shape[0], lora_a.shape[0], lora_a.shape[1], lora_a.shape[2], x.shape[1], lora_b.shape[2])
-    validate_backward_args(shapes, x, grad_delta, grad_probs, probs, topk_idx, top_k)
-    if x.dtype == torch.float64:
-        return reference.mole_lora_backward(
-            grad_delta,
-            grad_probs,
-            x,
-            expert_input,
-            seg_offsets,
-            lora_a,
-            lora_b,
-            router,
-            shared_a,
-            shared_b,
-            expert_mask,
-            probs,
-            topk_idx,
-            top_k,
-            scaling,
-            router_type,
-        )
-    x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, probs, topk_idx = (
-        _contiguous(x, expert_input, seg_offsets, lora_a, lora_b, router, shared_a, shared_b, expert_mask, probs,
-                    topk_idx)
-    )  # fmt: skip
-    k = _kernels()
-    num_tokens, d_in = x.shape
-    num_segments, num_slots, rank, _ = lora_a.shape
-    d_out = lora_b.shape[2]
-    has_shared, has_xe, embed = shared_a is not None, expert_input is not None, router_type == "embedding"
-    ga, gb, gr = torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(router)
-    gsa = None if shared_a is None else torch.empty_like(shared_a)
-    gsb = None if shared_b is None else torch.empty_like(shared_b)
+    p = problem = _checked(problem)
+    validate_backward_args(problem, grad_delta, grad_probs, probs, topk_idx)
+    if p.x.dtype == torch.float64:
+        return reference.mole_lora_backward(problem, grad_delta, grad_probs, probs, topk_idx)
+    probs, topk_idx = probs.contiguous(), topk_idx.contiguous()
+    x = p.x
+    ga, gb, gr = torch.empty_like(p.lora_a), torch.empty_like(p.lora_b), torch.empty_like(p.router)
+    gsa = None if p.shared_a is None else torch.empty_like(p.shared_a)
+    gsb = None if p.shared_b is None else torch.empty_like(p.shared_b)
     gx = torch.empty_like(x)
-    gxe = None if expert_input is None else torch.empty_like(expert_input)
-    if num_tokens == 0:
+    gxe = None if p.expert_input is None else torch.empty_like(p.expert_input)
+    if p.num_tokens == 0:
         for g in (ga, gb, gr, gsa, gsb):
             if g is not None:
                 g.zero_()
         return gx, gxe, ga, gb, gr, gsa, gsb
-
     g = grad_delta.to(x.dtype).contiguous()
     gp = None if grad_probs is None else grad_probs.to(torch.float32).contiguous()
-    probs = probs.to(torch.float32)
+    ug, dx_buf, dxe_buf, err = _route_backward(p, g, gp, probs.to(torch.float32), topk_idx)
+    has_shared, has_xe, embed = p.shared_a is not None, p.expert_input is not None, p.router_type == "embedding"
+    # dB, dB_s = UG^T g per segment.
+    _wgrad(ug, g, p.seg_offsets, _slots(gb, True), _rows(gsb, True) if has_shared else None, None)
+    # dA, dA_s, dW_t (or dR) = Dx^T x (+ Dxe^T x_e) per segment; both buffers share the column layout.
+    _wgrad(
+        dx_buf,
+        x,
+        p.seg_offsets,
+        _slots(ga, False),
+        _rows(gsa, False) if has_shared else None,
+        _rows(gr, False),
+        d2=dxe_buf if has_xe else None,
+        x2=p.expert_input,
+    )
+    # dx (and dx_e) = D @ [A | A_s | W_t] per segment.
+    w_src = (_slots(p.lora_a, False), _rows(p.shared_a, False) if has_shared else None, _rows(p.router, False))
+    expand(dx_buf, p.seg_offsets, gx, p.expert_mask, *w_src, mask_w3=not embed)
+    if has_xe:
+        expand(dxe_buf, p.seg_offsets, gxe, p.expert_mask, *w_src, mask_w3=not embed)
+    _raise_flagged(err, "backward")
+    return gx, gxe, ga, gb, gr, gsa, gsb
+
+
+def _route_backward(p: MoLEProblem, g: Tensor, gp: Tensor | None, probs: Tensor, topk_idx: Tensor) -> tuple:
+    """The `route_bwd` launch: recomputes the shrink, G = g @ B and the routing backward. Returns the rank-space
+    buffers (UG [T, ku], Dx [T, kx], Dxe [T, kx] (Dx itself without expert_input)) and the error flags."""
+    x, num_tokens, num_slots, rank = p.x, p.num_tokens, p.num_slots, p.rank
+    has_shared, has_xe, embed = p.shared_a is not None, p.expert_input is not None, p.router_type == "embedding"
     ku = num_slots * rank + rank * has_shared
     kx = ku + (rank if embed else num_slots)
-    bd = _buf_dtype(x)
-    ug = x.new_empty(num_tokens, ku, dtype=bd)
-    dx_buf = x.new_empty(num_tokens, kx, dtype=bd)
-    dxe_buf = x.new_empty(num_tokens, kx, dtype=bd) if has_xe else dx_buf
-    xe = x if expert_input is None else expert_input
+    ug = x.new_empty(num_tokens, ku)  # x's dtype, as in the forward
+    dx_buf = x.new_empty(num_tokens, kx)
+    dxe_buf = x.new_empty(num_tokens, kx) if has_xe else dx_buf
     err = torch.zeros(2, dtype=torch.int32, device=x.device)
-    k.route_bwd[_token_grid(num_tokens, num_segments)](
+    _kernels().route_bwd[_token_grid(num_tokens, p.num_segments)](
         g,
         probs if gp is None else gp,
         x,
-        xe,
-        seg_offsets,
-        lora_a,
-        lora_b,
-        router,
-        x if shared_a is None else shared_a,
-        x if shared_b is None else shared_b,
+        x if p.expert_input is None else p.expert_input,
+        p.seg_offsets,
+        p.lora_a,
+        p.lora_b,
+        p.router,
+        x if p.shared_a is None else p.shared_a,
+        x if p.shared_b is None else p.shared_b,
         probs,
         topk_idx,
-        expert_mask,
+        p.expert_mask,
         ug,
         dx_buf,
         dxe_buf,
         err,
-        num_segments,
+        p.num_segments,
         num_tokens,
         num_slots,
         rank,
-        d_in,
-        d_out,
+        p.d_in,
+        p.d_out,
         ku,
         kx,
-        float(scaling),
+        float(p.scaling),
         1.0 / math.sqrt(rank),
-        SP=_pow2(num_segments, 2),
+        SP=_pow2(p.num_segments, 2),
         EP=_pow2(num_slots, 2),
         R=_pow2(rank, 16),
-        TOPK=top_k,
+        TOPK=p.top_k,
         EMBED=embed,
         HAS_XE=has_xe,
         HAS_SHARED=has_shared,
@@ -423,23 +375,15 @@ def mole_lora_backward(
         **_launch_opts(x),
         **_meta("route"),
     )
-    # dB, dB_s = UG^T g per segment.
-    _wgrad(ug, g, seg_offsets, _slots(gb, True), _rows(gsb, True) if has_shared else None, None)
-    # dA, dA_s, dW_t (or dR) = Dx^T x (+ Dxe^T x_e) per segment; both buffers share the column layout.
-    _wgrad(
-        dx_buf,
-        x,
-        seg_offsets,
-        _slots(ga, False),
-        _rows(gsa, False) if has_shared else None,
-        _rows(gr, False),
-        d2=dxe_buf if has_xe else None,
-        x2=expert_input,
-    )
-    # dx (and dx_e) = D @ [A | A_s | W_t] per segment.
-    w_src = (_slots(lora_a, False), _rows(shared_a, False) if has_shared else None, _rows(router, False))
-    expand(dx_buf, seg_offsets, gx, expert_mask, *w_src, mask_w3=not embed)
-    if has_xe:
-        expand(dxe_buf, seg_offsets, gxe, expert_mask, *w_src, mask_w3=not embed)
-    _raise_flagged(err, "backward")
-    return gx, gxe, ga, gb, gr, gsa, gsb
+    return ug, dx_buf, dxe_buf, err
+
+
+class TritonBackend(Backend):
+    name = NAME
+
+    @staticmethod
+    def is_available(device: torch.device | str) -> bool:
+        return is_available(device)
+
+    forward = staticmethod(mole_lora_forward)
+    backward = staticmethod(mole_lora_backward)

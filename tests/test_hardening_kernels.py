@@ -80,8 +80,8 @@ for name, value in BAD_IDS_VALUE.items():
             d, p, i = torch.ops.fedamole_ext.mole_lora_fwd(t.x, None, t.seg_offsets, t.lora_a, t.lora_b, t.router,
                                                            t.shared_a, t.shared_b, mask, 2, 1.5, "embedding")
             tamper(i)
-            op(torch.ones_like(d), None, t.x, None, t.seg_offsets, t.lora_a, t.lora_b, t.router, t.shared_a,
-               t.shared_b, mask, p, i, 2, 1.5, "embedding", *extra)
+            tensors = [t.x, None, t.seg_offsets, t.lora_a, t.lora_b, t.router, t.shared_a, t.shared_b, mask]
+            op(torch.ones_like(d), None, *(tensors if not extra else [tensors]), p, i, 2, 1.5, "embedding", *extra)
         return call
     results[name] = [outcome(fused), outcome(direct(torch.ops.fedamole_ext.mole_lora_bwd)),
                      outcome(direct(torch.ops.fedamole.mole_lora_bwd, "cpu"))]
@@ -184,11 +184,11 @@ def test_custom_ops_reject_invalid_offsets(backend, offsets, backend_on_cpu):
     bad = torch.tensor(offsets)
     fwd_args = (args[0], None, bad, *args[3:])
     with pytest.raises(ValueError, match="seg_offsets"):
-        torch.ops.fedamole.mole_lora_fwd(*fwd_args, 2, 2.0, "embedding", backend)
-    delta, probs, idx = torch.ops.fedamole.mole_lora_fwd(*args, 2, 2.0, "embedding", backend)
+        torch.ops.fedamole.mole_lora_fwd(list(fwd_args), 2, 2.0, "embedding", backend)
+    delta, probs, idx = torch.ops.fedamole.mole_lora_fwd(list(args), 2, 2.0, "embedding", backend)
     with pytest.raises(ValueError, match="seg_offsets"):
         torch.ops.fedamole.mole_lora_bwd(
-            torch.ones_like(delta), None, *fwd_args, probs, idx, 2, 2.0, "embedding", backend
+            torch.ones_like(delta), None, list(fwd_args), probs, idx, 2, 2.0, "embedding", backend
         )
     with pytest.raises(ValueError, match="seg_offsets"):
         mole_lora(t.x, bad, t.lora_a, t.lora_b, t.router, backend=backend, check_offsets=False)
@@ -202,34 +202,37 @@ def test_triton_launchers_reject_invalid_offsets_ids_and_shapes_without_crashing
 import json, torch
 from mole_cases import make_problem
 from fedamole_kernels import mole_lora, triton_mole_lora as tm
+from fedamole_kernels.problem import MoLEProblem
+fwd = lambda a: tm.TritonBackend().forward(MoLEProblem(*a, 2, 2.0, "embedding"))
+bwd = lambda g, a, p, i: tm.TritonBackend().backward(MoLEProblem(*a, 2, 2.0, "embedding"), g, None, p, i)
 t = make_problem([3, 5], 3, 2, 5, 4, 2, None).cast(torch.float32, requires_grad=False)
 mask = torch.tensor([[True, True, False], [True, True, True]])
 args = [t.x, None, t.seg_offsets, t.lora_a, t.lora_b, t.router, t.shared_a, t.shared_b, mask]
 res = {}
 for offs in BAD_OFFSETS_VALUE:
     bad = list(args); bad[2] = torch.tensor(offs)
-    res["fwd " + str(offs)] = outcome(lambda: tm.mole_lora_forward(*bad, 2, 2.0, "embedding"))
-    res["op " + str(offs)] = outcome(lambda: torch.ops.fedamole.mole_lora_fwd(*bad, 2, 2.0, "embedding", "triton"))
+    res["fwd " + str(offs)] = outcome(lambda: fwd(bad))
+    res["op " + str(offs)] = outcome(lambda: torch.ops.fedamole.mole_lora_fwd(list(bad), 2, 2.0, "embedding", "triton"))
     res["api " + str(offs)] = outcome(lambda: mole_lora(t.x, bad[2], t.lora_a, t.lora_b, t.router, backend="triton",
                                                         check_offsets=False))
-delta, probs, idx = tm.mole_lora_forward(*args, 2, 2.0, "embedding")
+delta, probs, idx = fwd(args)
 g = torch.ones_like(delta)
 for offs in BAD_OFFSETS_VALUE:
     bad = list(args); bad[2] = torch.tensor(offs)
-    res["bwd " + str(offs)] = outcome(lambda: tm.mole_lora_backward(g, None, *bad, probs, idx, 2, 2.0, "embedding"))
+    res["bwd " + str(offs)] = outcome(lambda: bwd(g, bad, probs, idx))
 for name, value in (("E", 3), ("1e9", 10**9), ("-5", -5), ("masked", 2), ("2**32+1", 2**32 + 1)):
     i = idx.clone(); i[0, 0] = value
-    res["ids " + name] = outcome(lambda: tm.mole_lora_backward(g, None, *args, probs, i, 2, 2.0, "embedding"))
+    res["ids " + name] = outcome(lambda: bwd(g, args, probs, i))
 i = idx.clone(); i[:, 1] = i[:, 0]
-res["ids repeat"] = outcome(lambda: tm.mole_lora_backward(g, None, *args, probs, i, 2, 2.0, "embedding"))
+res["ids repeat"] = outcome(lambda: bwd(g, args, probs, i))
 shapes = {"lora_b": t.lora_b[..., :1], "router": t.router[:1], "shared_b": t.shared_b[..., :1],
           "expert_mask": mask[:, :2], "x": t.x[:4]}
 for name, value in shapes.items():
     slot = ["x", None, None, None, "lora_b", "router", None, "shared_b", "expert_mask"].index(name)
     bad = list(args); bad[slot] = value
-    res["shape " + name] = outcome(lambda: tm.mole_lora_forward(*bad, 2, 2.0, "embedding"))
-res["shape probs"] = outcome(lambda: tm.mole_lora_backward(g, None, *args, probs[:, :2], idx, 2, 2.0, "embedding"))
-res["shape topk_idx"] = outcome(lambda: tm.mole_lora_backward(g, None, *args, probs, idx[:, :1], 2, 2.0, "embedding"))
+    res["shape " + name] = outcome(lambda: fwd(bad))
+res["shape probs"] = outcome(lambda: bwd(g, args, probs[:, :2], idx))
+res["shape topk_idx"] = outcome(lambda: bwd(g, args, probs, idx[:, :1]))
 print(json.dumps(res))
 """.replace("BAD_OFFSETS_VALUE", repr(BAD_OFFSETS))
     )
@@ -246,15 +249,15 @@ def test_reference_op_checks_shapes_it_was_given():
     bad = list(args)
     bad[4] = t.lora_b[:, :, :, :1]
     with pytest.raises(ValueError, match="lora_b"):
-        torch.ops.fedamole.mole_lora_fwd(*bad, 2, 2.0, "embedding", "reference")
-    delta, probs, idx = torch.ops.fedamole.mole_lora_fwd(*args, 2, 2.0, "embedding", "reference")
+        torch.ops.fedamole.mole_lora_fwd(list(bad), 2, 2.0, "embedding", "reference")
+    delta, probs, idx = torch.ops.fedamole.mole_lora_fwd(list(args), 2, 2.0, "embedding", "reference")
     with pytest.raises(ValueError, match="topk_idx"):
         torch.ops.fedamole.mole_lora_bwd(
-            torch.ones_like(delta), None, *args, probs, idx.clamp(max=0) + 3, 2, 2.0, "embedding", "reference"
+            torch.ones_like(delta), None, list(args), probs, idx.clamp(max=0) + 3, 2, 2.0, "embedding", "reference"
         )
     with pytest.raises(ValueError, match="grad_delta"):
         torch.ops.fedamole.mole_lora_bwd(
-            delta[:, :1].contiguous(), None, *args, probs, idx, 2, 2.0, "embedding", "reference"
+            delta[:, :1].contiguous(), None, list(args), probs, idx, 2, 2.0, "embedding", "reference"
         )
 
 
@@ -268,4 +271,4 @@ def test_wrong_feature_dimension_of_x_names_x(backend, backend_on_cpu):
     with pytest.raises(ValueError, match=r"^x must have shape \[T, d_in=7\]"):
         mole_lora(t.x[:, :5], t.seg_offsets, t.lora_a, t.lora_b, t.router, backend=backend)
     with pytest.raises(ValueError, match=r"x must have shape \[T, d_in=7\]"):
-        torch.ops.fedamole.mole_lora_fwd(t.x[:, :5].contiguous(), *args[1:], 2, 2.0, "embedding", backend)
+        torch.ops.fedamole.mole_lora_fwd([t.x[:, :5].contiguous(), *args[1:]], 2, 2.0, "embedding", backend)

@@ -125,26 +125,32 @@ def _ops(group: str):
     """The forward and backward ops of `group`, each called as op(args, consts), the reference first."""
     import torch
 
-    fwd_ops = {"reference": lambda a, k: torch.ops.fedamole.mole_lora_fwd(*a, *k, "reference")}
-    bwd_ops = {"reference": lambda a, k: torch.ops.fedamole.mole_lora_bwd(*a, *k, "reference")}
+    def _op_bwd_args(a):  # (grad_delta, grad_probs, *tensors, probs, ids) -> the custom op's (..., [tensors], ...)
+        return (*a[:2], list(a[2:-2]), *a[-2:])
+
+    fwd_ops = {"reference": lambda a, k: torch.ops.fedamole.mole_lora_fwd(list(a), *k, "reference")}
+    bwd_ops = {"reference": lambda a, k: torch.ops.fedamole.mole_lora_bwd(*_op_bwd_args(a), *k, "reference")}
     if group == "cpu":
         fwd_ops.update(
-            op_cpu=lambda a, k: torch.ops.fedamole.mole_lora_fwd(*a, *k, "cpu"),
+            op_cpu=lambda a, k: torch.ops.fedamole.mole_lora_fwd(list(a), *k, "cpu"),
             ext=lambda a, k: torch.ops.fedamole_ext.mole_lora_fwd(*a, *k),
             fused=lambda a, k: torch.ops.fedamole_ext.mole_lora(*a, *k),
         )
         bwd_ops.update(
-            op_cpu=lambda a, k: torch.ops.fedamole.mole_lora_bwd(*a, *k, "cpu"),
+            op_cpu=lambda a, k: torch.ops.fedamole.mole_lora_bwd(*_op_bwd_args(a), *k, "cpu"),
             ext=lambda a, k: torch.ops.fedamole_ext.mole_lora_bwd(*a, *k),
         )
     else:
         from fedamole_kernels import triton_mole_lora
+        from fedamole_kernels.problem import MoLEProblem
 
         fwd_ops.update(
-            launcher=lambda a, k: triton_mole_lora.mole_lora_forward(*a, *k),
-            op_triton=lambda a, k: torch.ops.fedamole.mole_lora_fwd(*a, *k, "triton"),
+            launcher=lambda a, k: triton_mole_lora.TritonBackend().forward(MoLEProblem(*a, *k)),
+            op_triton=lambda a, k: torch.ops.fedamole.mole_lora_fwd(list(a), *k, "triton"),
         )
-        bwd_ops.update(launcher=lambda a, k: triton_mole_lora.mole_lora_backward(*a, *k))
+        bwd_ops.update(
+            launcher=lambda a, k: triton_mole_lora.TritonBackend().backward(MoLEProblem(*a[2:-2], *k), *a[:2], *a[-2:])
+        )
     return fwd_ops, bwd_ops
 
 

@@ -107,7 +107,7 @@ def test_opcheck_custom_ops():
     prob = make_problem([3, 2], 3, 2, 4, 5, 2, ["111", "011"], expert_input=True).cast(
         torch.float32, requires_grad=False
     )
-    fwd_args = (
+    tensors = [
         prob.x,
         prob.expert_input,
         prob.seg_offsets,
@@ -117,6 +117,9 @@ def test_opcheck_custom_ops():
         prob.shared_a,
         prob.shared_b,
         prob.expert_mask,
+    ]
+    fwd_args = (
+        tensors,
         2,
         1.5,
         "embedding",
@@ -127,7 +130,7 @@ def test_opcheck_custom_ops():
     bwd_args = (
         torch.randn_like(delta),
         torch.randn_like(probs),
-        *fwd_args[:9],
+        tensors,
         probs,
         idx,
         2,
@@ -139,15 +142,7 @@ def test_opcheck_custom_ops():
     no_shared = (
         torch.randn_like(delta),
         None,
-        prob.x,
-        None,
-        prob.seg_offsets,
-        prob.lora_a,
-        prob.lora_b,
-        prob.router,
-        None,
-        None,
-        prob.expert_mask,
+        [prob.x, None, prob.seg_offsets, prob.lora_a, prob.lora_b, prob.router, None, None, prob.expert_mask],
         probs,
         idx,
         2,

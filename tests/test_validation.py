@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedamole_kernels import mole_lora
-from fedamole_kernels._validation import check_launch_args
+from fedamole_kernels.problem import MoLEProblem
 
 from mole_cases import make_problem
 
@@ -91,11 +91,11 @@ VALUE_CHECKS = ("start at 0", "end at T", "non-decreasing")
 
 @pytest.mark.parametrize("case", [i for i, (_, _, needle) in enumerate(BAD) if needle not in VALUE_CHECKS])
 def test_launcher_checks_reject_what_the_api_rejects(prob, case):
-    """`check_launch_args` (the Triton launchers' fast path) never accepts what `validate_mole_args` rejects."""
+    """`MoLEProblem.check_launch` (the Triton launchers' fast path) never accepts what `validate` rejects."""
     make_overrides, exc, needle = BAD[case]
     kwargs = prob.kwargs(**make_overrides(prob))
     with pytest.raises(exc, match=needle):
-        check_launch_args(*(kwargs[n] for n in LAUNCH_ARGS))
+        _check_launch(kwargs)
 
 
 LAUNCH_ARGS = (
@@ -114,6 +114,10 @@ LAUNCH_ARGS = (
 )
 
 
+def _check_launch(kwargs: dict) -> None:
+    MoLEProblem(**{n: kwargs[n] for n in LAUNCH_ARGS}).check_launch()
+
+
 def test_launcher_checks_accept_valid_input(prob):
-    check_launch_args(*(prob.kwargs()[n] for n in LAUNCH_ARGS))
-    check_launch_args(*(prob.kwargs(shared_a=None, shared_b=None, expert_input=None)[n] for n in LAUNCH_ARGS))
+    _check_launch(prob.kwargs())
+    _check_launch(prob.kwargs(shared_a=None, shared_b=None, expert_input=None))
