@@ -5,10 +5,13 @@ config the launcher would try (`triton_mole_kernels.CONFIGS`), compile the kerne
 GPUTarget("cuda", 90, 32) as the JIT would specialise it (pointers and multiples of 16 marked divisible by 16,
 integers equal to 1 as constants), deduplicated: shapes matter only through the constexprs. Resources come from
 ptxas' own report (`ptxas -v`, which Triton runs: "Used N registers", "N bytes spill stores"; Triton >= 3.9 prints
-it with knobs.nvidia.dump_ptxas_log) and the compiled kernel's metadata (`shared`).
+it with knobs.nvidia.dump_ptxas_log) and the compiled kernel's metadata (`shared`). ptxas runs exactly as Triton
+invokes it by default (Triton 3.9: bundled ptxas 13.x with --regAllocOptLevel=2), since that is what users get.
+The routing kernels' configs are those left by `triton_mole_kernels.prune_route_configs` for each launch.
 
     python benchmarks/triton_resources.py            # full grid -> benchmarks/results/triton-sm90-resources-<date>.*
-    python benchmarks/triton_resources.py --subset   # the largest constexprs only (what CI compiles)
+    python benchmarks/triton_resources.py --subset   # E = 8 with dropout, E = 30 without (what CI compiles)
+    python benchmarks/triton_resources.py --drop-reg-alloc-flag   # diagnostic: ptxas without --regAllocOptLevel=2
 """
 
 from __future__ import annotations
@@ -25,15 +28,15 @@ import sys
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, whatever the caller's environment says
-KEEP_REG_ALLOC_FLAG = "--triton-reg-alloc-flag" in sys.argv
+DROP_REG_ALLOC_FLAG = "--drop-reg-alloc-flag" in sys.argv  # diagnostic only, off by default
 
 
 def _ptxas_without_reg_alloc_flag() -> None:
-    """Triton 3.9 runs ptxas (13.x) with --regAllocOptLevel=2 (a workaround of its own); with it, ptxas 13.4 caps
-    the routing kernels at 32 registers and spills kilobytes (route_shrink_fwd at E = 8, r = 16: 32 registers and
-    6.8 KB of spill stores, against 250 registers and no spill without the flag, with both bundled ptxas 12.9 and
-    13.4). Measure what ptxas does without it (as Triton releases before that workaround, e.g. the GPU machines'
-    3.6, invoke it): a wrapper that drops the flag, through Triton's own tool-path override."""
+    """Diagnostic only (--drop-reg-alloc-flag, off by default): Triton 3.9 runs ptxas (13.x) with
+    --regAllocOptLevel=2 (a workaround of its own); where a kernel's registers cannot fit, ptxas 13.4 with it may fall
+    back to 32 registers and spill kilobytes (route_shrink_fwd at E = 8, r = 16, BM 32, 4 warps: 6.8 KB). This
+    shows what ptxas does without the flag (as Triton releases before that workaround invoke it), through Triton's
+    own tool-path override. The report and CI use Triton's own flags."""
     import shutil
     import tempfile
 
@@ -48,7 +51,7 @@ def _ptxas_without_reg_alloc_flag() -> None:
     os.environ["TRITON_PTXAS_BLACKWELL_PATH"] = str(wrapper)
 
 
-if not KEEP_REG_ALLOC_FLAG:
+if DROP_REG_ALLOC_FLAG:
     _ptxas_without_reg_alloc_flag()
 
 import triton  # noqa: E402
@@ -131,8 +134,10 @@ def _compile_key(launch, config) -> tuple:
 
 
 def problems(subset: bool) -> list[Problem]:
-    if subset:  # the reference setup's constexprs (E = 8, r = 16, with dropout; SP of S = 10): what CI compiles
-        return [Problem(T=512, S=10, E=8, r=16, d_in=4096, d_out=4096)]
+    if subset:  # what CI compiles: the reference setup's constexprs (E = 8, r = 16, dropout; SP of S = 10) and the
+        # largest slot count whose routing accumulators fit (E = 30, r = 16, no dropout; see SPILLING_SHAPES)
+        return [Problem(T=512, S=10, E=8, r=16, d_in=4096, d_out=4096),
+                Problem(T=512, S=10, E=30, r=16, d_in=4096, d_out=4096, dropout=False)]  # fmt: skip
     return grid_problems() + grid_problems(dropout=False)
 
 
@@ -143,7 +148,7 @@ def collect(subset: bool = False, tmp: Path = Path("/tmp"), log=None) -> list[di
             if launch.kernel == "torch":
                 continue
             fn = getattr(K, launch.kernel)
-            for config in K._configs(launch.kind):
+            for config in K.configs_for(launch.kind, launch.constexprs):
                 key = _compile_key(launch, config)
                 shape = f"T={p.T} S={p.S} E={p.E} r={p.r} xe={int(p.dropout)}"
                 if key in rows:
@@ -170,6 +175,15 @@ def _commit() -> str:
         return "unknown"
 
 
+def _ptxas_version() -> str:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        return get_ptxas_version(90).strip().splitlines()[-1]
+    except Exception as exc:  # noqa: BLE001 (a report field, never fatal)
+        return f"unknown ({exc})"
+
+
 def write(rows: list[dict], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"triton-sm90-resources-{dt.date.today().isoformat()}"
@@ -178,7 +192,8 @@ def write(rows: list[dict], out_dir: Path) -> Path:
         "triton": triton.__version__,
         "target": "cuda sm_90 (warp 32)",
         "dtype": "bf16",
-        "ptxas_regAllocOptLevel2": KEEP_REG_ALLOC_FLAG,
+        "ptxas": _ptxas_version(),
+        "ptxas_flags": "triton default" + (" minus --regAllocOptLevel=2 (diagnostic)" if DROP_REG_ALLOC_FLAG else ""),
     }
     stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str) + "\n")
     lines = ["# " + " ".join(f"{k}={v}" for k, v in meta.items()), ",".join(FIELDS)]
@@ -208,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subset", action="store_true", help="the register-heaviest shapes only (CI)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (none with --no-write)")
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--triton-reg-alloc-flag", action="store_true", help="keep Triton 3.9's --regAllocOptLevel=2")
+    ap.add_argument(
+        "--drop-reg-alloc-flag",
+        action="store_true",
+        help="diagnostic: run ptxas without Triton 3.9's --regAllocOptLevel=2 (not what users get)",
+    )
     args = ap.parse_args(argv)
     rows = collect(args.subset, log=sys.stderr)
     if not args.no_write:

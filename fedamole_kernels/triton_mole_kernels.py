@@ -470,15 +470,39 @@ def _seg_wgrad(
 
 # GPU: autotune the tile sizes (keyed on the problem dims); few configs, since each costs a compile per key. The
 # interpreter runs one fixed, large-tile config because its cost is per program and per op. Rows: tile sizes
-# (in the order of CONFIG_KEYS), num_warps; num_stages 3. benchmarks/triton_resources.py compiles them for sm_90.
+# (in the order of CONFIG_KEYS), num_warps; num_stages 3. benchmarks/triton_resources.py compiles them for sm_90
+# (with Triton's own ptxas flags) and tests/test_gpu_path_on_paper.py fails on any spill.
 CONFIG_KEYS = {"route": ("BM", "BK"), "gemm": ("BM", "BKD", "BN"), "wgrad": ("BM", "BKD", "BN")}
 CONFIGS = {
-    "route": ((32, 64, 4), (64, 32, 4), (64, 64, 8), (32, 128, 8)),
-    "gemm": ((64, 32, 64, 4), (128, 32, 64, 4), (128, 64, 128, 8), (64, 64, 128, 4)),
-    "wgrad": ((32, 64, 64, 4), (64, 64, 128, 8), (32, 128, 64, 4), (64, 128, 128, 8)),
+    "route": ((64, 32, 8), (64, 64, 8), (64, 32, 16)),
+    "gemm": ((64, 32, 64, 4), (128, 32, 64, 4), (128, 32, 128, 8), (64, 32, 128, 4)),
+    "wgrad": ((32, 64, 64, 4), (64, 64, 128, 8), (32, 128, 64, 8), (64, 64, 64, 4)),
 }
 INTERPRET_META = {"route": {"BM": 32, "BK": 64}, "gemm": {"BM": 32, "BKD": 64, "BN": 64},
                   "wgrad": {"BM": 32, "BKD": 64, "BN": 64}}
+# Routing kernels hold u (and h, with x_e and the embedding router) as [BM, EP * R] fp32 accumulators across the
+# whole K loop. Compiled for sm_90 with Triton's own ptxas flags, they stayed in registers only with BM >= 64 (one
+# warpgroup MMA per 64 rows; the BM 16/32 mma.sync tiles spilled at every size tried) and at most a quarter of the
+# thread's register budget (64K / threads, at most 255) in accumulators, and never more than 64 elements. At
+# EP * R = 512 (E = 30, r = 16) no config fits (64 rows x 512 columns need >= 64 per thread at 16 warps, half their
+# budget): the pruning keeps the config with the fewest, which spills (`route_fits_any`; the fix is a kernel that
+# loops over expert groups).
+ROUTE_ACC_MAX = 64
+
+
+def route_acc_per_thread(BM, num_warps, EP, R, HAS_XE, EMBED):
+    """fp32 accumulator elements per thread of a routing config: BM * EP * R (* 2 for h) / threads."""
+    return BM * EP * R * (1 + bool(HAS_XE and EMBED)) // (32 * num_warps)
+
+
+def route_config_fits(BM, num_warps, EP, R, HAS_XE, EMBED):
+    acc = route_acc_per_thread(BM, num_warps, EP, R, HAS_XE, EMBED)
+    return BM >= 64 and acc <= ROUTE_ACC_MAX and 4 * acc <= 65536 // (32 * num_warps)
+
+
+def route_fits_any(EP, R, HAS_XE, EMBED, **_):
+    """Whether some routing config fits these constexprs (False at E = 30, r = 16: it spills, see above)."""
+    return any(route_config_fits(row[0], row[-1], EP, R, HAS_XE, EMBED) for row in CONFIGS["route"])
 
 
 def _configs(kind):
@@ -486,11 +510,29 @@ def _configs(kind):
             for row in CONFIGS[kind]]
 
 
+def prune_route_configs(configs, named_args=None, **meta):
+    """early_config_prune of the routing kernels (and the configs triton_resources compiles): those whose
+    accumulators fit (`route_config_fits`) for this launch's EP, R, HAS_XE, EMBED; when none does, the one with the
+    fewest accumulator elements per thread (it spills: E = 30 with x_e, see benchmarks/README.md)."""
+    dims = [meta[k] for k in ("EP", "R", "HAS_XE", "EMBED")]
+    fit = [c for c in configs if route_config_fits(c.kwargs["BM"], c.num_warps, *dims)]
+    return fit or [min(configs, key=lambda c: (route_acc_per_thread(c.kwargs["BM"], c.num_warps, *dims), -c.num_warps))]
+
+
+def configs_for(kind, constexprs):
+    """The autotune configs a launch of this kind with these constexprs would try (after pruning)."""
+    return prune_route_configs(_configs(kind), **constexprs) if kind == "route" else _configs(kind)
+
+
 if INTERPRETED:
     route_shrink_fwd, route_bwd, seg_gemm, seg_wgrad = _route_shrink_fwd, _route_bwd, _seg_gemm, _seg_wgrad
 else:
-    route_shrink_fwd = triton.autotune(_configs("route"), key=["E", "r", "d_in", "KU"])(_route_shrink_fwd)
-    route_bwd = triton.autotune(_configs("route"), key=["E", "r", "d_in", "d_out", "KX"])(_route_bwd)
+    # HAS_XE and EMBED decide the pruning (h is accumulated only with both): part of the key.
+    _ROUTE = dict(prune_configs_by={"early_config_prune": prune_route_configs})
+    route_shrink_fwd = triton.autotune(_configs("route"), key=["E", "r", "d_in", "KU", "HAS_XE", "EMBED"],
+                                       **_ROUTE)(_route_shrink_fwd)
+    route_bwd = triton.autotune(_configs("route"), key=["E", "r", "d_in", "d_out", "KX", "HAS_XE", "EMBED"],
+                                **_ROUTE)(_route_bwd)
     # seg_gemm may accumulate into its output (ACC): restore it between autotuning runs.
     seg_gemm = triton.autotune(_configs("gemm"), key=["KD", "N"], restore_value=["out_ptr"])(_seg_gemm)
     seg_wgrad = triton.autotune(_configs("wgrad"), key=["KD", "N"])(_seg_wgrad)
