@@ -133,19 +133,28 @@ def _compile_key(launch, config) -> tuple:
     return launch.kernel, tuple(sorted(consts.items())), ones, div16
 
 
-def problems(subset: bool) -> list[Problem]:
-    if subset:  # what CI compiles: the reference setup's constexprs (E = 8, r = 16, dropout; SP of S = 10) and the
-        # largest slot count whose routing accumulators fit (E = 30, r = 16, no dropout; see SPILLING_SHAPES)
-        return [Problem(T=512, S=10, E=8, r=16, d_in=4096, d_out=4096),
-                Problem(T=512, S=10, E=30, r=16, d_in=4096, d_out=4096, dropout=False)]  # fmt: skip
+SUBSET = ("512,10,8,16,1", "512,1,8,16,0")  # what CI compiles: E = 8, r = 16 with dropout (S = 10) and without (S = 1)
+
+
+def parse_problem(text: str) -> Problem:
+    """ "T,S,E,r,dropout" (d = 4096) -> Problem."""
+    t, s, e, r, drop = (int(v) for v in text.split(","))
+    return Problem(T=t, S=s, E=e, r=r, d_in=4096, d_out=4096, dropout=bool(drop))
+
+
+def problems(subset: bool, only: list[str] | None = None) -> list[Problem]:
+    if only:
+        return [parse_problem(p) for p in only]
+    if subset:
+        return [parse_problem(p) for p in SUBSET]
     return grid_problems() + grid_problems(dropout=False)
 
 
-def collect(subset: bool = False, tmp: Path = Path("/tmp"), log=None) -> list[dict]:
+def collect(subset=False, tmp=Path("/tmp"), log=None, only: list[str] | None = None, kernels=None) -> list[dict]:
     rows: dict[tuple, dict] = {}
-    for p in problems(subset):
+    for p in problems(subset, only):
         for launch in layer_launches(p):
-            if launch.kernel == "torch":
+            if launch.kernel == "torch" or (kernels and launch.kernel.lstrip("_") not in kernels):
                 continue
             fn = getattr(K, launch.kernel)
             for config in K.configs_for(launch.kind, launch.constexprs):
@@ -220,7 +229,9 @@ def summary(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--subset", action="store_true", help="the register-heaviest shapes only (CI)")
+    ap.add_argument("--subset", action="store_true", help=f"the shapes CI compiles: {' '.join(SUBSET)}")
+    ap.add_argument("--problem", action="append", metavar="T,S,E,r,dropout", help="these shapes only (repeatable)")
+    ap.add_argument("--kernel", action="append", help="these kernels only, e.g. route_shrink_fwd (repeatable)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (none with --no-write)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument(
@@ -229,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         help="diagnostic: run ptxas without Triton 3.9's --regAllocOptLevel=2 (not what users get)",
     )
     args = ap.parse_args(argv)
-    rows = collect(args.subset, log=sys.stderr)
+    rows = collect(args.subset, log=sys.stderr, only=args.problem, kernels=args.kernel)
     if not args.no_write:
         print(f"wrote {write(rows, args.out)}.{{csv,json}}")
     print(summary(rows))
