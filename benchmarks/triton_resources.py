@@ -81,6 +81,9 @@ def _signature(fn, launch, dtype: str):
             sig[name] = "fp32"
         else:
             value = launch.scalars.get(name, 0)  # unnamed operand strides of absent operands are 0
+            if fn.params[i].do_not_specialize:  # @triton.jit(do_not_specialize=...): neither == 1 nor % 16
+                sig[name] = "i32"
+                continue
             if value == 1:
                 sig[name], consts[name] = "constexpr", 1
                 continue
@@ -126,10 +129,12 @@ def compile_one(fn, launch, config: triton.Config, dtype: str = "bf16", tmp: Pat
     return {**numbers, "smem": int(kernel.metadata.shared), "num_warps": config.num_warps}
 
 
-def _compile_key(launch, config) -> tuple:
+def _compile_key(launch, config, plain=()) -> tuple:
+    """What the compile depends on; `plain`: the kernel's do_not_specialize arguments."""
     consts = {**launch.constexprs, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-    ones = tuple(sorted(k for k, v in launch.scalars.items() if v == 1))
-    div16 = tuple(sorted(k for k, v in launch.scalars.items() if isinstance(v, int) and v and v % 16 == 0))
+    scalars = {k: v for k, v in launch.scalars.items() if k not in plain}
+    ones = tuple(sorted(k for k, v in scalars.items() if v == 1))
+    div16 = tuple(sorted(k for k, v in scalars.items() if isinstance(v, int) and v and v % 16 == 0))
     return launch.kernel, tuple(sorted(consts.items())), ones, div16
 
 
@@ -158,7 +163,7 @@ def collect(subset=False, tmp=Path("/tmp"), log=None, only: list[str] | None = N
                 continue
             fn = getattr(K, launch.kernel)
             for config in K.configs_for(launch.kind, launch.constexprs):
-                key = _compile_key(launch, config)
+                key = _compile_key(launch, config, {p.name for p in fn.params if p.do_not_specialize})
                 shape = f"T={p.T} S={p.S} E={p.E} r={p.r} xe={int(p.dropout)}"
                 if key in rows:
                     rows[key]["shapes"].append(shape)
