@@ -34,9 +34,6 @@ import triton.language as tl
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(float32).tiny, as the reference clamps
-# T (tokens) is only compared, never a stride: compiling T = 1 (one token) as a constant spilled on sm_90 (route_bwd,
-# seg_gemm), so the kernels take it as an ordinary integer whatever its value (one compile for every T, too).
-NO_SPECIALIZE = ["T"]
 
 
 # Reductions through tl.reduce / tl.associative_scan with triton's own combine functions, and tl.full instead of
@@ -209,7 +206,7 @@ def _shrink(
     return u, h, t, zl, v
 
 
-@triton.jit(do_not_specialize=NO_SPECIALIZE)
+@triton.jit
 def _route_shrink_fwd(
     x_ptr, xe_ptr, seg_ptr, a_ptr, rt_ptr, sa_ptr, mask_ptr, probs_ptr, idx_ptr, uv_ptr, err_ptr,
     S, T, E, r, d_in, KU, scaling, inv_sqrt_r,
@@ -266,7 +263,7 @@ def _route_shrink_fwd(
                  mask=rmask[:, None] & (rcols < r)[None, :])
 
 
-@triton.jit(do_not_specialize=NO_SPECIALIZE)
+@triton.jit
 def _seg_gemm(
     d_ptr, seg_ptr, out_ptr, mask_ptr,
     w1_ptr, w1_s, w1_slot, w1_row, w1_n, rows1, slots1,
@@ -314,7 +311,7 @@ def _seg_gemm(
     tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.jit(do_not_specialize=NO_SPECIALIZE)
+@triton.jit
 def _route_bwd(
     g_ptr, gp_ptr, x_ptr, xe_ptr, seg_ptr, a_ptr, b_ptr, rt_ptr, sa_ptr, sb_ptr, probs_ptr, idx_ptr, mask_ptr,
     ug_ptr, dx_ptr, dxe_ptr, err_ptr,
@@ -424,7 +421,7 @@ def _route_bwd(
             tl.store(dx_ptr + row_ptr + E * r + rcols[None, :], (gs * scaling).to(ty), mask=smask)
 
 
-@triton.jit(do_not_specialize=NO_SPECIALIZE)
+@triton.jit
 def _seg_wgrad(
     d_ptr, x_ptr, d2_ptr, x2_ptr, seg_ptr,
     o1_ptr, o1_s, o1_slot, o1_row, o1_n, rows1, slots1,
@@ -478,7 +475,7 @@ def _seg_wgrad(
 CONFIG_KEYS = {"route": ("BM", "BK"), "gemm": ("BM", "BKD", "BN"), "wgrad": ("BM", "BKD", "BN")}
 CONFIGS = {
     "route": ((64, 32, 8), (64, 64, 8), (64, 32, 16)),
-    "gemm": ((64, 32, 64, 4), (128, 32, 64, 4), (128, 32, 128, 8), (64, 32, 128, 4)),
+    "gemm": ((64, 32, 64, 4), (128, 32, 64, 8), (128, 32, 128, 8), (64, 32, 128, 8)),
     "wgrad": ((32, 64, 64, 4), (64, 64, 128, 8), (32, 128, 64, 8), (64, 64, 64, 4)),
 }
 INTERPRET_META = {"route": {"BM": 32, "BK": 64}, "gemm": {"BM": 32, "BKD": 64, "BN": 64},
