@@ -72,8 +72,9 @@ def _signature(fn, launch, dtype: str):
     """(signature, constexprs, attrs) as the JIT would build them for this launch's argument values."""
     sig, consts, attrs = {}, dict(launch.constexprs), {}
     for i, name in enumerate(fn.arg_names):
-        if name in consts:
+        if name in consts or fn.params[i].is_constexpr:  # a constexpr the launcher passes positionally (r)
             sig[name] = "constexpr"
+            consts.setdefault(name, launch.scalars.get(name))
         elif name.endswith("_ptr"):
             sig[name] = "*" + launch.ptrs.get(name, dtype)
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -129,9 +130,11 @@ def compile_one(fn, launch, config: triton.Config, dtype: str = "bf16", tmp: Pat
     return {**numbers, "smem": int(kernel.metadata.shared), "num_warps": config.num_warps}
 
 
-def _compile_key(launch, config, plain=()) -> tuple:
-    """What the compile depends on; `plain`: the kernel's do_not_specialize arguments."""
+def _compile_key(launch, config, plain=(), const_args=()) -> tuple:
+    """What the compile depends on; `plain`: the kernel's do_not_specialize arguments, `const_args`: its constexpr
+    arguments the launcher passes positionally (their values, from the scalars)."""
     consts = {**launch.constexprs, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    consts.update({k: launch.scalars[k] for k in const_args if k in launch.scalars})
     scalars = {k: v for k, v in launch.scalars.items() if k not in plain}
     ones = tuple(sorted(k for k, v in scalars.items() if v == 1))
     div16 = tuple(sorted(k for k, v in scalars.items() if isinstance(v, int) and v and v % 16 == 0))
@@ -163,7 +166,8 @@ def collect(subset=False, tmp=Path("/tmp"), log=None, only: list[str] | None = N
                 continue
             fn = getattr(K, launch.kernel)
             for config in K.configs_for(launch.kind, launch.constexprs):
-                key = _compile_key(launch, config, {p.name for p in fn.params if p.do_not_specialize})
+                plain = {p.name for p in fn.params if p.do_not_specialize}
+                key = _compile_key(launch, config, plain, {p.name for p in fn.params if p.is_constexpr})
                 shape = f"T={p.T} S={p.S} E={p.E} r={p.r} xe={int(p.dropout)}"
                 if key in rows:
                     rows[key]["shapes"].append(shape)

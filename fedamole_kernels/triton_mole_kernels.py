@@ -16,6 +16,9 @@ Segment -> tile mapping: the grid has cdiv(T, BM) + S programs along tokens (an 
 per-segment tiles known without reading seg_offsets on the host); each program finds its (segment, tile) from a
 cumsum over seg_offsets in registers and returns early when it is past the last tile.
 
+The routing kernels take the rank r as a constexpr (one compile per rank, as autotuning already keys on it): with
+r = 8 a runtime value, route_bwd spilled on sm_90 (ptxas: ~100 bytes), as a constant it does not.
+
 Rank-space layouts. Inside a routing program the rank is padded to R = max(16, next_pow2(r)) and the slots to
 EP = max(2, next_pow2(E)) so that tl.dot sees dims >= 16 and the per-slot epilogue can reshape [BM, EP*R] to
 [BM, EP, R]. Buffers in global memory are compact: column e*r + j for slot e, rank row j, then r shared columns,
@@ -209,7 +212,7 @@ def _shrink(
 @triton.jit
 def _route_shrink_fwd(
     x_ptr, xe_ptr, seg_ptr, a_ptr, rt_ptr, sa_ptr, mask_ptr, probs_ptr, idx_ptr, uv_ptr, err_ptr,
-    S, T, E, r, d_in, KU, scaling, inv_sqrt_r,
+    S, T, E, r: tl.constexpr, d_in, KU, scaling, inv_sqrt_r,
     SP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, ZP: tl.constexpr, TOPK: tl.constexpr,
     EMBED: tl.constexpr, HAS_XE: tl.constexpr, HAS_SHARED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
@@ -315,7 +318,7 @@ def _seg_gemm(
 def _route_bwd(
     g_ptr, gp_ptr, x_ptr, xe_ptr, seg_ptr, a_ptr, b_ptr, rt_ptr, sa_ptr, sb_ptr, probs_ptr, idx_ptr, mask_ptr,
     ug_ptr, dx_ptr, dxe_ptr, err_ptr,
-    S, T, E, r, d_in, d_out, KU, KX, scaling, inv_sqrt_r,
+    S, T, E, r: tl.constexpr, d_in, d_out, KU, KX, scaling, inv_sqrt_r,
     SP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr,
     EMBED: tl.constexpr, HAS_XE: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_GP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
