@@ -483,29 +483,27 @@ CONFIGS = {
 }
 INTERPRET_META = {"route": {"BM": 32, "BK": 64}, "gemm": {"BM": 32, "BKD": 64, "BN": 64},
                   "wgrad": {"BM": 32, "BKD": 64, "BN": 64}}
-# Routing kernels hold u (and h, with x_e and the embedding router) as [BM, EP * R] fp32 accumulators across the
-# whole K loop. Compiled for sm_90 with Triton's own ptxas flags, they stayed in registers only with BM >= 64 (one
-# warpgroup MMA per 64 rows; the BM 16/32 mma.sync tiles spilled at every size tried) and at most a quarter of the
-# thread's register budget (64K / threads, at most 255) in accumulators, and never more than 64 elements. At
-# EP * R = 512 (E = 30, r = 16) no config fits (64 rows x 512 columns need >= 64 per thread at 16 warps, half their
-# budget): the pruning keeps the config with the fewest, which spills (`route_fits_any`; the fix is a kernel that
-# loops over expert groups).
-ROUTE_ACC_MAX = 64
+# Routing kernels hold [BM, EP * R] fp32 accumulators across their K loops: u (and h, with x_e and the embedding
+# router) in route_shrink_fwd, u, G (and h) in route_bwd. Compiled for sm_90 with Triton's own ptxas flags, they
+# stayed in registers only with BM >= 64 (one warpgroup MMA per 64 rows; BM 16/32 mma.sync tiles spilled at every
+# size tried) and when accumulators + 64 + 512 / num_warps (what ptxas reported beyond them: ~128 registers at 8
+# warps, ~96 at 16) fit the thread's budget (255, or 64K / threads). At EP * R = 512 (E = 30) no config fits (64
+# rows x 512 columns x 2 is 128 per thread even at 16 warps): the pruning keeps the least loaded, which spills
+# (`route_fits_any`; the fix is a kernel that loops over expert groups).
+def route_acc_per_thread(BM, num_warps, EP, R, HAS_XE, EMBED, bwd=False):
+    """fp32 accumulator elements per thread: BM * EP * R per accumulator (u, + G backward, + h with x_e and the
+    embedding router) / threads."""
+    return BM * EP * R * (1 + bool(bwd) + bool(HAS_XE and EMBED)) // (32 * num_warps)
 
 
-def route_acc_per_thread(BM, num_warps, EP, R, HAS_XE, EMBED):
-    """fp32 accumulator elements per thread of a routing config: BM * EP * R (* 2 for h) / threads."""
-    return BM * EP * R * (1 + bool(HAS_XE and EMBED)) // (32 * num_warps)
+def route_config_fits(BM, num_warps, EP, R, HAS_XE, EMBED, bwd=False):
+    regs = route_acc_per_thread(BM, num_warps, EP, R, HAS_XE, EMBED, bwd) + 64 + 512 // num_warps
+    return BM >= 64 and regs <= min(255, 65536 // (32 * num_warps))
 
 
-def route_config_fits(BM, num_warps, EP, R, HAS_XE, EMBED):
-    acc = route_acc_per_thread(BM, num_warps, EP, R, HAS_XE, EMBED)
-    return BM >= 64 and acc <= ROUTE_ACC_MAX and 4 * acc <= 65536 // (32 * num_warps)
-
-
-def route_fits_any(EP, R, HAS_XE, EMBED, **_):
-    """Whether some routing config fits these constexprs (False at E = 30, r = 16: it spills, see above)."""
-    return any(route_config_fits(row[0], row[-1], EP, R, HAS_XE, EMBED) for row in CONFIGS["route"])
+def route_fits_any(EP, R, HAS_XE, EMBED, bwd=False, **_):
+    """Whether some routing config fits these constexprs (False at E = 30: it spills, see above)."""
+    return any(route_config_fits(row[0], row[-1], EP, R, HAS_XE, EMBED, bwd) for row in CONFIGS["route"])
 
 
 def _configs(kind):
@@ -513,29 +511,34 @@ def _configs(kind):
             for row in CONFIGS[kind]]
 
 
-def prune_route_configs(configs, named_args=None, **meta):
-    """early_config_prune of the routing kernels (and the configs triton_resources compiles): those whose
-    accumulators fit (`route_config_fits`) for this launch's EP, R, HAS_XE, EMBED; when none does, the one with the
-    fewest accumulator elements per thread (it spills: E = 30 with x_e, see benchmarks/README.md)."""
-    dims = [meta[k] for k in ("EP", "R", "HAS_XE", "EMBED")]
+def prune_route_configs(configs, named_args=None, bwd=False, **meta):
+    """early_config_prune of the routing kernels (and the configs triton_resources compiles): those that fit
+    (`route_config_fits`) this launch's EP, R, HAS_XE, EMBED; when none does, the one with the fewest accumulator
+    elements per thread (it spills: E = 30)."""
+    dims = [meta[k] for k in ("EP", "R", "HAS_XE", "EMBED")] + [bwd]
     fit = [c for c in configs if route_config_fits(c.kwargs["BM"], c.num_warps, *dims)]
     return fit or [min(configs, key=lambda c: (route_acc_per_thread(c.kwargs["BM"], c.num_warps, *dims), -c.num_warps))]
 
 
-def configs_for(kind, constexprs):
-    """The autotune configs a launch of this kind with these constexprs would try (after pruning)."""
-    return prune_route_configs(_configs(kind), **constexprs) if kind == "route" else _configs(kind)
+def _prune_route_bwd(configs, named_args=None, **meta):
+    return prune_route_configs(configs, named_args, bwd=True, **meta)
+
+
+def configs_for(kind, constexprs, kernel=""):
+    """The autotune configs a launch of `kernel` (of this kind, with these constexprs) would try, after pruning."""
+    if kind != "route":
+        return _configs(kind)
+    return prune_route_configs(_configs(kind), bwd=kernel.lstrip("_") == "route_bwd", **constexprs)
 
 
 if INTERPRETED:
     route_shrink_fwd, route_bwd, seg_gemm, seg_wgrad = _route_shrink_fwd, _route_bwd, _seg_gemm, _seg_wgrad
 else:
     # HAS_XE and EMBED decide the pruning (h is accumulated only with both): part of the key.
-    _ROUTE = dict(prune_configs_by={"early_config_prune": prune_route_configs})
     route_shrink_fwd = triton.autotune(_configs("route"), key=["E", "r", "d_in", "KU", "HAS_XE", "EMBED"],
-                                       **_ROUTE)(_route_shrink_fwd)
+                                       prune_configs_by={"early_config_prune": prune_route_configs})(_route_shrink_fwd)
     route_bwd = triton.autotune(_configs("route"), key=["E", "r", "d_in", "d_out", "KX", "HAS_XE", "EMBED"],
-                                **_ROUTE)(_route_bwd)
+                                prune_configs_by={"early_config_prune": _prune_route_bwd})(_route_bwd)
     # seg_gemm may accumulate into its output (ACC): restore it between autotuning runs.
     seg_gemm = triton.autotune(_configs("gemm"), key=["KD", "N"], restore_value=["out_ptr"])(_seg_gemm)
     seg_wgrad = triton.autotune(_configs("wgrad"), key=["KD", "N"])(_seg_wgrad)
