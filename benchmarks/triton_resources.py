@@ -199,7 +199,8 @@ def _ptxas_version() -> str:
     try:
         from triton.backends.nvidia.compiler import get_ptxas_version
 
-        return get_ptxas_version(90).strip().splitlines()[-1]
+        text = get_ptxas_version(90)
+        return next((ln.strip() for ln in text.splitlines() if "release" in ln), text.strip().splitlines()[-1])
     except Exception as exc:  # noqa: BLE001 (a report field, never fatal)
         return f"unknown ({exc})"
 
