@@ -63,6 +63,27 @@ def test_autotune_pruning_leaves_configs_for_every_spec_shape():
     assert no_fit == {30}
 
 
+def test_routing_autotuners_prune_by_the_launch():
+    """The GPU module's autotuners (a child process: this session may run the interpreter) key on HAS_XE and EMBED
+    and prune per launch: route_bwd with x_e drops the 16-warp tile, E = 30 keeps one (the least loaded)."""
+    pytest.importorskip("triton")
+    code = """if True:
+        from fedamole_kernels import triton_mole_kernels as K
+        assert not K.INTERPRETED
+        meta = dict(SP=16, EP=8, R=16, ZP=16, TOPK=2, EMBED=True, HAS_XE=True, HAS_SHARED=True, HAS_GP=True)
+        for f in (K.route_shrink_fwd, K.route_bwd):
+            assert {"HAS_XE", "EMBED"} <= set(f.keys)
+            f.nargs = {}
+            print(f.base_fn.__name__, [c.num_warps for c in f.prune_configs(meta)],
+                  [c.num_warps for c in f.prune_configs({**meta, "EP": 32})])
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["_route_shrink_fwd [8, 8, 16] [16]", "_route_bwd [8, 8] [16]"]
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
