@@ -16,6 +16,9 @@ Segment -> tile mapping: the grid has cdiv(T, BM) + S programs along tokens (an 
 per-segment tiles known without reading seg_offsets on the host); each program finds its (segment, tile) from a
 cumsum over seg_offsets in registers and returns early when it is past the last tile.
 
+The routing kernels take the rank r as a constexpr (one compile per rank, as autotuning already keys on it): with
+r = 8 a runtime value, route_bwd spilled on sm_90 (ptxas: ~100 bytes), as a constant it does not.
+
 Rank-space layouts. Inside a routing program the rank is padded to R = max(16, next_pow2(r)) and the slots to
 EP = max(2, next_pow2(E)) so that tl.dot sees dims >= 16 and the per-slot epilogue can reshape [BM, EP*R] to
 [BM, EP, R]. Buffers in global memory are compact: column e*r + j for slot e, rank row j, then r shared columns,
@@ -115,6 +118,13 @@ def _tile_map(pid, seg_ptr, S, T, SP: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(seg, row0, row_end, BM: tl.constexpr):
+    """A token tile's rows, their mask, the rows and the segment as int64 (address arithmetic)."""
+    rows = row0 + tl.arange(0, BM)
+    return rows, rows < row_end, rows.to(tl.int64), seg.to(tl.int64)
+
+
+@triton.jit
 def _slot_active(mask_ptr, seg64, slots, E):
     """expert_mask[seg, slots] as booleans (False past E): masked slots' weights are never loaded."""
     return tl.load(mask_ptr + seg64 * E + slots, mask=(slots >= 0) & (slots < E), other=0) != 0
@@ -140,44 +150,34 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _route_shrink_fwd(
-    x_ptr, xe_ptr, seg_ptr, a_ptr, rt_ptr, sa_ptr, mask_ptr, probs_ptr, idx_ptr, uv_ptr, err_ptr,
-    S, T, E, r, d_in, KU, scaling, inv_sqrt_r,
-    SP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, ZP: tl.constexpr, TOPK: tl.constexpr,
-    EMBED: tl.constexpr, HAS_XE: tl.constexpr, HAS_SHARED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr,
-):
-    seg, row0, row_end, bad = _tile_map(tl.program_id(0), seg_ptr, S, T, SP, BM)
-    tl.store(err_ptr, 1, mask=bad)  # err[0]: invalid seg_offsets (the launcher raises)
-    if row0 >= row_end:
-        return
-    rows = row0 + tl.arange(0, BM)
-    rmask = rows < row_end
-    rows64 = rows.to(tl.int64)
-    seg64 = seg.to(tl.int64)
-    ks = tl.arange(0, BK)
-    # Expert columns in the padded [EP, R] layout; router / shared rows as R (or ZP) padded columns.
+def _expert_cols(a_ptr, mask_ptr, seg64, E, r, d_in, EP: tl.constexpr, R: tl.constexpr):
+    """Expert columns in the padded [EP, R] layout -> (cols, A row pointers, load mask, in-range mask); masked means
+    absent: A (and B) of masked slots are never loaded."""
     cols = tl.arange(0, EP * R)
     a_off, col_ok = _col_offsets(cols, R, r, E, r * d_in, d_in)
-    a_ok = col_ok & _slot_active(mask_ptr, seg64, cols // R, E)  # masked means absent: A (and B) never loaded
-    a_base = a_ptr + seg64 * E * r * d_in + a_off
+    a_ok = col_ok & _slot_active(mask_ptr, seg64, cols // R, E)
+    return cols, a_ptr + seg64 * E * r * d_in + a_off, a_ok, col_ok
+
+
+@triton.jit
+def _shrink(
+    x_ptr, xe_ptr, rt_ptr, sa_ptr, mask_ptr, rows64, rmask, seg64, a_base, a_ok, E, r, d_in,
+    EP: tl.constexpr, R: tl.constexpr, ZP: tl.constexpr, EMBED: tl.constexpr, LINEAR_Z: tl.constexpr,
+    HAS_XE: tl.constexpr, HAS_SHARED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
+):
+    """One pass over x (and x_e) of a token tile -> (u = x_e A^T, h = x A^T (u itself without x_e), t = x W_t^T,
+    zl = x R^T (LINEAR_Z: linear-router logits, ZP padded columns), v = x_e A_s^T); unused results stay zero."""
+    ks = tl.arange(0, BK)
     rcols = tl.arange(0, R)
     r_ok = rcols < r
-    if EMBED:
-        t_base = rt_ptr + seg64 * r * d_in + rcols * d_in
-        t = tl.full([BM, R], 0, tl.float32)
-    else:
-        zcols = tl.arange(0, ZP)
-        z_base = rt_ptr + seg64 * E * d_in + zcols * d_in
-        z_ok = _slot_active(mask_ptr, seg64, zcols, E)
-        zl = tl.full([BM, ZP], 0, tl.float32)
-    if HAS_SHARED:
-        s_base = sa_ptr + seg64 * r * d_in + rcols * d_in
-        v = tl.full([BM, R], 0, tl.float32)
+    zcols = tl.arange(0, ZP)
+    z_ok = _slot_active(mask_ptr, seg64, zcols, E)
     u = tl.full([BM, EP * R], 0, tl.float32)
-    if HAS_XE and EMBED:
-        h = tl.full([BM, EP * R], 0, tl.float32)
-
+    h = tl.full([BM, EP * R], 0, tl.float32)
+    t = tl.full([BM, R], 0, tl.float32)
+    zl = tl.full([BM, ZP], 0, tl.float32)
+    v = tl.full([BM, R], 0, tl.float32)
     for k0 in range(0, d_in, BK):
         kk = k0 + ks
         kmask = kk < d_in
@@ -193,24 +193,45 @@ def _route_shrink_fwd(
             xet = xt
             u = _dot(xt, at, u, UPCAST, PREC)
         if EMBED:
-            wt = tl.load(t_base[None, :] + kk[:, None], mask=r_ok[None, :] & kmask[:, None], other=0.0)
+            wt = tl.load(rt_ptr + seg64 * r * d_in + rcols[None, :] * d_in + kk[:, None],
+                         mask=r_ok[None, :] & kmask[:, None], other=0.0)
             t = _dot(xt, wt, t, UPCAST, PREC)
-        else:
-            wz = tl.load(z_base[None, :] + kk[:, None], mask=z_ok[None, :] & kmask[:, None], other=0.0)
+        if LINEAR_Z:
+            wz = tl.load(rt_ptr + seg64 * E * d_in + zcols[None, :] * d_in + kk[:, None],
+                         mask=z_ok[None, :] & kmask[:, None], other=0.0)
             zl = _dot(xt, wz, zl, UPCAST, PREC)
         if HAS_SHARED:
-            ws = tl.load(s_base[None, :] + kk[:, None], mask=r_ok[None, :] & kmask[:, None], other=0.0)
+            ws = tl.load(sa_ptr + seg64 * r * d_in + rcols[None, :] * d_in + kk[:, None],
+                         mask=r_ok[None, :] & kmask[:, None], other=0.0)
             v = _dot(xet, ws, v, UPCAST, PREC)
+    if not (HAS_XE and EMBED):
+        h = u
+    return u, h, t, zl, v
+
+
+@triton.jit
+def _route_shrink_fwd(
+    x_ptr, xe_ptr, seg_ptr, a_ptr, rt_ptr, sa_ptr, mask_ptr, probs_ptr, idx_ptr, uv_ptr, err_ptr,
+    S, T, E, r: tl.constexpr, d_in, KU, scaling, inv_sqrt_r,
+    SP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, ZP: tl.constexpr, TOPK: tl.constexpr,
+    EMBED: tl.constexpr, HAS_XE: tl.constexpr, HAS_SHARED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
+):
+    seg, row0, row_end, bad = _tile_map(tl.program_id(0), seg_ptr, S, T, SP, BM)
+    tl.store(err_ptr, 1, mask=bad)  # err[0]: invalid seg_offsets (the launcher raises)
+    if row0 >= row_end:
+        return
+    rows, rmask, rows64, seg64 = _tile_rows(seg, row0, row_end, BM)
+    cols, a_base, a_ok, col_ok = _expert_cols(a_ptr, mask_ptr, seg64, E, r, d_in, EP, R)
+    rcols = tl.arange(0, R)
+    u, h, t, zl, v = _shrink(x_ptr, xe_ptr, rt_ptr, sa_ptr, mask_ptr, rows64, rmask, seg64, a_base, a_ok, E, r, d_in,
+                             EP, R, ZP, EMBED, not EMBED, HAS_XE, HAS_SHARED, UPCAST, PREC, BM, BK)
 
     # Scores over the padded slots, then the masked softmax (a segment with no active slot gets all-zero probs).
     ecols = tl.arange(0, EP)
     active = tl.load(mask_ptr + seg64 * E + ecols, mask=ecols < E, other=0) != 0
     if EMBED:
-        if HAS_XE:
-            h3 = tl.reshape(h, [BM, EP, R])
-        else:
-            h3 = tl.reshape(u, [BM, EP, R])
-        z = _sum(h3 * t[:, None, :], 2) * inv_sqrt_r
+        z = _sum(tl.reshape(h, [BM, EP, R]) * t[:, None, :], 2) * inv_sqrt_r
     else:
         if ZP > EP:  # the router tile was padded to 16 columns for tl.dot: fold the all-zero tail back
             z = _sum(tl.reshape(zl, [BM, ZP // EP, EP]), 1)
@@ -262,10 +283,7 @@ def _seg_gemm(
     seg, row0, row_end, _ = _tile_map(tl.program_id(0), seg_ptr, S, T, SP, BM)
     if row0 >= row_end:
         return
-    rows = row0 + tl.arange(0, BM)
-    rmask = rows < row_end
-    rows64 = rows.to(tl.int64)
-    seg64 = seg.to(tl.int64)
+    rows, rmask, rows64, seg64 = _tile_rows(seg, row0, row_end, BM)
     ns = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = ns < N
     k1 = rows1 * slots1
@@ -300,7 +318,7 @@ def _seg_gemm(
 def _route_bwd(
     g_ptr, gp_ptr, x_ptr, xe_ptr, seg_ptr, a_ptr, b_ptr, rt_ptr, sa_ptr, sb_ptr, probs_ptr, idx_ptr, mask_ptr,
     ug_ptr, dx_ptr, dxe_ptr, err_ptr,
-    S, T, E, r, d_in, d_out, KU, KX, scaling, inv_sqrt_r,
+    S, T, E, r: tl.constexpr, d_in, d_out, KU, KX, scaling, inv_sqrt_r,
     SP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr,
     EMBED: tl.constexpr, HAS_XE: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_GP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
@@ -314,50 +332,17 @@ def _route_bwd(
     tl.store(err_ptr, 1, mask=bad)
     if row0 >= row_end:
         return
-    rows = row0 + tl.arange(0, BM)
-    rmask = rows < row_end
-    rows64 = rows.to(tl.int64)
-    seg64 = seg.to(tl.int64)
+    rows, rmask, rows64, seg64 = _tile_rows(seg, row0, row_end, BM)
     ks = tl.arange(0, BK)
-    cols = tl.arange(0, EP * R)
+    cols, a_base, a_ok, col_ok = _expert_cols(a_ptr, mask_ptr, seg64, E, r, d_in, EP, R)
     rcols = tl.arange(0, R)
     r_ok = rcols < r
-    a_off, col_ok = _col_offsets(cols, R, r, E, r * d_in, d_in)
-    a_ok = col_ok & _slot_active(mask_ptr, seg64, cols // R, E)  # masked means absent: A (and B) never loaded
-    a_base = a_ptr + seg64 * E * r * d_in + a_off
     b_off, _ = _col_offsets(cols, R, r, E, d_out * r, 1)
     b_base = b_ptr + seg64 * E * d_out * r + b_off
-    u = tl.full([BM, EP * R], 0, tl.float32)
-    if EMBED:
-        t = tl.full([BM, R], 0, tl.float32)
-        if HAS_XE:
-            h = tl.full([BM, EP * R], 0, tl.float32)
-    if HAS_SHARED:
-        v = tl.full([BM, R], 0, tl.float32)
-        gs = tl.full([BM, R], 0, tl.float32)
-    gr = tl.full([BM, EP * R], 0, tl.float32)
-
-    for k0 in range(0, d_in, BK):  # recompute u = x_e A^T, h = x A^T, t = x W_t^T, v = x_e A_s^T
-        kk = k0 + ks
-        kmask = kk < d_in
-        xmask = rmask[:, None] & kmask[None, :]
-        xt = tl.load(x_ptr + rows64[:, None] * d_in + kk[None, :], mask=xmask, other=0.0)
-        at = tl.load(a_base[None, :] + kk[:, None], mask=a_ok[None, :] & kmask[:, None], other=0.0)
-        if HAS_XE:
-            xet = tl.load(xe_ptr + rows64[:, None] * d_in + kk[None, :], mask=xmask, other=0.0)
-            if EMBED:
-                h = _dot(xt, at, h, UPCAST, PREC)
-        else:
-            xet = xt
-        u = _dot(xet, at, u, UPCAST, PREC)
-        if EMBED:
-            wt = tl.load(rt_ptr + seg64 * r * d_in + rcols[None, :] * d_in + kk[:, None],
-                         mask=r_ok[None, :] & kmask[:, None], other=0.0)
-            t = _dot(xt, wt, t, UPCAST, PREC)
-        if HAS_SHARED:
-            ws = tl.load(sa_ptr + seg64 * r * d_in + rcols[None, :] * d_in + kk[:, None],
-                         mask=r_ok[None, :] & kmask[:, None], other=0.0)
-            v = _dot(xet, ws, v, UPCAST, PREC)
+    # recompute u = x_e A^T, h = x A^T, t = x W_t^T, v = x_e A_s^T
+    u, h, t, _, v = _shrink(x_ptr, xe_ptr, rt_ptr, sa_ptr, mask_ptr, rows64, rmask, seg64, a_base, a_ok, E, r, d_in,
+                            EP, R, R, EMBED, False, HAS_XE, HAS_SHARED, UPCAST, PREC, BM, BK)
+    gs, gr = tl.full([BM, R], 0, tl.float32), tl.full([BM, EP * R], 0, tl.float32)
     for n0 in range(0, d_out, BK):  # G = g [B_1 .. B_E], G_s = g B_s
         nn = n0 + ks
         nmask = nn < d_out
@@ -407,10 +392,7 @@ def _route_bwd(
              tl.reshape(u3 * (w * scaling)[:, :, None], [BM, EP * R]).to(ty), mask=emask2)
     du2 = tl.reshape(du, [BM, EP * R])
     if EMBED:  # z = <h_i, t> / sqrt(r): dh_i = dz_i t / sqrt(r), dt = sum_i dz_i h_i / sqrt(r)
-        if HAS_XE:
-            h3 = tl.reshape(h, [BM, EP, R])
-        else:
-            h3 = u3
+        h3 = tl.reshape(h, [BM, EP, R])
         dh2 = tl.reshape(dz[:, :, None] * t[:, None, :] * inv_sqrt_r, [BM, EP * R])
         dt = _sum(dz[:, :, None] * h3, 1) * inv_sqrt_r
         rt_col = E * r + r * HAS_SHARED
@@ -490,34 +472,74 @@ def _seg_wgrad(
 
 
 # GPU: autotune the tile sizes (keyed on the problem dims); few configs, since each costs a compile per key. The
-# interpreter runs one fixed, large-tile config because its cost is per program and per op.
-def _route_configs():
-    return [triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=3)
-            for bm, bk, w in ((32, 64, 4), (64, 32, 4), (64, 64, 8), (32, 128, 8))]
-
-
-def _gemm_configs():
-    return [triton.Config({"BM": bm, "BKD": bkd, "BN": bn}, num_warps=w, num_stages=3)
-            for bm, bkd, bn, w in ((64, 32, 64, 4), (128, 32, 64, 4), (128, 64, 128, 8), (64, 64, 128, 4))]
-
-
-def _wgrad_configs():
-    return [triton.Config({"BM": bm, "BKD": bkd, "BN": bn}, num_warps=w, num_stages=3)
-            for bm, bkd, bn, w in ((32, 64, 64, 4), (64, 64, 128, 8), (32, 128, 64, 4), (64, 128, 128, 8))]
-
-
-INTERPRET_META = {
-    "route": {"BM": 32, "BK": 64},
-    "gemm": {"BM": 32, "BKD": 64, "BN": 64},
-    "wgrad": {"BM": 32, "BKD": 64, "BN": 64},
+# interpreter runs one fixed, large-tile config because its cost is per program and per op. Rows: tile sizes
+# (in the order of CONFIG_KEYS), num_warps; num_stages 3. benchmarks/triton_resources.py compiles them for sm_90
+# (with Triton's own ptxas flags) and tests/test_gpu_path_on_paper.py fails on any spill.
+CONFIG_KEYS = {"route": ("BM", "BK"), "gemm": ("BM", "BKD", "BN"), "wgrad": ("BM", "BKD", "BN")}
+CONFIGS = {
+    "route": ((64, 32, 8), (64, 64, 8), (64, 32, 16)),
+    "gemm": ((64, 32, 64, 4), (128, 32, 64, 8), (128, 32, 128, 8), (64, 32, 128, 8)),
+    "wgrad": ((32, 64, 64, 4), (64, 64, 128, 8), (32, 128, 64, 8), (64, 64, 64, 4)),
 }
+INTERPRET_META = {"route": {"BM": 32, "BK": 64}, "gemm": {"BM": 32, "BKD": 64, "BN": 64},
+                  "wgrad": {"BM": 32, "BKD": 64, "BN": 64}}
+# Routing kernels hold [BM, EP * R] fp32 accumulators across their K loops: u (and h, with x_e and the embedding
+# router) in route_shrink_fwd, u, G (and h) in route_bwd. Compiled for sm_90 with Triton's own ptxas flags, they
+# stayed in registers only with BM >= 64 (one warpgroup MMA per 64 rows; BM 16/32 mma.sync tiles spilled at every
+# size tried) and when accumulators + 64 + 512 / num_warps (what ptxas reported beyond them: ~128 registers at 8
+# warps, ~96 at 16) fit the thread's budget (255, or 64K / threads). At EP * R = 512 (E = 30) no config fits (64
+# rows x 512 columns x 2 is 128 per thread even at 16 warps): the pruning keeps the least loaded, which spills
+# (`route_fits_any`; the fix is a kernel that loops over expert groups).
+def route_acc_per_thread(BM, num_warps, EP, R, HAS_XE, EMBED, bwd=False):
+    """fp32 accumulator elements per thread: BM * EP * R per accumulator (u, + G backward, + h with x_e and the
+    embedding router) / threads."""
+    return BM * EP * R * (1 + bool(bwd) + bool(HAS_XE and EMBED)) // (32 * num_warps)
+
+
+def route_config_fits(BM, num_warps, EP, R, HAS_XE, EMBED, bwd=False):
+    regs = route_acc_per_thread(BM, num_warps, EP, R, HAS_XE, EMBED, bwd) + 64 + 512 // num_warps
+    return BM >= 64 and regs <= min(255, 65536 // (32 * num_warps))
+
+
+def route_fits_any(EP, R, HAS_XE, EMBED, bwd=False, **_):
+    """Whether some routing config fits these constexprs (False at E = 30: it spills, see above)."""
+    return any(route_config_fits(row[0], row[-1], EP, R, HAS_XE, EMBED, bwd) for row in CONFIGS["route"])
+
+
+def _configs(kind):
+    return [triton.Config(dict(zip(CONFIG_KEYS[kind], row[:-1])), num_warps=row[-1], num_stages=3)
+            for row in CONFIGS[kind]]
+
+
+def prune_route_configs(configs, named_args=None, bwd=False, **meta):
+    """early_config_prune of the routing kernels (and the configs triton_resources compiles): those that fit
+    (`route_config_fits`) this launch's EP, R, HAS_XE, EMBED; when none does, the one with the fewest accumulator
+    elements per thread (it spills: E = 30)."""
+    dims = [meta[k] for k in ("EP", "R", "HAS_XE", "EMBED")] + [bwd]
+    fit = [c for c in configs if route_config_fits(c.kwargs["BM"], c.num_warps, *dims)]
+    return fit or [min(configs, key=lambda c: (route_acc_per_thread(c.kwargs["BM"], c.num_warps, *dims), -c.num_warps))]
+
+
+def _prune_route_bwd(configs, named_args=None, **meta):
+    return prune_route_configs(configs, named_args, bwd=True, **meta)
+
+
+def configs_for(kind, constexprs, kernel=""):
+    """The autotune configs a launch of `kernel` (of this kind, with these constexprs) would try, after pruning."""
+    if kind != "route":
+        return _configs(kind)
+    return prune_route_configs(_configs(kind), bwd=kernel.lstrip("_") == "route_bwd", **constexprs)
+
 
 if INTERPRETED:
     route_shrink_fwd, route_bwd, seg_gemm, seg_wgrad = _route_shrink_fwd, _route_bwd, _seg_gemm, _seg_wgrad
 else:
-    route_shrink_fwd = triton.autotune(_route_configs(), key=["E", "r", "d_in", "KU"])(_route_shrink_fwd)
-    route_bwd = triton.autotune(_route_configs(), key=["E", "r", "d_in", "d_out", "KX"])(_route_bwd)
+    # HAS_XE and EMBED decide the pruning (h is accumulated only with both): part of the key.
+    route_shrink_fwd = triton.autotune(_configs("route"), key=["E", "r", "d_in", "KU", "HAS_XE", "EMBED"],
+                                       prune_configs_by={"early_config_prune": prune_route_configs})(_route_shrink_fwd)
+    route_bwd = triton.autotune(_configs("route"), key=["E", "r", "d_in", "d_out", "KX", "HAS_XE", "EMBED"],
+                                prune_configs_by={"early_config_prune": _prune_route_bwd})(_route_bwd)
     # seg_gemm may accumulate into its output (ACC): restore it between autotuning runs.
-    seg_gemm = triton.autotune(_gemm_configs(), key=["KD", "N"], restore_value=["out_ptr"])(_seg_gemm)
-    seg_wgrad = triton.autotune(_wgrad_configs(), key=["KD", "N"])(_seg_wgrad)
+    seg_gemm = triton.autotune(_configs("gemm"), key=["KD", "N"], restore_value=["out_ptr"])(_seg_gemm)
+    seg_wgrad = triton.autotune(_configs("wgrad"), key=["KD", "N"])(_seg_wgrad)
 # fmt: on
