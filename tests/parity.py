@@ -200,7 +200,7 @@ def check_parity(backend: str, case: Case, dtype_name: str, device: str = "cpu")
     if case.skew:
         assert bool((ref["topk_idx"][:, 0] == 0).all()), "skewed routing should send every token to slot 0 first"
     if case.mask is not None:
-        masked = torch.repeat_interleave(~make_inputs(case)["expert_mask"], torch.tensor(case.lengths), dim=0)
+        masked = torch.repeat_interleave(~inputs["expert_mask"], torch.tensor(case.lengths), dim=0)
         assert (out["probs"].cpu()[masked] == 0).all(), "masked slots must get probability 0"
 
     multiple, floor = TOLERANCE[dtype_name]
