@@ -32,6 +32,14 @@ def test_forced_paths_match_reference(path, case_name, monkeypatch):
     check_parity("cpu", CASES[case_name], "fp32")
 
 
+@pytest.mark.parametrize("path", ["default", *FORCED_PATHS])
+def test_wide_output_blocks_match_reference(path, monkeypatch):
+    # Several token blocks and output-column blocks per segment (too slow for the Triton interpreter's parity run).
+    for key, value in FORCED_PATHS.get(path, {}).items():
+        monkeypatch.setenv(key, value)
+    check_parity("cpu", Case((150, 3, 200), d_in=40, d_out=300, mask=("1111", "0110", "1011")), "fp32")
+
+
 @pytest.mark.parametrize("router_type", ["embedding", "linear"])
 @pytest.mark.parametrize("expert_input", [False, True])
 def test_gradcheck_float64(router_type, expert_input):
