@@ -1,10 +1,11 @@
 """Per-call cost of the MoLE layer next to nn.Linear and PEFT's LoRA layer (CPU, small batches).
 
-Providers, built on the same frozen base weights (the input always needs its gradient, as inside a network):
-  linear     nn.Linear alone
-  peft       peft.tuners.lora.Linear (r=8, alpha=16, dropout 0), built by `peft.get_peft_model`
-  mole       MoLELinear, backend "cpu" (E=8 slots, r=8, top-2, shared expert, dropout 0)
-  mole-ref   MoLELinear, backend "reference"
+Providers, from the shared table benchmarks/implementations.py, built on the same frozen base weights (the input
+always needs its gradient, as inside a network):
+  linear     "base": nn.Linear alone (no bias)
+  peft       "peft": peft.tuners.lora.Linear (r=8, alpha=16, dropout 0), built by `peft.get_peft_model`
+  mole       "mole": MoLELinear, backend "cpu" (E=8 slots, r=8, top-2, shared expert, dropout 0)
+  mole-ref   "mole-ref": MoLELinear, backend "reference"
 
 Modes: `fwd-nograd` (under torch.no_grad), `fwd` (grad enabled: the graph is built, then dropped), `fwd+bwd`
 (backward of y with a fixed output gradient; parameter gradients accumulate, as with gradient accumulation).
@@ -28,7 +29,6 @@ before and after the run, the torch version and the commit.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import csv
 import datetime as dt
@@ -42,12 +42,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fedamole import MoLEConfig  # noqa: E402
-from fedamole.layers import MoLELinear  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from implementations import IMPLEMENTATIONS, Built, Shapes  # noqa: E402
+
 from fedamole_kernels.backends import available_backends, get_backend  # noqa: E402
 from fedamole_kernels.problem import MoLEProblem  # noqa: E402
 
@@ -75,60 +75,31 @@ def commit() -> str:
         return "unknown"
 
 
-def build_providers(d: int, names: list[str], experts: int, rank: int) -> dict[str, nn.Module]:
-    """One module per provider, all on a copy of one frozen nn.Linear(d, d); LoRA B random so that no path is a
-    multiply-by-zero special case."""
-    torch.manual_seed(0)
-    base = nn.Linear(d, d).requires_grad_(False)
-
-    def base_copy() -> nn.Linear:
-        lin = nn.Linear(d, d)
-        lin.load_state_dict(base.state_dict())
-        return lin.requires_grad_(False)
-
-    modules: dict[str, nn.Module] = {}
-    for name in names:
-        if name == "linear":
-            modules[name] = base_copy()
-        elif name == "peft":
-            from peft import LoraConfig, get_peft_model
-
-            config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["lin"])
-            model = get_peft_model(nn.Sequential(collections.OrderedDict(lin=base_copy())), config)
-            layer = model.base_model.model.lin
-            with torch.no_grad():
-                for p in layer.lora_B.parameters():
-                    p.normal_(0, rank**-0.5)
-            modules[name] = layer
-        elif name.startswith("mole"):
-            backend = "reference" if name == "mole-ref" else "cpu"
-            config = MoLEConfig(num_experts=experts, rank=rank, alpha=2 * rank, top_k=2, dropout=0.0, backend=backend)
-            layer = MoLELinear(base_copy(), config)
-            with torch.no_grad():
-                layer.lora_b.normal_(0, rank**-0.5)
-                layer.shared_b.normal_(0, rank**-0.5)
-            modules[name] = layer
-        else:
-            raise SystemExit(f"unknown provider {name!r}")
-    for module in modules.values():
-        module.train()
-    return modules
+IMPLEMENTATION = {"linear": "base", "peft": "peft", "mole": "mole", "mole-ref": "mole-ref"}  # provider -> table
 
 
-def make_call(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str):
+def build_providers(d: int, num_tokens: int, names: list[str], experts: int, rank: int) -> dict[str, Built]:
+    """One layer per provider from the implementations table, all on the same frozen W0 [d, d] (LoRA B random so
+    that no path is a multiply-by-zero special case)."""
+    shapes = Shapes(num_tokens, d, d, experts, experts, rank, 1)
+    unknown = [n for n in names if n not in IMPLEMENTATION]
+    if unknown:
+        raise SystemExit(f"unknown provider {unknown[0]!r}")
+    return {name: IMPLEMENTATIONS[IMPLEMENTATION[name]].build(shapes, torch.float32, "cpu") for name in names}
+
+
+def make_call(built: Built, grad: torch.Tensor, mode: str):
     if mode == "fwd-nograd":
 
         def call():
             with torch.no_grad():
-                module(x)
+                built.forward()
     elif mode == "fwd":
-
-        def call():
-            module(x)
+        call = built.forward
     else:
 
         def call():
-            module(x).backward(grad)
+            built.forward().backward(grad)
 
     return call
 
@@ -155,8 +126,9 @@ def interleaved_medians(calls: dict, repeat: int, warmup: int, target_s: float) 
     return {name: statistics.median(ts) for name, ts in samples.items()}, n
 
 
-def kernel_calls(module: MoLELinear, x: torch.Tensor, grad: torch.Tensor) -> dict[str, object]:
+def kernel_calls(built: Built, grad: torch.Tensor) -> dict[str, object]:
     """The backend's own forward / forward+backward on the prepared inputs that the layer hands it."""
+    module, x = built.module, built.tensors["x"]
     backend = get_backend(module.config.backend)
     problem = MoLEProblem(
         x=x.detach(),
@@ -207,7 +179,7 @@ def count_ops(call) -> dict[str, int]:
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="1,8,64,512", help="comma-separated T")
     ap.add_argument("--d", default="512,2048", help="comma-separated d (d_in = d_out)")
@@ -222,57 +194,49 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny run in seconds (CI); results to a temp dir")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; smoke: tmp)")
     ap.add_argument("--tag", default="", help="suffix of the result file names")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    torch.set_num_threads(args.threads)
-    tokens = [int(t) for t in args.tokens.split(",")]
-    dims = [int(d) for d in args.d.split(",")]
-    modes = [m for m in args.modes.split(",") if m]
-    if bad := sorted(set(modes) - set(MODES)):
-        raise SystemExit(f"unknown modes {bad}; choose from {MODES}")
+
+def provider_names(args: argparse.Namespace) -> list[str]:
     names = args.providers.split(",") if args.providers else ["linear", "peft", "mole", "mole-ref"]
     if "cpu" not in available_backends("cpu"):
         names = [n for n in names if n != "mole"]
         print("backend 'cpu' unavailable (extension not built): provider 'mole' skipped")
-    with contextlib.suppress(ImportError):
-        import peft  # noqa: F401
-    if "peft" not in sys.modules:
+    if not IMPLEMENTATIONS["peft"].available("cpu"):
         names = [n for n in names if n != "peft"]
     if "linear" not in names:
         names.insert(0, "linear")
-    repeat, warmup, target_s = args.repeat, 20, args.target_ms / 1000
-    if args.smoke:
-        tokens, dims, repeat, warmup, target_s = [1, 8], [32], 3, 2, 0.002
-    started = dt.datetime.now(dt.timezone.utc)
-    load_before = load_average()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load {load_before}")
+    return names
 
+
+def time_grid(dims, tokens, names, modes, args, timing) -> list[dict]:
+    """Per-call medians of every provider for each d x T x mode."""
     rows = []
     for d in dims:
         for num_tokens in tokens:
-            modules = build_providers(d, names, args.experts, args.rank)
-            x = torch.randn(num_tokens, d, requires_grad=True)
+            built = build_providers(d, num_tokens, names, args.experts, args.rank)
             grad = torch.randn(num_tokens, d)
             for mode in modes:
-                calls = {name: make_call(m, x, grad, mode) for name, m in modules.items()}
-                medians, n = interleaved_medians(calls, repeat, warmup, target_s)
-                for name, t in medians.items():
-                    row = _row(d, num_tokens, mode, name, t, medians, n, repeat)
-                    rows.append(row)
+                calls = {name: make_call(b, grad, mode) for name, b in built.items()}
+                medians, n = interleaved_medians(calls, *timing)
+                rows += [_row(d, num_tokens, mode, name, t, medians, n, timing[0]) for name, t in medians.items()]
                 summary = "  ".join(f"{k} {v * 1e6:8.1f}" for k, v in medians.items())
                 print(f"d={d:5d} T={num_tokens:4d} {mode:10s} us/call: {summary}")
+    return rows
 
+
+def python_overhead(names, modes, args, timing) -> list[dict]:
+    """At d = --overhead-d, T=1: layer - nn.Linear - the backend's kernels called directly."""
     overhead = []
     mole_names = [n for n in names if n.startswith("mole")]
-    d = args.overhead_d
-    modules = build_providers(d, ["linear", *mole_names], args.experts, args.rank)
-    x = torch.randn(1, d, requires_grad=True)
+    d, repeat = args.overhead_d, timing[0]
+    built = build_providers(d, 1, ["linear", *mole_names], args.experts, args.rank)
     grad = torch.randn(1, d)
     for mode in modes:
-        calls = {name: make_call(m, x, grad, mode) for name, m in modules.items()}
+        calls = {name: make_call(b, grad, mode) for name, b in built.items()}
         for name in mole_names:
-            calls[f"{name}:kernel"] = kernel_calls(modules[name], x, grad)[mode]
-        medians, n = interleaved_medians(calls, repeat, warmup, target_s)
+            calls[f"{name}:kernel"] = kernel_calls(built[name], grad)[mode]
+        medians, n = interleaved_medians(calls, *timing)
         for name in mole_names:
             layer, kernel, linear = medians[name], medians[f"{name}:kernel"], medians["linear"]
             overhead.append(
@@ -293,19 +257,27 @@ def main() -> None:
                 f"overhead d={d} T=1 {mode:10s} {name}: layer {layer * 1e6:7.1f} us - linear {linear * 1e6:5.1f} "
                 f"- kernel {kernel * 1e6:6.1f} = {(layer - linear - kernel) * 1e6:7.1f} us"
             )
+    return overhead
 
-    op_counts = []
+
+def op_counts(names, modes, args) -> list[dict]:
+    """Profiler op counts of one call per provider and mode at d = --overhead-d, T=1."""
+    d, counts = args.overhead_d, []
+    grad = torch.randn(1, d)
     for mode in modes:
-        for name, module in build_providers(d, names, args.experts, args.rank).items():
-            op_counts.append(
-                {"provider": name, "mode": mode, "d": d, "tokens": 1, **count_ops(make_call(module, x, grad, mode))}
+        for name, built in build_providers(d, 1, names, args.experts, args.rank).items():
+            counts.append(
+                {"provider": name, "mode": mode, "d": d, "tokens": 1, **count_ops(make_call(built, grad, mode))}
             )
-    for rec in op_counts:
+    for rec in counts:
         print(
             f"ops {rec['mode']:10s} {rec['provider']:8s} top {rec['top_ops']:3d} all {rec['all_ops']:3d} "
             f"sync {rec['sync_ops']}"
         )
+    return counts
 
+
+def write_results(args, started, load_before, repeat, rows, overhead, counts) -> None:
     meta = {
         "date": started.isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -331,9 +303,31 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     (out / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "python_overhead": overhead, "op_counts": op_counts}, indent=1) + "\n"
+        json.dumps({"meta": meta, "rows": rows, "python_overhead": overhead, "op_counts": counts}, indent=1) + "\n"
     )
     print(f"load average after: {meta['load_average_after']}; wrote {out / stem}.csv and .json")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    dims = [int(d) for d in args.d.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    if bad := sorted(set(modes) - set(MODES)):
+        raise SystemExit(f"unknown modes {bad}; choose from {MODES}")
+    names = provider_names(args)
+    repeat, warmup, target_s = args.repeat, 20, args.target_ms / 1000
+    if args.smoke:
+        tokens, dims, repeat, warmup, target_s = [1, 8], [32], 3, 2, 0.002
+    started = dt.datetime.now(dt.timezone.utc)
+    load_before = load_average()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load {load_before}")
+    timing = (repeat, warmup, target_s)
+    rows = time_grid(dims, tokens, names, modes, args, timing)
+    overhead = python_overhead(names, modes, args, timing)
+    counts = op_counts(names, modes, args)
+    write_results(args, started, load_before, repeat, rows, overhead, counts)
 
 
 def _row(d, num_tokens, mode, name, t, medians, n, repeat) -> dict:

@@ -8,8 +8,9 @@ forward), fwd+bwd. Gradients: x and every adapter weight (the base linear: x onl
     python benchmarks/bench_mole.py --preset cpu          # CPU: fp32, T=2048, d=1024, 6 experts, r=8, top-2, shared
     TRITON_INTERPRET=1 python benchmarks/bench_mole.py --smoke   # CI: tiny shape, interpreter, < 60 s
 
-Providers live in PROVIDERS: a name -> Provider(available(device) -> bool, build(case) -> layer callable). Adding
-one (e.g. a new backend) is one entry. Results: <out>/<device>-<date>.csv and a .png plot (matplotlib Agg).
+Providers come from the shared table benchmarks/implementations.py (IMPLEMENTATIONS: name, available(device),
+build(shapes, dtype, device)); adding one (e.g. a new backend) is one entry there and its name in PROVIDERS here.
+Results: <out>/<device>-<date>.csv and a .png plot (matplotlib Agg).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import itertools
-import math
 import os
 import re
 import statistics
@@ -34,7 +34,8 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before any Triton ke
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedamole_kernels import available_backends, mole_lora  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from implementations import IMPLEMENTATIONS, Built, Shapes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,140 +54,15 @@ class Case:
     device: str = "cuda"
 
 
-def make_tensors(case: Case) -> dict:
-    """Layer inputs: x [T, d] (grad), frozen W0 [d, d], adapter weights (grad), equal-size segments."""
-    g = torch.Generator().manual_seed(0)
-    S, E, r, d = case.segments, case.slots, case.rank, case.d
-
-    def rnd(*shape, scale=1.0, grad=True):
-        t = (torch.randn(*shape, generator=g) * scale).to(case.dtype).to(case.device)
-        return t.requires_grad_(grad)
-
-    mask = torch.zeros(S, E, dtype=torch.bool)
-    mask[:, : case.active] = True
-    bounds = [round(i * case.tokens / S) for i in range(S + 1)]
-    return dict(
-        x=rnd(case.tokens, d),
-        w0=rnd(d, d, scale=d**-0.5, grad=False),
-        lora_a=rnd(S, E, r, d, scale=d**-0.5),
-        lora_b=rnd(S, E, d, r, scale=0.1),
-        router=rnd(S, r, d, scale=d**-0.5),
-        shared_a=rnd(S, r, d, scale=d**-0.5) if case.shared else None,
-        shared_b=rnd(S, d, r, scale=0.1) if case.shared else None,
-        expert_mask=mask.to(case.device),
-        seg_offsets=torch.tensor(bounds, device=case.device),
+def shapes_of(case: Case) -> Shapes:
+    return Shapes(
+        case.tokens, case.d, case.d, case.slots, case.active, case.rank, case.segments, case.top_k, case.shared
     )
 
 
-def grad_inputs(t: dict) -> list[torch.Tensor]:
-    return [v for k, v in t.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-
-
-# ---------------------------------------------------------------------------------------------------- providers
-def base_layer(case: Case, t: dict) -> Callable:
-    return lambda: t["x"] @ t["w0"].T
-
-
-def backend_layer(name: str) -> Callable:
-    def build(case: Case, t: dict) -> Callable:
-        def layer():
-            delta, _, _ = mole_lora(
-                t["x"],
-                t["seg_offsets"],
-                t["lora_a"],
-                t["lora_b"],
-                t["router"],
-                t["shared_a"],
-                t["shared_b"],
-                t["expert_mask"],
-                top_k=case.top_k,
-                scaling=2.0,
-                backend=name,
-            )
-            return t["x"] @ t["w0"].T + delta
-
-        return layer
-
-    return build
-
-
-def dense_delta(x, lora_a, lora_b, router, shared_a, shared_b, mask, top_k: int, scaling: float):
-    """Reference-like dense formulation batched over equal-size segments: x [S, n, d] -> delta [S, n, d_out]."""
-    h = torch.einsum("snd,serd->sner", x, lora_a)
-    t = torch.einsum("snd,srd->snr", x, router)
-    z = (h * t[:, :, None]).sum(-1) / math.sqrt(lora_a.shape[2])
-    p = torch.softmax(z.float().masked_fill(~mask[:, None], float("-inf")), -1)
-    vals, idx = p.topk(min(top_k, lora_a.shape[1]), -1)
-    gates = torch.zeros_like(p).scatter(-1, idx, vals / vals.sum(-1, keepdim=True)) * scaling
-    out = torch.einsum("sner,seor->sno", h * gates[..., None].to(h.dtype), lora_b)
-    if shared_a is not None:
-        out = out + scaling * torch.einsum("snr,sor->sno", torch.einsum("snd,srd->snr", x, shared_a), shared_b)
-    return out
-
-
-def compiled_layer(case: Case, t: dict) -> Callable:
-    if case.tokens % case.segments:
-        raise ValueError("the dense torch.compile provider needs equal-size segments")
-    fn = torch.compile(dense_delta)
-    S = case.segments
-
-    def layer():
-        xs = t["x"].view(S, -1, case.d)
-        delta = fn(
-            xs, t["lora_a"], t["lora_b"], t["router"], t["shared_a"], t["shared_b"], t["expert_mask"], case.top_k, 2.0
-        )
-        return t["x"] @ t["w0"].T + delta.reshape(case.tokens, -1)
-
-    return layer
-
-
-def authors_loop_layer(case: Case, t: dict) -> Callable:
-    """As the authors' MoLE layer: one client at a time, dense routing, then a Python loop over experts on the
-    tokens routed to each (index_select / index_add), with the host syncs that implies."""
-    bounds = t["seg_offsets"].tolist()
-    active = [t["expert_mask"][s].nonzero().flatten().tolist() for s in range(case.segments)]
-
-    def layer():
-        x, y = t["x"], t["x"] @ t["w0"].T
-        outs = []
-        for s in range(case.segments):
-            xs = x[bounds[s] : bounds[s + 1]]
-            a, b = t["lora_a"][s], t["lora_b"][s]
-            h = torch.stack([xs @ a[e].T for e in active[s]], 1)
-            z = (h * (xs @ t["router"][s].T)[:, None]).sum(-1) / math.sqrt(case.rank)
-            w, idx = torch.softmax(z.float(), -1).topk(min(case.top_k, len(active[s])), -1)
-            w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
-            out = 2.0 * (xs @ t["shared_a"][s].T) @ t["shared_b"][s].T if case.shared else torch.zeros_like(xs)
-            for j, e in enumerate(active[s]):
-                tok, slot = torch.where(idx == j)
-                if tok.numel():
-                    part = (xs[tok] @ a[e].T) @ b[e].T
-                    out = out.index_add(0, tok, 2.0 * w[tok, slot, None] * part)
-            outs.append(out)
-        return y + torch.cat(outs)
-
-    return layer
-
-
-@dataclass(frozen=True)
-class Provider:
-    available: Callable[[str], bool]
-    build: Callable[[Case, dict], Callable]
-
-
-def _backend_available(name: str) -> Callable[[str], bool]:
-    return lambda device: name in available_backends(device)
-
-
-PROVIDERS: dict[str, Provider] = {
-    "base": Provider(lambda device: True, base_layer),
-    "reference": Provider(_backend_available("reference"), backend_layer("reference")),
-    "compile": Provider(lambda device: True, compiled_layer),
-    "authors_loop": Provider(lambda device: True, authors_loop_layer),
-    "triton": Provider(_backend_available("triton"), backend_layer("triton")),
-    "cuda": Provider(_backend_available("cuda"), backend_layer("cuda")),
-    "cpu": Provider(_backend_available("cpu"), backend_layer("cpu")),
-}
+# Providers: the shared table of benchmarks/implementations.py (base, reference, compile, authors_loop, triton,
+# cuda, cpu), each timed as the whole layer y = x W0^T + adapter(x).
+PROVIDERS = ("base", "reference", "compile", "authors_loop", "triton", "cuda", "cpu")
 
 
 # ------------------------------------------------------------------------------------------------------- timing
@@ -206,29 +82,26 @@ def median_ms(fn: Callable, device: str, reps: int) -> float:
     return statistics.median(times)
 
 
-def timed_fns(layer: Callable, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, Callable]]:
-    y = layer()
+def timed_fns(built: Built) -> tuple[torch.Tensor, dict[str, Callable]]:
+    y = built.forward()
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
     return y, {
-        "fwd": layer,
-        "bwd": lambda: torch.autograd.grad(y, inputs, gy, retain_graph=True),
-        "fwd+bwd": lambda: torch.autograd.grad(layer(), inputs, gy),
+        "fwd": built.forward,
+        "bwd": lambda: torch.autograd.grad(y, built.grad_inputs, gy, retain_graph=True),
+        "fwd+bwd": lambda: built.forward_backward(gy),
     }
 
 
 def run(cases: list[Case], providers: list[str], modes: list[str], reps: int) -> list[dict]:
     rows = []
     for case in cases:
-        t = make_tensors(case)
         base_ms, ref_y = {}, None
         for name in ["base"] + [p for p in providers if p != "base"]:
-            prov = PROVIDERS[name]
-            if not prov.available(case.device):
+            impl = IMPLEMENTATIONS[name]
+            if not impl.available(case.device):
                 continue
             try:
-                layer = prov.build(case, t)
-                inputs = [t["x"]] if name == "base" else grad_inputs(t)
-                y, fns = timed_fns(layer, inputs)
+                y, fns = timed_fns(impl.build(shapes_of(case), case.dtype, case.device))
                 # Every provider computes the same layer: report its deviation from the reference backend.
                 if name == "reference":
                     ref_y = y.detach().float()
@@ -237,28 +110,30 @@ def run(cases: list[Case], providers: list[str], modes: list[str], reps: int) ->
                     ms = median_ms(fns[mode], case.device, reps)
                     if name == "base":
                         base_ms[mode] = ms
-                    rows.append(
-                        dict(
-                            case.__dict__,
-                            dtype=str(case.dtype).replace("torch.", ""),
-                            provider=name,
-                            mode=mode,
-                            ms=round(ms, 4),
-                            ratio=round(ms / base_ms[mode], 3),
-                            max_err=float(f"{float(err):.3g}"),
-                        )
-                    )
-                    print(
-                        f"{case.tokens:>6} d={case.d:<5} E={case.slots}/{case.active} r={case.rank:<3} "
-                        f"S={case.segments:<3} {mode:<8} {name:<13} {ms:9.3f} ms  x{rows[-1]['ratio']:.2f}  "
-                        f"err {float(err):.2g}",
-                        flush=True,
-                    )
+                    rows.append(result_row(case, name, mode, ms, base_ms[mode], err))
             except Exception as exc:  # one provider failing (e.g. no C compiler for torch.compile) is reported
                 print(f"{name}: skipped ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
             if case.device == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+def result_row(case: Case, name: str, mode: str, ms: float, base_ms: float, err) -> dict:
+    row = dict(
+        case.__dict__,
+        dtype=str(case.dtype).replace("torch.", ""),
+        provider=name,
+        mode=mode,
+        ms=round(ms, 4),
+        ratio=round(ms / base_ms, 3),
+        max_err=float(f"{float(err):.3g}"),
+    )
+    print(
+        f"{case.tokens:>6} d={case.d:<5} E={case.slots}/{case.active} r={case.rank:<3} "
+        f"S={case.segments:<3} {mode:<8} {name:<13} {ms:9.3f} ms  x{row['ratio']:.2f}  err {float(err):.2g}",
+        flush=True,
+    )
+    return row
 
 
 def device_name(device: str) -> str:
