@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from fedamole_kernels.triton_mole_configs import route_group
+
 # The SPEC's shape grid (issue 14, item 4a) and the reference setup of the "why it can be fast" section.
 GRID = {"d": (4096,), "T": (1, 512, 8192), "E": (6, 8, 30), "r": (8, 16), "S": (1, 10, 64)}
 REFERENCE = dict(T=4096, d=4096, E=8, r=16, S=1)
@@ -68,7 +70,8 @@ _FLAGS = dict(UPCAST=False, PREC="tf32")
 
 def _route_consts(p: Problem) -> dict:
     ep = pow2(p.E, 2)
-    return dict(SP=pow2(p.S, 2), EP=ep, R=pow2(p.r, 16), TOPK=p.top_k, EMBED=p.embed, HAS_XE=p.dropout,
+    return dict(SP=pow2(p.S, 2), EP=ep, R=pow2(p.r, 16), TOPK=p.top_k, GE=route_group(ep, pow2(p.r, 16)),
+                EMBED=p.embed, HAS_XE=p.dropout,
                 HAS_SHARED=p.shared, **_FLAGS)  # fmt: skip
 
 

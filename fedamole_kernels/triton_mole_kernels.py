@@ -16,6 +16,10 @@ Segment -> tile mapping: the grid has cdiv(T, BM) + S programs along tokens (an 
 per-segment tiles known without reading seg_offsets on the host); each program finds its (segment, tile) from a
 cumsum over seg_offsets in registers and returns early when it is past the last tile.
 
+Many slots (EP * R > 256, E = 30): the routing kernels loop over groups of GE slots (`route_group`, 64 columns) so
+that their accumulators fit in registers on sm_90, keeping only [BM, EP] arrays (logits, gates, dL/dw, dz) across
+groups and recomputing per group what a later step needs (see each kernel's docstring); E = 6 / 8 run one group.
+
 The routing kernels take the rank r as a constexpr (one compile per rank, as autotuning already keys on it): with
 r = 8 a runtime value, route_bwd spilled on sm_90 (ptxas: ~100 bytes), as a constant it does not.
 
@@ -46,6 +50,7 @@ from fedamole_kernels.triton_mole_configs import (  # noqa: F401  (re-exported: 
     route_acc_per_thread,
     route_config_fits,
     route_fits_any,
+    route_group,
 )
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
@@ -163,10 +168,10 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _expert_cols(a_ptr, mask_ptr, seg64, E, r, d_in, EP: tl.constexpr, R: tl.constexpr):
-    """Expert columns in the padded [EP, R] layout -> (cols, A row pointers, load mask, in-range mask); masked means
-    absent: A (and B) of masked slots are never loaded."""
-    cols = tl.arange(0, EP * R)
+def _expert_cols(a_ptr, mask_ptr, seg64, E, r, d_in, s0, NS: tl.constexpr, R: tl.constexpr):
+    """Expert columns of slots s0 .. s0 + NS - 1 in the padded [EP, R] layout -> (cols, A row pointers, load mask,
+    in-range mask); masked means absent: A (and B) of masked slots are never loaded."""
+    cols = s0 * R + tl.arange(0, NS * R)
     a_off, col_ok = _col_offsets(cols, R, r, E, r * d_in, d_in)
     a_ok = col_ok & _slot_active(mask_ptr, seg64, cols // R, E)
     return cols, a_ptr + seg64 * E * r * d_in + a_off, a_ok, col_ok
@@ -223,29 +228,93 @@ def _shrink(
 
 
 @triton.jit
+def _rows_dot(x_ptr, rows64, rmask, w_base, w_ok, K, w_stride, UPCAST: tl.constexpr, PREC: tl.constexpr,
+              BM: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr):
+    """acc [BM, NC] = X[rows, :K] @ W, W[k, c] at w_base[c] + k * w_stride (columns with w_ok False read as 0)."""
+    ks = tl.arange(0, BK)
+    acc = tl.full([BM, NC], 0, tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + ks
+        kmask = kk < K
+        xt = tl.load(x_ptr + rows64[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(w_base[None, :] + kk[:, None] * w_stride, mask=w_ok[None, :] & kmask[:, None], other=0.0)
+        acc = _dot(xt, wt, acc, UPCAST, PREC)
+    return acc
+
+
+@triton.jit
+def _group_of(a, gi, BM: tl.constexpr, NG: tl.constexpr, GE: tl.constexpr):
+    """[BM, NG * GE] -> the [BM, GE] columns of slot group gi."""
+    return _sum(tl.where(tl.arange(0, NG)[None, :, None] == gi, tl.reshape(a, [BM, NG, GE]), 0.0), 1)
+
+
+@triton.jit
+def _in_group(a, gi, BM: tl.constexpr, NG: tl.constexpr, GE: tl.constexpr):
+    """[BM, GE] of slot group gi -> [BM, NG * GE], zeros outside the group."""
+    return tl.reshape(tl.where(tl.arange(0, NG)[None, :, None] == gi, a[:, None, :], 0.0), [BM, NG * GE])
+
+
+@triton.jit
+def _embed_logits(h, t, inv_sqrt_r, BM: tl.constexpr, NS: tl.constexpr, R: tl.constexpr):
+    """Embedding-router logits of NS slots: z_i = <h_i, t> / sqrt(r), h [BM, NS * R] -> [BM, NS]."""
+    return _sum(tl.reshape(h, [BM, NS, R]) * t[:, None, :], 2) * inv_sqrt_r
+
+
+@triton.jit
+def _store_gated(uv_ptr, rows64, rmask, KU, cols, col_ok, u, gate, r, BM: tl.constexpr, NS: tl.constexpr,
+                 R: tl.constexpr):
+    gated = tl.reshape(tl.reshape(u, [BM, NS, R]) * gate[:, :, None], [BM, NS * R])
+    dst = (cols // R) * r + cols % R
+    tl.store(uv_ptr + rows64[:, None] * KU + dst[None, :], gated.to(uv_ptr.dtype.element_ty),
+             mask=rmask[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _route_shrink_fwd(
     x_ptr, xe_ptr, seg_ptr, a_ptr, rt_ptr, sa_ptr, mask_ptr, probs_ptr, idx_ptr, uv_ptr, err_ptr,
     S, T, E, r: tl.constexpr, d_in, KU, scaling, inv_sqrt_r,
-    SP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, ZP: tl.constexpr, TOPK: tl.constexpr,
+    SP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, ZP: tl.constexpr, TOPK: tl.constexpr, GE: tl.constexpr,
     EMBED: tl.constexpr, HAS_XE: tl.constexpr, HAS_SHARED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
 ):
+    """GE = EP: one pass over x for every slot at once. GE < EP (many slots, `route_group`): the [BM, GE * R]
+    accumulators of one slot group at a time, so that they fit in registers; the logits need only h (x A^T, or u
+    itself without x_e) and t, so u of each group is computed after the top-k (recomputed without x_e)."""
     seg, row0, row_end, bad = _tile_map(tl.program_id(0), seg_ptr, S, T, SP, BM)
     tl.store(err_ptr, 1, mask=bad)  # err[0]: invalid seg_offsets (the launcher raises)
     if row0 >= row_end:
         return
     rows, rmask, rows64, seg64 = _tile_rows(seg, row0, row_end, BM)
-    cols, a_base, a_ok, col_ok = _expert_cols(a_ptr, mask_ptr, seg64, E, r, d_in, EP, R)
     rcols = tl.arange(0, R)
-    u, h, t, zl, v = _shrink(x_ptr, xe_ptr, rt_ptr, sa_ptr, mask_ptr, rows64, rmask, seg64, a_base, a_ok, E, r, d_in,
-                             EP, R, ZP, EMBED, not EMBED, HAS_XE, HAS_SHARED, UPCAST, PREC, BM, BK)
+    NG: tl.constexpr = EP // GE
+    if NG == 1:
+        cols, a_base, a_ok, col_ok = _expert_cols(a_ptr, mask_ptr, seg64, E, r, d_in, 0, EP, R)
+        u, h, t, zl, v = _shrink(x_ptr, xe_ptr, rt_ptr, sa_ptr, mask_ptr, rows64, rmask, seg64, a_base, a_ok, E, r,
+                                 d_in, EP, R, ZP, EMBED, not EMBED, HAS_XE, HAS_SHARED, UPCAST, PREC, BM, BK)
+        if EMBED:
+            z = _embed_logits(h, t, inv_sqrt_r, BM, EP, R)
+    else:
+        r_ok = rcols < r
+        zcols = tl.arange(0, ZP)
+        if EMBED:
+            t = _rows_dot(x_ptr, rows64, rmask, rt_ptr + seg64 * r * d_in + rcols * d_in, r_ok, d_in, 1, UPCAST,
+                          PREC, BM, BK, R)
+            z = tl.full([BM, EP], 0, tl.float32)
+            for gi in range(NG):
+                _, a_base, a_ok, _ = _expert_cols(a_ptr, mask_ptr, seg64, E, r, d_in, gi * GE, GE, R)
+                h = _rows_dot(x_ptr, rows64, rmask, a_base, a_ok, d_in, 1, UPCAST, PREC, BM, BK, GE * R)
+                z += _in_group(_embed_logits(h, t, inv_sqrt_r, BM, GE, R), gi, BM, NG, GE)
+        else:
+            zl = _rows_dot(x_ptr, rows64, rmask, rt_ptr + seg64 * E * d_in + zcols * d_in,
+                           _slot_active(mask_ptr, seg64, zcols, E), d_in, 1, UPCAST, PREC, BM, BK, ZP)
+        if HAS_SHARED:
+            v = _rows_dot(xe_ptr, rows64, rmask, sa_ptr + seg64 * r * d_in + rcols * d_in, r_ok, d_in, 1, UPCAST,
+                          PREC, BM, BK, R)
 
     # Scores over the padded slots, then the masked softmax (a segment with no active slot gets all-zero probs).
     ecols = tl.arange(0, EP)
     active = tl.load(mask_ptr + seg64 * E + ecols, mask=ecols < E, other=0) != 0
-    if EMBED:
-        z = _sum(tl.reshape(h, [BM, EP, R]) * t[:, None, :], 2) * inv_sqrt_r
-    else:
+    if not EMBED:
         if ZP > EP:  # the router tile was padded to 16 columns for tl.dot: fold the all-zero tail back
             z = _sum(tl.reshape(zl, [BM, ZP // EP, EP]), 1)
         else:
@@ -270,10 +339,13 @@ def _route_shrink_fwd(
     picked = tl.where(taken != 0, p, 0.0)
     norm = tl.maximum(_sum(picked, 1), FP32_TINY)
     gate = picked / norm[:, None] * scaling
-    gated = tl.reshape(tl.reshape(u, [BM, EP, R]) * gate[:, :, None], [BM, EP * R])
-    dst = (cols // R) * r + cols % R
-    tl.store(uv_ptr + rows64[:, None] * KU + dst[None, :], gated.to(uv_ptr.dtype.element_ty),
-             mask=rmask[:, None] & col_ok[None, :])
+    if NG == 1:
+        _store_gated(uv_ptr, rows64, rmask, KU, cols, col_ok, u, gate, r, BM, EP, R)
+    else:
+        for gi in range(NG):
+            cols, a_base, a_ok, col_ok = _expert_cols(a_ptr, mask_ptr, seg64, E, r, d_in, gi * GE, GE, R)
+            u = _rows_dot(xe_ptr, rows64, rmask, a_base, a_ok, d_in, 1, UPCAST, PREC, BM, BK, GE * R)
+            _store_gated(uv_ptr, rows64, rmask, KU, cols, col_ok, u, _group_of(gate, gi, BM, NG, GE), r, BM, GE, R)
     if HAS_SHARED:
         tl.store(uv_ptr + rows64[:, None] * KU + E * r + rcols[None, :], (v * scaling).to(uv_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (rcols < r)[None, :])
@@ -328,46 +400,10 @@ def _seg_gemm(
 
 
 @triton.jit
-def _route_bwd(
-    g_ptr, gp_ptr, x_ptr, xe_ptr, seg_ptr, a_ptr, b_ptr, rt_ptr, sa_ptr, sb_ptr, probs_ptr, idx_ptr, mask_ptr,
-    ug_ptr, dx_ptr, dxe_ptr, err_ptr,
-    S, T, E, r: tl.constexpr, d_in, d_out, KU, KX, scaling, inv_sqrt_r,
-    SP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr,
-    EMBED: tl.constexpr, HAS_XE: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_GP: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-):
-    """Routing + rank-space backward for one token tile (see reference.mole_lora_backward for the math).
-
-    Masked means absent: masked slots' A and B are never loaded and their probs, grad_probs and dz are selected to 0.
-    Top-k ids are only compared, never used as addresses; ids that are not -1 or an active slot, or repeat, set
-    err[1] (the launcher raises) and select nothing."""
-    seg, row0, row_end, bad = _tile_map(tl.program_id(0), seg_ptr, S, T, SP, BM)
-    tl.store(err_ptr, 1, mask=bad)
-    if row0 >= row_end:
-        return
-    rows, rmask, rows64, seg64 = _tile_rows(seg, row0, row_end, BM)
-    ks = tl.arange(0, BK)
-    cols, a_base, a_ok, col_ok = _expert_cols(a_ptr, mask_ptr, seg64, E, r, d_in, EP, R)
-    rcols = tl.arange(0, R)
-    r_ok = rcols < r
-    b_off, _ = _col_offsets(cols, R, r, E, d_out * r, 1)
-    b_base = b_ptr + seg64 * E * d_out * r + b_off
-    # recompute u = x_e A^T, h = x A^T, t = x W_t^T, v = x_e A_s^T
-    u, h, t, _, v = _shrink(x_ptr, xe_ptr, rt_ptr, sa_ptr, mask_ptr, rows64, rmask, seg64, a_base, a_ok, E, r, d_in,
-                            EP, R, R, EMBED, False, HAS_XE, HAS_SHARED, UPCAST, PREC, BM, BK)
-    gs, gr = tl.full([BM, R], 0, tl.float32), tl.full([BM, EP * R], 0, tl.float32)
-    for n0 in range(0, d_out, BK):  # G = g [B_1 .. B_E], G_s = g B_s
-        nn = n0 + ks
-        nmask = nn < d_out
-        gt = tl.load(g_ptr + rows64[:, None] * d_out + nn[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
-        bt = tl.load(b_base[None, :] + nn[:, None] * r, mask=a_ok[None, :] & nmask[:, None], other=0.0)
-        gr = _dot(gt, bt, gr, UPCAST, PREC)
-        if HAS_SHARED:
-            bs = tl.load(sb_ptr + seg64 * d_out * r + nn[:, None] * r + rcols[None, :],
-                         mask=r_ok[None, :] & nmask[:, None], other=0.0)
-            gs = _dot(gt, bs, gs, UPCAST, PREC)
-
-    # Gates w = p[idx] / sum p[idx] from the forward's probs and top-k choice.
+def _bwd_gates(probs_ptr, idx_ptr, mask_ptr, err_ptr, rows64, rmask, seg64, E, EP: tl.constexpr, BM: tl.constexpr,
+               TOPK: tl.constexpr):
+    """Gates w = p[idx] / sum p[idx] from the forward's probs and top-k choice -> (ecols, active, emask, p, sel, w,
+    norm); ids that are not -1 or an active slot, or repeat, set err[1]."""
     ecols = tl.arange(0, EP)
     active = _slot_active(mask_ptr, seg64, ecols, E)
     emask = rmask[:, None] & active[None, :]
@@ -385,47 +421,159 @@ def _route_bwd(
     picked = tl.where(sel != 0, p, 0.0)
     norm = tl.maximum(_sum(picked, 1), FP32_TINY)
     w = picked / norm[:, None]
-    u3 = tl.reshape(u, [BM, EP, R])
-    g3 = tl.reshape(gr, [BM, EP, R])
-    du = g3 * (w * scaling)[:, :, None]
-    # dL/dw_i = s * <G_i, u_i>; through the renormalisation, then the masked softmax (p = 0 on masked slots).
-    d_gate = tl.where(sel != 0, _sum(g3 * u3, 2) * scaling, 0.0)
+    return ecols, active, emask, p, sel, w, norm
+
+
+@triton.jit
+def _bwd_dz(gp_ptr, rows64, ecols, active, emask, E, p, sel, w, norm, gu, HAS_GP: tl.constexpr):
+    """dz from gu = s * <G_i, u_i> (dL/dw_i): through the renormalisation, then the masked softmax (p = 0 on masked
+    slots)."""
+    d_gate = tl.where(sel != 0, gu, 0.0)
     d_picked = tl.where(sel != 0, (d_gate - _sum(d_gate * w, 1)[:, None]) / norm[:, None], 0.0)
     dp = d_picked
     if HAS_GP:
         dp += tl.load(gp_ptr + rows64[:, None] * E + ecols[None, :], mask=emask, other=0.0).to(tl.float32)
-    dz = tl.where(active[None, :], p * (dp - _sum(p * dp, 1)[:, None]), 0.0)
+    return tl.where(active[None, :], p * (dp - _sum(p * dp, 1)[:, None]), 0.0)
 
-    dst = (cols // R) * r + cols % R
+
+@triton.jit
+def _route_bwd(
+    g_ptr, gp_ptr, x_ptr, xe_ptr, seg_ptr, a_ptr, b_ptr, rt_ptr, sa_ptr, sb_ptr, probs_ptr, idx_ptr, mask_ptr,
+    ug_ptr, dx_ptr, dxe_ptr, err_ptr,
+    S, T, E, r: tl.constexpr, d_in, d_out, KU, KX, scaling, inv_sqrt_r,
+    SP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr, GE: tl.constexpr,
+    EMBED: tl.constexpr, HAS_XE: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_GP: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    """Routing + rank-space backward for one token tile (see reference.mole_lora_backward for the math).
+
+    Masked means absent: masked slots' A and B are never loaded and their probs, grad_probs and dz are selected to 0.
+    Top-k ids are only compared, never used as addresses; ids that are not -1 or an active slot, or repeat, set
+    err[1] (the launcher raises) and select nothing. GE < EP (many slots, `route_group`): one slot group at a time,
+    u and G in a first pass (for dL/dw, UG and the gradients that need no dz), h (and G without x_e) recomputed in a
+    second pass once dz is known (embedding router only)."""
+    seg, row0, row_end, bad = _tile_map(tl.program_id(0), seg_ptr, S, T, SP, BM)
+    tl.store(err_ptr, 1, mask=bad)
+    if row0 >= row_end:
+        return
+    rows, rmask, rows64, seg64 = _tile_rows(seg, row0, row_end, BM)
+    rcols = tl.arange(0, R)
+    r_ok = rcols < r
     row_ptr = rows64[:, None] * KX
-    emask2 = rmask[:, None] & col_ok[None, :]  # every column is written (zeros for masked slots)
-    estore = rmask[:, None] & (ecols < E)[None, :]
     ty = dx_ptr.dtype.element_ty
-    tl.store(ug_ptr + rows64[:, None] * KU + dst[None, :],
-             tl.reshape(u3 * (w * scaling)[:, :, None], [BM, EP * R]).to(ty), mask=emask2)
-    du2 = tl.reshape(du, [BM, EP * R])
-    if EMBED:  # z = <h_i, t> / sqrt(r): dh_i = dz_i t / sqrt(r), dt = sum_i dz_i h_i / sqrt(r)
-        h3 = tl.reshape(h, [BM, EP, R])
-        dh2 = tl.reshape(dz[:, :, None] * t[:, None, :] * inv_sqrt_r, [BM, EP * R])
-        dt = _sum(dz[:, :, None] * h3, 1) * inv_sqrt_r
-        rt_col = E * r + r * HAS_SHARED
-        if HAS_XE:
-            tl.store(dxe_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
-            tl.store(dx_ptr + row_ptr + dst[None, :], dh2.to(ty), mask=emask2)
-        else:
-            tl.store(dx_ptr + row_ptr + dst[None, :], (du2 + dh2).to(ty), mask=emask2)
+    NG: tl.constexpr = EP // GE
+    if NG == 1:
+        ks = tl.arange(0, BK)
+        cols, a_base, a_ok, col_ok = _expert_cols(a_ptr, mask_ptr, seg64, E, r, d_in, 0, EP, R)
+        b_off, _ = _col_offsets(cols, R, r, E, d_out * r, 1)
+        b_base = b_ptr + seg64 * E * d_out * r + b_off
+        # recompute u = x_e A^T, h = x A^T, t = x W_t^T, v = x_e A_s^T
+        u, h, t, _, v = _shrink(x_ptr, xe_ptr, rt_ptr, sa_ptr, mask_ptr, rows64, rmask, seg64, a_base, a_ok, E, r,
+                                d_in, EP, R, R, EMBED, False, HAS_XE, HAS_SHARED, UPCAST, PREC, BM, BK)
+        gs, gr = tl.full([BM, R], 0, tl.float32), tl.full([BM, EP * R], 0, tl.float32)
+        for n0 in range(0, d_out, BK):  # G = g [B_1 .. B_E], G_s = g B_s
+            nn = n0 + ks
+            nmask = nn < d_out
+            gt = tl.load(g_ptr + rows64[:, None] * d_out + nn[None, :], mask=rmask[:, None] & nmask[None, :],
+                         other=0.0)
+            bt = tl.load(b_base[None, :] + nn[:, None] * r, mask=a_ok[None, :] & nmask[:, None], other=0.0)
+            gr = _dot(gt, bt, gr, UPCAST, PREC)
+            if HAS_SHARED:
+                bs = tl.load(sb_ptr + seg64 * d_out * r + nn[:, None] * r + rcols[None, :],
+                             mask=r_ok[None, :] & nmask[:, None], other=0.0)
+                gs = _dot(gt, bs, gs, UPCAST, PREC)
+        ecols, active, emask, p, sel, w, norm = _bwd_gates(probs_ptr, idx_ptr, mask_ptr, err_ptr, rows64, rmask,
+                                                           seg64, E, EP, BM, TOPK)
+        u3 = tl.reshape(u, [BM, EP, R])
+        g3 = tl.reshape(gr, [BM, EP, R])
+        du = g3 * (w * scaling)[:, :, None]
+        dz = _bwd_dz(gp_ptr, rows64, ecols, active, emask, E, p, sel, w, norm, _sum(g3 * u3, 2) * scaling, HAS_GP)
+
+        dst = (cols // R) * r + cols % R
+        emask2 = rmask[:, None] & col_ok[None, :]  # every column is written (zeros for masked slots)
+        tl.store(ug_ptr + rows64[:, None] * KU + dst[None, :],
+                 tl.reshape(u3 * (w * scaling)[:, :, None], [BM, EP * R]).to(ty), mask=emask2)
+        du2 = tl.reshape(du, [BM, EP * R])
+        if EMBED:  # z = <h_i, t> / sqrt(r): dh_i = dz_i t / sqrt(r), dt = sum_i dz_i h_i / sqrt(r)
+            h3 = tl.reshape(h, [BM, EP, R])
+            dh2 = tl.reshape(dz[:, :, None] * t[:, None, :] * inv_sqrt_r, [BM, EP * R])
+            dt = _sum(dz[:, :, None] * h3, 1) * inv_sqrt_r
+            if HAS_XE:
+                tl.store(dxe_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
+                tl.store(dx_ptr + row_ptr + dst[None, :], dh2.to(ty), mask=emask2)
+            else:
+                tl.store(dx_ptr + row_ptr + dst[None, :], (du2 + dh2).to(ty), mask=emask2)
+        else:  # linear router: z = R x, the router columns of Dx are dz itself
+            if HAS_XE:
+                tl.store(dxe_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
+                tl.store(dx_ptr + row_ptr + dst[None, :], tl.full([BM, EP * R], 0, ty), mask=emask2)
+            else:
+                tl.store(dx_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
+    else:
+        ecols, active, emask, p, sel, w, norm = _bwd_gates(probs_ptr, idx_ptr, mask_ptr, err_ptr, rows64, rmask,
+                                                           seg64, E, EP, BM, TOPK)
+        ws = w * scaling
+        b_seg = b_ptr + seg64 * E * d_out * r
+        # Pass 1, per slot group: u = x_e A^T, G = g B^T -> s <G_i, u_i>, UG, and dx_e (or dx) = G w s where no dz
+        # is added to it.
+        gu = tl.full([BM, EP], 0, tl.float32)
+        for gi in range(NG):
+            cols, a_base, a_ok, col_ok = _expert_cols(a_ptr, mask_ptr, seg64, E, r, d_in, gi * GE, GE, R)
+            b_off, _ = _col_offsets(cols, R, r, E, d_out * r, 1)
+            u = _rows_dot(xe_ptr, rows64, rmask, a_base, a_ok, d_in, 1, UPCAST, PREC, BM, BK, GE * R)
+            g3 = tl.reshape(_rows_dot(g_ptr, rows64, rmask, b_seg + b_off, a_ok, d_out, r, UPCAST, PREC, BM, BK,
+                                      GE * R), [BM, GE, R])
+            u3 = tl.reshape(u, [BM, GE, R])
+            gu += _in_group(_sum(g3 * u3, 2) * scaling, gi, BM, NG, GE)
+            ws_g = _group_of(ws, gi, BM, NG, GE)
+            dst = (cols // R) * r + cols % R
+            emask2 = rmask[:, None] & col_ok[None, :]
+            tl.store(ug_ptr + rows64[:, None] * KU + dst[None, :],
+                     tl.reshape(u3 * ws_g[:, :, None], [BM, GE * R]).to(ty), mask=emask2)
+            du2 = tl.reshape(g3 * ws_g[:, :, None], [BM, GE * R])
+            if HAS_XE:
+                tl.store(dxe_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
+                if not EMBED:
+                    tl.store(dx_ptr + row_ptr + dst[None, :], tl.full([BM, GE * R], 0, ty), mask=emask2)
+            elif not EMBED:
+                tl.store(dx_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
+        dz = _bwd_dz(gp_ptr, rows64, ecols, active, emask, E, p, sel, w, norm, gu, HAS_GP)
+        if EMBED:  # pass 2, per slot group: h = x A^T for dt, dh = dz t / sqrt(r) (+ G w s without x_e)
+            t = _rows_dot(x_ptr, rows64, rmask, rt_ptr + seg64 * r * d_in + rcols * d_in, r_ok, d_in, 1, UPCAST,
+                          PREC, BM, BK, R)
+            dt = tl.full([BM, R], 0, tl.float32)
+            for gi in range(NG):
+                cols, a_base, a_ok, col_ok = _expert_cols(a_ptr, mask_ptr, seg64, E, r, d_in, gi * GE, GE, R)
+                h3 = tl.reshape(_rows_dot(x_ptr, rows64, rmask, a_base, a_ok, d_in, 1, UPCAST, PREC, BM, BK, GE * R),
+                                [BM, GE, R])
+                dz_g = _group_of(dz, gi, BM, NG, GE)
+                dt += _sum(dz_g[:, :, None] * h3, 1)
+                dh2 = tl.reshape(dz_g[:, :, None] * t[:, None, :] * inv_sqrt_r, [BM, GE * R])
+                dst = (cols // R) * r + cols % R
+                emask2 = rmask[:, None] & col_ok[None, :]
+                if not HAS_XE:
+                    b_off, _ = _col_offsets(cols, R, r, E, d_out * r, 1)
+                    g3 = tl.reshape(_rows_dot(g_ptr, rows64, rmask, b_seg + b_off, a_ok, d_out, r, UPCAST, PREC, BM,
+                                              BK, GE * R), [BM, GE, R])
+                    dh2 += tl.reshape(g3 * _group_of(ws, gi, BM, NG, GE)[:, :, None], [BM, GE * R])
+                tl.store(dx_ptr + row_ptr + dst[None, :], dh2.to(ty), mask=emask2)
+            dt = dt * inv_sqrt_r
+        if HAS_SHARED:
+            v = _rows_dot(xe_ptr, rows64, rmask, sa_ptr + seg64 * r * d_in + rcols * d_in, r_ok, d_in, 1, UPCAST,
+                          PREC, BM, BK, R)
+            gs = _rows_dot(g_ptr, rows64, rmask, sb_ptr + seg64 * d_out * r + rcols, r_ok, d_out, r, UPCAST, PREC,
+                           BM, BK, R)
+
+    estore = rmask[:, None] & (ecols < E)[None, :]
+    rt_col = E * r + r * HAS_SHARED
+    if EMBED:
         tl.store(dx_ptr + row_ptr + rt_col + rcols[None, :], dt.to(ty), mask=rmask[:, None] & r_ok[None, :])
         if HAS_XE:
             tl.store(dxe_ptr + row_ptr + rt_col + rcols[None, :], tl.full([BM, R], 0, ty),
                      mask=rmask[:, None] & r_ok[None, :])
     else:  # linear router: z = R x, the router columns of Dx are dz itself
-        rt_col = E * r + r * HAS_SHARED
         if HAS_XE:
-            tl.store(dxe_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
-            tl.store(dx_ptr + row_ptr + dst[None, :], tl.full([BM, EP * R], 0, ty), mask=emask2)
             tl.store(dxe_ptr + row_ptr + rt_col + ecols[None, :], tl.full([BM, EP], 0, ty), mask=estore)
-        else:
-            tl.store(dx_ptr + row_ptr + dst[None, :], du2.to(ty), mask=emask2)
         tl.store(dx_ptr + row_ptr + rt_col + ecols[None, :], dz.to(ty), mask=estore)
     if HAS_SHARED:
         smask = rmask[:, None] & r_ok[None, :]

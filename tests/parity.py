@@ -85,6 +85,11 @@ CASES = {
     "top1_six_slots": Case((12,), experts=6, top_k=1),
     "s64_many_empty": Case(_lengths_s64(), experts=2, rank=2, d_in=9, d_out=7, top_k=1),
     "many_tokens": Case((150, 3, 200), d_in=40, d_out=70),
+    # 30 slots: the Triton routing kernels loop over slot groups (EP * R = 32 * 16 > ROUTE_GROUP_COLS).
+    "e30_groups": Case((9, 6), experts=30, top_k=4, mask=("1" * 30, "0110" * 7 + "01")),
+    "e30_groups_xe": Case((11,), experts=30, rank=5, top_k=3, shared=False, expert_input=True),
+    "e30_groups_linear": Case((7, 4), experts=30, top_k=2, router="linear", mask=("1" * 30, "1" * 15 + "0" * 15)),
+    "e30_groups_linear_xe": Case((8,), experts=30, rank=16, top_k=5, router="linear", expert_input=True),
 }
 
 # Larger shapes, only where a GPU runs them (the interpreter would take minutes).

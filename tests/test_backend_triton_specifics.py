@@ -79,8 +79,11 @@ AOT_SCRIPT = textwrap.dedent("""
 
     arch = int(sys.argv[1])
     flags = dict(EMBED=True, HAS_XE=True, HAS_SHARED=True, UPCAST=False, PREC="tf32")
-    build(K._route_shrink_fwd, dict(SP=2, EP=8, R=16, ZP=16, TOPK=2, BM=32, BK=32, **flags), arch)
-    build(K._route_bwd, dict(SP=2, EP=2, R=16, TOPK=3, HAS_GP=True, BM=32, BK=32, **flags), arch)
+    build(K._route_shrink_fwd, dict(SP=2, EP=8, R=16, ZP=16, TOPK=2, GE=8, BM=32, BK=32, **flags), arch)
+    build(K._route_bwd, dict(SP=2, EP=2, R=16, TOPK=3, GE=2, HAS_GP=True, BM=32, BK=32, **flags), arch)
+    # slot groups (E = 30)
+    build(K._route_shrink_fwd, dict(SP=2, EP=32, R=16, ZP=32, TOPK=2, GE=8, BM=64, BK=32, **flags), arch)
+    build(K._route_bwd, dict(SP=2, EP=32, R=16, TOPK=3, GE=8, HAS_GP=True, BM=64, BK=32, **flags), arch)
     build(K._seg_gemm, dict(SP=4, HAS_W2=True, HAS_W3=True, ACC=True, UPCAST=False, PREC="tf32", BM=32, BKD=32,
                             BN=32), arch)
     build(K._seg_wgrad, dict(HAS_D2=True, HAS_O2=True, HAS_O3=True, UPCAST=False, PREC="tf32", BM=32, BKD=32,
