@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from implementations import IMPLEMENTATIONS, Built, Shapes  # noqa: E402
+from implementations import IMPLEMENTATIONS, Built, Shapes, load_average  # noqa: E402
 
 from fedamole_kernels import HAS_CPU_EXT  # noqa: E402
 
@@ -100,7 +100,7 @@ def run_case(case: str, clients: int, args, dtype) -> list[dict]:
     return rows
 
 
-def write_results(rows: list[dict], args) -> None:
+def write_results(rows: list[dict], args, load_before: list[float]) -> None:
     stamp = datetime.date.today().isoformat()
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, f"cpu-{stamp}" + (f"-{args.tag}" if args.tag else ""))
@@ -114,6 +114,8 @@ def write_results(rows: list[dict], args) -> None:
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
         "args": vars(args),
         "command": "python benchmarks/bench_cpu.py "
         + " ".join(
@@ -122,7 +124,7 @@ def write_results(rows: list[dict], args) -> None:
     }
     with open(base + ".json", "w") as fh:
         json.dump({"meta": meta, "rows": rows}, fh, indent=2)
-    print(f"wrote {base}.csv and {base}.json")
+    print(f"load average before {load_before}, after {meta['load_average_after']}; wrote {base}.csv and {base}.json")
 
 
 def main() -> None:
@@ -147,10 +149,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
+    load_before = load_average()
     rows = []
     for case, clients in {"single": 1, "multi": args.clients}.items():
         rows += run_case(case, clients, args, dtype)
-    write_results(rows, args)
+    write_results(rows, args, load_before)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from implementations import IMPLEMENTATIONS, Built, Shapes  # noqa: E402
+from implementations import IMPLEMENTATIONS, Built, Shapes, load_average  # noqa: E402
 
 from fedamole_kernels.backends import available_backends, get_backend  # noqa: E402
 from fedamole_kernels.problem import MoLEProblem  # noqa: E402
@@ -54,10 +54,6 @@ from fedamole_kernels.problem import MoLEProblem  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("fwd-nograd", "fwd", "fwd+bwd")
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal")
-
-
-def load_average() -> list[float]:
-    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]] if Path("/proc/loadavg").exists() else []
 
 
 def commit() -> str:
