@@ -195,6 +195,9 @@ def test_compare_reports_final_and_best_round_over_seeds(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "best-round accuracy" in printed and "| local |" in printed  # the table reaches the terminal
+    for run in ("fedamole-seed1", "local-seed2"):  # every run keeps its per-round record, as `simulate` does
+        rounds = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rounds] == [1]
     result = json.loads((tmp_path / "compare.json").read_text())
     for name in ("fedamole", "local"):
         r = result["results"][name]

@@ -16,6 +16,7 @@ from fedamole.fl.client import state_nbytes
 from fedamole.fl.engine import make_engine
 from fedamole.fl.prompt_baselines import adapter_state_dict, load_adapter_state_dict
 from fedamole.fl.reporting import (
+    RoundReporter,
     best_round,
     plot_assignments,
     plot_communication,
@@ -387,7 +388,8 @@ def write_summary(summary: dict, out_dir: str | Path) -> Path:
 def compare(
     cfg: SimConfig, algorithms: list[str], out_dir: str | Path, seeds: list[int] | None = None, progress: bool = True
 ) -> dict:
-    """Run several algorithms (and seeds) on one scenario; writes per-run summaries (DIR/<algorithm>-seed<s>/),
+    """Run several algorithms (and seeds) on one scenario; writes per-run folders (DIR/<algorithm>-seed<s>/: the
+    per-round line and metrics.jsonl as `simulate` writes them, then the summary and plots),
     compare.json and compare.md (final-round and best-round client means, mean +- std over seeds) and compare.png
     (mean over seeds per round with a +-std band; its last point is the table's final mean)."""
     import dataclasses
@@ -396,7 +398,10 @@ def compare(
     runs: dict[str, list[dict]] = {}
     for algo in algorithms:
         for seed in seeds or [cfg.seed]:
-            summary = simulate(dataclasses.replace(cfg, algorithm=algo, seed=seed), progress=progress)
-            write_summary(summary, out / f"{algo}-seed{seed}")
+            run_dir = out / f"{algo}-seed{seed}"
+            summary = simulate(
+                dataclasses.replace(cfg, algorithm=algo, seed=seed), progress=progress, on_round=RoundReporter(run_dir)
+            )
+            write_summary(summary, run_dir)
             runs.setdefault(algo, []).append(summary)
     return write_comparison(runs, out)[0]
