@@ -95,17 +95,25 @@ def _layer(t: dict, delta_fn: Callable[[], torch.Tensor], with_base: bool) -> Ca
 
 # ------------------------------------------------------------------------------------------------- formulations
 def dense_delta(x, lora_a, lora_b, router, shared_a, shared_b, mask, top_k: int, scaling: float):
-    """Dense formulation batched over equal-size segments: x [S, n, d] -> delta [S, n, d_out]."""
-    h = torch.einsum("snd,serd->sner", x, lora_a)
-    t = torch.einsum("snd,srd->snr", x, router)
-    z = (h * t[:, :, None]).sum(-1) / math.sqrt(lora_a.shape[2])
+    """Dense formulation batched over equal-size segments: x [S, n, d] -> delta [S, n, d_out].
+
+    The strongest plain-PyTorch form we know: every down-projection (experts, router, shared) in one batched GEMM,
+    every up-projection in another; all experts computed for every token, gates 0 outside the top-k. (An einsum form
+    of the same math was 2.6x slower at T = 2048, d = 1024, 1 thread: a baseline must not be a straw man.)"""
+    num_segments, num_slots, rank, d_in = lora_a.shape
+    er = num_slots * rank
+    parts = [lora_a.reshape(num_segments, er, d_in), router] + ([shared_a] if shared_a is not None else [])
+    hidden = torch.bmm(x, torch.cat(parts, 1).transpose(1, 2))  # [S, n, E*r + r (+ r)]
+    h = hidden[..., :er].unflatten(-1, (num_slots, rank))
+    t = hidden[..., er : er + rank]
+    z = (h * t[:, :, None]).sum(-1) / math.sqrt(rank)
     p = torch.softmax(z.float().masked_fill(~mask[:, None], float("-inf")), -1)
-    vals, idx = p.topk(min(top_k, lora_a.shape[1]), -1)
-    gates = torch.zeros_like(p).scatter(-1, idx, vals / vals.sum(-1, keepdim=True)) * scaling
-    out = torch.einsum("sner,seor->sno", h * gates[..., None].to(h.dtype), lora_b)
-    if shared_a is not None:
-        out = out + scaling * torch.einsum("snr,sor->sno", torch.einsum("snd,srd->snr", x, shared_a), shared_b)
-    return out
+    vals, idx = p.topk(min(top_k, num_slots), -1)
+    gates = torch.zeros_like(p).scatter(-1, idx, vals / vals.sum(-1, keepdim=True)).to(h.dtype)
+    gated = [(h * gates[..., None]).flatten(-2)] + ([hidden[..., er + rank :]] if shared_a is not None else [])
+    ups = [lora_b.permute(0, 2, 1, 3).reshape(num_segments, lora_b.shape[2], er)]
+    ups += [shared_b] if shared_b is not None else []
+    return scaling * torch.bmm(torch.cat(gated, -1), torch.cat(ups, -1).transpose(1, 2))
 
 
 def _weights(t: dict, s: int | slice) -> tuple:
