@@ -1,4 +1,4 @@
-"""Backend "cpu": the C++ kernels of `fedamole_kernels._C` (csrc/mole_lora_cpu.cpp), registered as
+"""Backend "cpu": the C++ kernels of `fedamole_kernels._C` (csrc/mole_lora_cpu_*.cpp), registered as
 `torch.ops.fedamole_ext.*` (called through `fedamole_kernels._ext_ops`).
 
 The C++ op fuses routing (scores, masked softmax, top-k, renormalisation, gating) and its backward into loops over
