@@ -33,6 +33,15 @@ class ExtBackend(Backend):
     def check(self, problem: MoLEProblem) -> None:
         """Raise if this build or backend cannot run `problem` (the ops check shapes and values themselves)."""
 
+    def require_ext(self, built: bool, what: str) -> None:
+        """RuntimeError naming this backend when the extension it needs (`what`) is not in this build."""
+        if not built:
+            from fedamole_kernels._ext import EXT_IMPORT_ERROR
+
+            raise RuntimeError(
+                f"backend {self.name!r} needs {what} ({EXT_IMPORT_ERROR or 'the extension was built without CUDA'})"
+            )
+
     def forward(self, problem: MoLEProblem):
         """(delta [T, d_out] x.dtype, probs [T, E] f32/f64, topk_idx [T, top_k] int64)."""
         self.check(problem)

@@ -79,8 +79,13 @@ def get_backend(name: str) -> Backend:
 
 
 def _usable(name: str, device: torch.device) -> bool:
-    backend = _LOADED.get(name) or _load(name)
-    return backend is not None and bool(backend.is_available(device))
+    backend = _LOADED.get(name)
+    if backend is None:
+        backend = _load(name)
+        if backend is None:
+            return False
+        _LOADED[name] = backend  # the public `mole_lora` resolves per call: import and build each backend once
+    return bool(backend.is_available(device))
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

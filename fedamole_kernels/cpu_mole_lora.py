@@ -34,7 +34,4 @@ class CpuBackend(ExtBackend):
         return is_available(device)
 
     def check(self, problem) -> None:
-        if not HAS_CPU_EXT:
-            from fedamole_kernels._ext import EXT_IMPORT_ERROR
-
-            raise RuntimeError(f"backend 'cpu' needs the compiled extension fedamole_kernels._C ({EXT_IMPORT_ERROR})")
+        self.require_ext(HAS_CPU_EXT, "the compiled extension fedamole_kernels._C")

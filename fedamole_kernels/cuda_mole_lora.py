@@ -36,13 +36,7 @@ class CudaBackend(ExtBackend):
 
     def check(self, problem: MoLEProblem) -> None:
         """This build and this backend's limits (float64, slots, top_k)."""
-        if not HAS_CUDA_EXT:
-            from fedamole_kernels._ext import EXT_IMPORT_ERROR
-
-            raise RuntimeError(
-                "backend 'cuda' needs fedamole_kernels._C built with CUDA "
-                f"({EXT_IMPORT_ERROR or 'the extension was built without CUDA'})"
-            )
+        self.require_ext(HAS_CUDA_EXT, "fedamole_kernels._C built with CUDA")
         if problem.x.dtype == torch.float64:
             raise TypeError("backend 'cuda' supports float32/float16/bfloat16 x, got float64 (use backend 'cpu')")
         if problem.num_slots > MAX_SLOTS:  # lora_a [S, E, r, d_in], or [E, r, d_in] for one segment

@@ -127,11 +127,7 @@ def _run_forward(problem: MoLEProblem, backend: str) -> tuple:
     already."""
     if torch.compiler.is_compiling():
         return torch.ops.fedamole.mole_lora_fwd(*problem.to_op_args(), backend)
-    device_type = problem.x.device.type
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return get_backend(backend).forward(problem)
-    return get_backend(backend).forward(problem)
+    return _without_autocast(problem, get_backend(backend).forward)
 
 
 def _run_backward(problem: MoLEProblem, backend: str, grad_delta, grad_probs, probs, topk_idx) -> tuple:
@@ -140,11 +136,16 @@ def _run_backward(problem: MoLEProblem, backend: str, grad_delta, grad_probs, pr
         tensors, *config = problem.to_op_args()
         grads = torch.ops.fedamole.mole_lora_bwd(grad_delta, grad_probs, tensors, probs, topk_idx, *config, backend)
         return tuple(None if getattr(problem, n) is None else g for n, g in zip(GRAD_FIELDS, grads))
+    return _without_autocast(problem, get_backend(backend).backward, grad_delta, grad_probs, probs, topk_idx)
+
+
+def _without_autocast(problem: MoLEProblem, call, *args):
+    """`call(problem, *args)` with autocast off (see `_no_autocast`), without a context manager when it is off."""
     device_type = problem.x.device.type
-    if torch.is_autocast_enabled(device_type):  # see _no_autocast
+    if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
-            return get_backend(backend).backward(problem, grad_delta, grad_probs, probs, topk_idx)
-    return get_backend(backend).backward(problem, grad_delta, grad_probs, probs, topk_idx)
+            return call(problem, *args)
+    return call(problem, *args)
 
 
 _OFFSETS: dict[tuple, Tensor] = {}

@@ -74,6 +74,16 @@ class Problem:
         )
 
 
+def segment_offsets(lengths) -> torch.Tensor:
+    """int64 seg_offsets [S+1] of segments with these token counts."""
+    return torch.tensor([0, *torch.tensor(list(lengths), dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int64)
+
+
+def slot_mask(masks) -> torch.Tensor | None:
+    """expert_mask bool [S, E] from one string of 1/0 per segment (None: all slots)."""
+    return None if masks is None else torch.tensor([[c == "1" for c in m] for m in masks], dtype=torch.bool)
+
+
 def make_problem(
     lengths,
     num_slots,
@@ -96,7 +106,7 @@ def make_problem(
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
-    offsets = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int64)
+    offsets = segment_offsets(lengths)
     x = rand(num_tokens, d_in)
     lora_a = rand(num_segments, num_slots, rank, d_in, scale=0.7)
     router_rows = rank if router_type == "embedding" else num_slots
@@ -108,9 +118,7 @@ def make_problem(
             router[:, :, 0] = 10.0
         else:
             router[:, 0, 0] = 20.0
-    mask = None
-    if masks is not None:
-        mask = torch.tensor([[c == "1" for c in m] for m in masks], dtype=torch.bool)
+    mask = slot_mask(masks)
     return Problem(
         x=x,
         seg_offsets=offsets,

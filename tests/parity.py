@@ -26,6 +26,8 @@ import torch
 
 from fedamole_kernels import mole_lora
 
+from mole_cases import segment_offsets, slot_mask
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 # MULTIPLE x the reference's own error against float64, plus FLOOR x eps(dtype).
@@ -126,9 +128,7 @@ def make_inputs(case: Case) -> dict:
             t["router"][:, :, 0] = 1.0
         else:
             t["router"][:, 0, 0] = 3.0
-    offsets = torch.tensor([0, *torch.tensor(case.lengths).cumsum(0).tolist()], dtype=torch.int64)
-    mask = None if case.mask is None else torch.tensor([[c == "1" for c in m] for m in case.mask], dtype=torch.bool)
-    return {"floats": t, "seg_offsets": offsets, "expert_mask": mask}
+    return {"floats": t, "seg_offsets": segment_offsets(case.lengths), "expert_mask": slot_mask(case.mask)}
 
 
 def output_grads(case: Case, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -27,6 +27,22 @@ def run_client_safely(work: Callable[[], dict]) -> dict:
         return {"failed": True, "error": f"{type(exc).__name__}: {exc}"}
 
 
+def update_client(owner, payload: dict, client: int, round_idx: int) -> dict:
+    """One client's round on `owner`'s workload and scenario (an engine, or a Ray actor: ``.workload``,
+    ``.scenario``, ``.seed``), with its own seed; any fault, building the workload included, is contained."""
+    sc = owner.scenario
+    return run_client_safely(
+        lambda: client_update(
+            owner.workload,
+            payload,
+            sc.clients[client],
+            client_seed(owner.seed, round_idx, client),
+            kind=sc.kind,
+            choices=sc.choices,
+        )
+    )
+
+
 class Engine:
     """``run(payloads, round_idx)`` -> one upload per client, in client order."""
 
@@ -64,23 +80,8 @@ class SequentialEngine(Engine):
         return self._workload
 
     def run(self, payloads: Sequence[dict], round_idx: int) -> list[dict]:
-        sc = self.scenario
-        out = []
         bar = tqdm(list(enumerate(payloads)), desc=f"round {round_idx} clients", leave=False, disable=not self.progress)
-        for c, payload in bar:
-            out.append(
-                run_client_safely(
-                    lambda c=c, payload=payload: client_update(
-                        self.workload,
-                        payload,
-                        sc.clients[c],
-                        client_seed(self.seed, round_idx, c),
-                        kind=sc.kind,
-                        choices=sc.choices,
-                    )
-                )
-            )
-        return out
+        return [update_client(self, payload, c, round_idx) for c, payload in bar]
 
 
 # Engines beyond the sequential one live in their own modules, imported only when asked for (Ray is optional).

@@ -29,8 +29,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from fedamole.fl.client import client_update
-from fedamole.fl.engine import Engine, client_seed, run_client_safely
+from fedamole.fl.engine import Engine, update_client
 
 __all__ = ["RayEngine", "ClientActor", "RAY_OPTIONS"]
 
@@ -114,26 +113,13 @@ class ClientActor:
 
     def run_chunk(self, payloads: Sequence[dict], start: int, round_idx: int, crash: bool = False) -> list[dict]:
         """Clients ``start .. start + len(payloads) - 1`` of a round, exactly as `SequentialEngine` runs them."""
-        sc = self.scenario
         out = []
         for i, payload in enumerate(payloads):
-            c = start + i
             if crash and i == len(payloads) // 2:
                 os._exit(1)  # injected fault: the process dies mid-chunk, as on a segfault or an OOM kill
             # A client's own exception is contained exactly as SequentialEngine does ({"failed": True, ...}), so
             # the round report does not depend on the engine; only the actor's death is handled by the driver.
-            out.append(
-                run_client_safely(
-                    lambda c=c, payload=payload: client_update(
-                        self.workload,
-                        payload,
-                        sc.clients[c],
-                        client_seed(self.seed, round_idx, c),
-                        kind=sc.kind,
-                        choices=sc.choices,
-                    )
-                )
-            )
+            out.append(update_client(self, payload, start + i, round_idx))
         return out
 
 
