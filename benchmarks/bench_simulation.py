@@ -52,7 +52,7 @@ def _device() -> str:
 
 def _command() -> list[str]:
     exe = shutil.which("fedamole")
-    return [exe] if exe else [sys.executable, "-m", "fedamole.cli"]
+    return [exe] if exe else [sys.executable, "-m", "fedamole.simulation.cli"]
 
 
 def run_simulate(n: int, engine: str, rounds: int, seed: int, work: Path, extra_yaml: str = "") -> dict:

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from fedamole.fl.reporting import write_comparison
+from fedamole.simulation.reporting import write_comparison
 
 ORDER = ("fedamole", "fedit-ft", "fedit", "local", "fedamole-static")
 

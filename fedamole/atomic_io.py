@@ -1,5 +1,6 @@
-"""Crash-safe file writes shared by adapters (`fedamole.inject`), round checkpoints (`fedamole.fl.checkpoint`) and
-run outputs, and the sweep of the temporary files that a killed writer leaves behind.
+"""Crash-safe file writes shared by adapters (`fedamole.inject`), round checkpoints
+(`fedamole.simulation.checkpoint`) and run outputs, and the sweep of the temporary files that a killed writer leaves
+behind.
 
 A write goes to ``.<name>.<16 hex digits>.tmp`` next to its destination, created like `open(path, "w")` would create
 it (mode 0o666 minus the process umask), then is fsynced and renamed over the destination. A process killed before

@@ -1,8 +1,8 @@
 """Tamper-evident file sets: a manifest (JSON) with the SHA-256 and size of every file of a saved folder, and of
 itself.
 
-Adapters (`fedamole.save_mole`) and round checkpoints (`fedamole.fl.checkpoint`) are a few files in one folder. The
-manifest lists each file by its plain name (no folder part: every file lies in the manifest's own folder) with its
+Adapters (`fedamole.save_mole`) and round checkpoints (`fedamole.simulation.checkpoint`) are a few files in one folder.
+The manifest lists each file by its plain name (no folder part: every file lies in the manifest's own folder) with its
 size and SHA-256, plus a few fields of the writer (a checkpoint's round), and ``manifest_sha256``: the SHA-256 of
 the manifest's canonical JSON without that field. Reading verifies the manifest's own hash, then every file's type
 (a regular file, not a link), size and hash, streaming in 1 MiB blocks, before the caller parses or allocates

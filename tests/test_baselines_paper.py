@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from fedamole.fl.baselines import LoRABaseline
-from fedamole.fl.checkpoint import load_checkpoint
 from fedamole.fl.client import client_update
 from fedamole.fl.fdlora import (
     FDLoRA,
@@ -18,8 +17,9 @@ from fedamole.fl.fdlora import (
     search_fusion_weights,
 )
 from fedamole.fl.fedamole_algo import FedAMoLE
-from fedamole.fl.runner import simulate
-from fedamole.presets import build_data, build_workload, make_algorithm, make_config, mole_config
+from fedamole.simulation.checkpoint import load_checkpoint
+from fedamole.simulation.presets import build_data, build_workload, make_algorithm, make_config, mole_config
+from fedamole.simulation.runner import simulate
 
 
 @pytest.fixture(autouse=True)

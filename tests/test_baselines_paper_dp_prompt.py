@@ -7,8 +7,15 @@ import torch
 from fedamole.fl.client import client_update, embedding_stats
 from fedamole.fl.dp import clip_rows, example_norm_bounds, gamma_uniform_moments, gamma_uniform_noise, privatize_stats
 from fedamole.fl.prompt_baselines import adapter_state_dict, load_adapter_state_dict, prompt_init_text
-from fedamole.fl.runner import simulate
-from fedamole.presets import ByteTokenizer, build_data, build_workload, make_algorithm, make_config, mole_config
+from fedamole.simulation.presets import (
+    ByteTokenizer,
+    build_data,
+    build_workload,
+    make_algorithm,
+    make_config,
+    mole_config,
+)
+from fedamole.simulation.runner import simulate
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedamole.fl.checkpoint import decode_tree, encode_tree, load_checkpoint, save_checkpoint
+from fedamole.simulation.checkpoint import decode_tree, encode_tree, load_checkpoint, save_checkpoint
 
 TIMING_KEYS = {"seconds", "wall_seconds"}
 
@@ -63,7 +63,7 @@ def _cli(out: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "fedamole.cli",
+        "fedamole.simulation.cli",
         "simulate",
         "--preset",
         "tiny",
@@ -152,8 +152,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):
-    from fedamole.fl.runner import simulate
-    from fedamole.presets import make_config
+    from fedamole.simulation.presets import make_config
+    from fedamole.simulation.runner import simulate
 
     cfg = make_config("tiny", {"rounds": 1, "local_steps": 1})
     simulate(cfg, progress=False, checkpoint_dir=tmp_path)

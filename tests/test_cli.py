@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fedamole.cli import main
+from fedamole.simulation.cli import main
 
 
 def test_simulate_tiny_writes_summary_and_plot(tmp_path, capsys):

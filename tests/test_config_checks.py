@@ -2,8 +2,8 @@
 
 import pytest
 
-from fedamole.cli import main
-from fedamole.presets import PRESETS, make_config
+from fedamole.simulation.cli import main
+from fedamole.simulation.presets import PRESETS, make_config
 
 BAD = [
     ({"clientz": 3}, "unknown configuration keys"),

@@ -21,7 +21,7 @@ from fedamole.data import (
     split_fractions,
     task_partition,
 )
-from fedamole.presets import (
+from fedamole.simulation.presets import (
     PRESETS,
     ByteTokenizer,
     build_data,

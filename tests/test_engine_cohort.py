@@ -10,8 +10,8 @@ from torch import nn
 
 from fedamole.fl.cohort import CohortEngine
 from fedamole.fl.engine import make_engine
-from fedamole.fl.runner import simulate
-from fedamole.presets import build_data, build_workload, make_algorithm, make_config, mole_config
+from fedamole.simulation.presets import build_data, build_workload, make_algorithm, make_config, mole_config
+from fedamole.simulation.runner import simulate
 
 ATOL, RTOL = 2e-5, 1e-4  # fp32: the cohort's batched matmuls round differently from one client at a time
 

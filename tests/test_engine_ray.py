@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import fedamole.fl.runner as runner
+import fedamole.simulation.runner as runner
 from fedamole.fl.engine import make_engine
 from fedamole.fl.ray_engine import RayEngine, chunk_bounds
-from fedamole.presets import build_data, make_algorithm, make_config
+from fedamole.simulation.presets import build_data, make_algorithm, make_config
 
 # Offline and light: no usage report, no dashboard; a local cluster only.
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")

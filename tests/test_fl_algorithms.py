@@ -8,8 +8,8 @@ import torch
 
 from fedamole.fl.client import client_update, extract_state, load_state
 from fedamole.fl.fedamole_algo import FedAMoLE
-from fedamole.fl.runner import simulate
-from fedamole.presets import ALGORITHMS, build_data, build_workload, make_algorithm, make_config, mole_config
+from fedamole.simulation.presets import ALGORITHMS, build_data, build_workload, make_algorithm, make_config, mole_config
+from fedamole.simulation.runner import simulate
 
 
 @pytest.fixture(autouse=True)

@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from fedamole.cli import main
-from fedamole.config_checks import MAX_CONFIG_BYTES, SEED_MAX, load_config_file
-from fedamole.presets import make_config
+from fedamole.simulation.cli import main
+from fedamole.simulation.config_checks import MAX_CONFIG_BYTES, SEED_MAX, load_config_file
+from fedamole.simulation.presets import make_config
 
 FAST = ["--preset", "tiny", "--rounds", "1", "--local-steps", "1", "--no-progress"]
 

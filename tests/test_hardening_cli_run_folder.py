@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from fedamole.cli import main
-from fedamole.fl.runner import simulate
-from fedamole.presets import make_config
-from fedamole.run_folder import LOCK_NAME, claim_run_folder
+from fedamole.simulation.cli import main
+from fedamole.simulation.presets import make_config
+from fedamole.simulation.run_folder import LOCK_NAME, claim_run_folder
+from fedamole.simulation.runner import simulate
 
 FAST = ["--preset", "tiny", "--local-steps", "1", "--no-progress"]
 

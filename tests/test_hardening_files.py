@@ -17,8 +17,8 @@ from tiny_models import tiny_bert, tiny_llama
 import fedamole
 from fedamole import MoLEConfig
 from fedamole.atomic_io import atomic_write, is_temp_file_name, sweep_stale_temp_files
-from fedamole.fl.checkpoint import load_checkpoint, save_checkpoint
 from fedamole.manifest import write_manifest
+from fedamole.simulation.checkpoint import load_checkpoint, save_checkpoint
 
 CONFIG, WEIGHTS, MANIFEST = "mole_config.json", "mole.safetensors", "manifest.json"
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedamole.cli import main
-from fedamole.fl.checkpoint import CHECKPOINT_JSON, load_checkpoint, save_checkpoint
-from fedamole.fl.runner import simulate
 from fedamole.manifest import write_manifest
-from fedamole.presets import make_config
+from fedamole.simulation.checkpoint import CHECKPOINT_JSON, load_checkpoint, save_checkpoint
+from fedamole.simulation.cli import main
+from fedamole.simulation.presets import make_config
+from fedamole.simulation.runner import simulate
 
 OVERRIDES = {"local_steps": 1, "clients": 4}
 

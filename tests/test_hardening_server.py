@@ -12,9 +12,9 @@ from torch import nn
 
 import fedamole
 from fedamole.fl.client import client_update, load_state
-from fedamole.fl.runner import simulate
-from fedamole.fl.validation import check_upload
-from fedamole.presets import build_data, build_workload, make_algorithm, make_config, mole_config
+from fedamole.simulation.presets import build_data, build_workload, make_algorithm, make_config, mole_config
+from fedamole.simulation.runner import simulate
+from fedamole.simulation.validation import check_upload
 
 
 @pytest.fixture(autouse=True)

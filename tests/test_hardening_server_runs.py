@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedamole.fl.checkpoint import load_checkpoint
-from fedamole.fl.runner import AllClientsFailed, simulate, write_summary
-from fedamole.fl.validation import UPLOAD_NORM_FLOOR, check_round
-from fedamole.presets import make_config
+from fedamole.simulation.checkpoint import load_checkpoint
+from fedamole.simulation.presets import make_config
+from fedamole.simulation.runner import AllClientsFailed, simulate, write_summary
+from fedamole.simulation.validation import UPLOAD_NORM_FLOOR, check_round
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +74,7 @@ def test_cli_exits_non_zero_when_every_client_fails(tmp_path):
         [
             sys.executable,
             "-m",
-            "fedamole.cli",
+            "fedamole.simulation.cli",
             "simulate",
             "--preset",
             "tiny",

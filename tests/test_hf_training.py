@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceCla
 
 import fedamole
 from fedamole import MoLEConfig, MoLEPeftConfig
-from fedamole.presets import default_model_path
+from fedamole.simulation.presets import default_model_path
 
 
 def _causal_ce(logits, labels):

@@ -12,11 +12,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import fedamole
 from fedamole import MoLEConfig
-from fedamole.cli import main
-from fedamole.fl.reporting import BestRound, best_round, comparison_table, seed_bands, seed_summary
 from fedamole.fl.workload import CausalLMWorkload
 from fedamole.metrics import rouge_l
-from fedamole.presets import PAPER_PRESETS, ByteTokenizer, make_config
+from fedamole.simulation.cli import main
+from fedamole.simulation.presets import PAPER_PRESETS, ByteTokenizer, make_config
+from fedamole.simulation.reporting import BestRound, best_round, comparison_table, seed_bands, seed_summary
 
 PNG = b"\x89PNG"
 

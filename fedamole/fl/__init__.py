@@ -1,4 +1,5 @@
-"""Federated FedAMoLE: expert assignment (RSEA), server and clients, baselines, engines and the simulation loop."""
+"""Federated FedAMoLE: expert assignment (RSEA), server and clients, baselines and engines (the simulation loop is
+`fedamole.simulation.runner`)."""
 
 from fedamole.fl.aggregation import expert_mean, mean_states, mean_tensors, random_scores
 from fedamole.fl.baselines import BASELINES, LoRABaseline
@@ -9,7 +10,6 @@ from fedamole.fl.fdlora import FDLoRA
 from fedamole.fl.fedamole_algo import ASSIGNMENTS, Algorithm, FedAMoLE
 from fedamole.fl.prompt_baselines import PROMPT_BASELINES, PromptBaseline
 from fedamole.fl.rsea import assign_experts, check_feasible, score_matrix
-from fedamole.fl.runner import compare, plot_history, simulate, write_summary
 
 __all__ = [
     "ASSIGNMENTS",
@@ -28,7 +28,6 @@ __all__ = [
     "check_feasible",
     "client_seed",
     "client_update",
-    "compare",
     "embedding_stats",
     "expert_mean",
     "extract_state",
@@ -36,9 +35,6 @@ __all__ = [
     "make_engine",
     "mean_states",
     "mean_tensors",
-    "plot_history",
     "random_scores",
     "score_matrix",
-    "simulate",
-    "write_summary",
 ]

@@ -1,9 +1,9 @@
 """`--engine ray`: a pool of Ray actors, each holding one model, runs a round's clients in contiguous chunks.
 
 Each actor builds its workload once, from the simulation config and the algorithm's `MoLEConfig`
-(`fedamole.presets.build_workload` is seeded, so every actor starts from the same backbone as the driver), plus the
-scenario (shipped once through the object store, or rebuilt by `build_data` with ``rebuild_data``). Per round the
-driver puts each chunk's payloads into the object store once, every actor runs its clients exactly as
+(`fedamole.simulation.presets.build_workload` is seeded, so every actor starts from the same backbone as the driver),
+plus the scenario (shipped once through the object store, or rebuilt by `build_data` with ``rebuild_data``). Per round
+the driver puts each chunk's payloads into the object store once, every actor runs its clients exactly as
 `SequentialEngine` does (same per-client seeds, `client_update`), and the driver reassembles the uploads in client
 order. Aggregation and assignment stay on the driver, so results equal ``--engine sequential`` up to floating-point
 tolerance.
@@ -98,7 +98,7 @@ class ClientActor:
     def __init__(self, config, mole_config, scenario, seed: int, threads: int) -> None:
         import torch
 
-        from fedamole.presets import build_data, build_workload
+        from fedamole.simulation.presets import build_data, build_workload
 
         # One intra-op thread per fractional-CPU actor: several actors each using every core would oversubscribe the
         # machine. (Matmul results may then differ from a multi-threaded driver at the ~1e-6 level.)

@@ -11,11 +11,12 @@ import torch
 from tqdm.auto import tqdm
 
 from fedamole.atomic_io import atomic_write
-from fedamole.fl.checkpoint import check_resume_state, load_checkpoint, save_checkpoint
 from fedamole.fl.client import state_nbytes
 from fedamole.fl.engine import make_engine
 from fedamole.fl.prompt_baselines import adapter_state_dict, load_adapter_state_dict
-from fedamole.fl.reporting import (
+from fedamole.simulation.checkpoint import check_resume_state, load_checkpoint, save_checkpoint
+from fedamole.simulation.presets import SimConfig, build_data, build_workload, make_algorithm, mole_config
+from fedamole.simulation.reporting import (
     RoundReporter,
     best_round,
     plot_assignments,
@@ -25,7 +26,7 @@ from fedamole.fl.reporting import (
     write_per_client_table,
     write_text_atomic,
 )
-from fedamole.fl.validation import (
+from fedamole.simulation.validation import (
     TRAINING_FAULTS,
     UPLOAD_FAULTS,
     check_metric,
@@ -33,7 +34,6 @@ from fedamole.fl.validation import (
     check_upload,
     corrupt_upload,
 )
-from fedamole.presets import SimConfig, build_data, build_workload, make_algorithm, mole_config
 
 __all__ = ["AllClientsFailed", "simulate", "write_summary", "plot_history", "compare"]
 
@@ -130,11 +130,11 @@ def simulate(
     """Run one simulation; returns the summary (see `write_summary`).
 
     `on_round(summary_so_far, history)` is called after every round, once the round is checkpointed (e.g.
-    `fedamole.fl.reporting.RoundReporter`, which prints a line and keeps DIR/metrics.jsonl).
+    `fedamole.simulation.reporting.RoundReporter`, which prints a line and keeps DIR/metrics.jsonl).
 
-    With `checkpoint_dir`, the complete state is checkpointed there after every round (`fedamole.fl.checkpoint`);
-    with `resume=True` as well, the run continues from the last complete round found there (a run killed at any
-    point and resumed ends exactly as an uninterrupted one would).
+    With `checkpoint_dir`, the complete state is checkpointed there after every round
+    (`fedamole.simulation.checkpoint`); with `resume=True` as well, the run continues from the last complete round
+    found there (a run killed at any point and resumed ends exactly as an uninterrupted one would).
     """
     cfg.validate()
     if resume and checkpoint_dir is None:

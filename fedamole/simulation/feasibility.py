@@ -1,5 +1,6 @@
 """Feasibility checks of a configuration, run before anything is built: can the data be split over the clients, and
-does an expert assignment fit them (`fedamole.presets.SimConfig.validate` and `fedamole.builders.build_data`)."""
+does an expert assignment fit them (`fedamole.simulation.presets.SimConfig.validate` and
+`fedamole.simulation.builders.build_data`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from fedamole.data import GEN_TASKS
 from fedamole.data.scenarios import dirichlet_success_probability
 
 if TYPE_CHECKING:
-    from fedamole.presets import SimConfig
+    from fedamole.simulation.presets import SimConfig
 
 __all__ = ["MIN_SPLIT_PROBABILITY", "check_data_feasible", "check_algorithm_feasible"]
 
@@ -76,7 +77,7 @@ def check_algorithm_feasible(cfg: SimConfig) -> None:
     """Raise ValueError, naming the ``fedamole`` settings, when no expert assignment fits ``cfg.clients``."""
     from fedamole.fl.fedamole_algo import FedAMoLE
     from fedamole.fl.rsea import check_feasible
-    from fedamole.presets import make_algorithm
+    from fedamole.simulation.presets import make_algorithm
 
     algo = make_algorithm(cfg)
     if not isinstance(algo, FedAMoLE):

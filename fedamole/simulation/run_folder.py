@@ -57,8 +57,8 @@ def _contents(folder: Path) -> list[Path]:
 
 def _checkpointed_rounds(folder: Path) -> int | None:
     """Rounds recorded in the folder's checkpoint, or None when it holds none. An unreadable checkpoint is left for
-    `fedamole.fl.checkpoint.load_checkpoint` to report in full."""
-    from fedamole.fl.checkpoint import CHECKPOINT_JSON
+    `fedamole.simulation.checkpoint.load_checkpoint` to report in full."""
+    from fedamole.simulation.checkpoint import CHECKPOINT_JSON
 
     meta = folder / CHECKPOINT_SUBDIR / CHECKPOINT_JSON
     if not meta.is_file():

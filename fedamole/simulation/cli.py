@@ -75,7 +75,7 @@ def _describe(text: str) -> str:
 
 def _preset_defaults() -> str:
     """The values the flags fall back to (from the 'default' preset) for the help text."""
-    from fedamole.presets import make_config
+    from fedamole.simulation.presets import make_config
 
     cfg = make_config("default")
     keys = ("clients", "rounds", "local_steps", "batch_size", "lr", "seed", "engine", "device")
@@ -85,7 +85,7 @@ def _preset_defaults() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fedamole.presets import ALGORITHMS
+    from fedamole.simulation.presets import ALGORITHMS
 
     parser = argparse.ArgumentParser(
         prog="fedamole",
@@ -159,8 +159,8 @@ def _fetch(args) -> int:
 
 
 def _config(args, algorithm: str | None = None):
-    from fedamole.config_checks import load_config_file
-    from fedamole.presets import make_config
+    from fedamole.simulation.config_checks import load_config_file
+    from fedamole.simulation.presets import make_config
 
     overrides = load_config_file(args.config) if args.config is not None else {}
     preset = args.preset or overrides.pop("preset", None) or "default"
@@ -182,7 +182,7 @@ def _config(args, algorithm: str | None = None):
 
 
 def _algorithms(text: str) -> list[str]:
-    from fedamole.presets import ALGORITHMS
+    from fedamole.simulation.presets import ALGORITHMS
 
     algos = [a.strip() for a in text.split(",") if a.strip()]
     if not algos:
@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for invalid arguments or settings, each error naming them)."""
     args = build_parser().parse_args(argv)
     from fedamole.data.fetch import FetchError
-    from fedamole.fl.reporting import RoundReporter
-    from fedamole.fl.runner import AllClientsFailed, compare, simulate, write_summary
-    from fedamole.run_folder import claim_run_folder
+    from fedamole.simulation.reporting import RoundReporter
+    from fedamole.simulation.run_folder import claim_run_folder
+    from fedamole.simulation.runner import AllClientsFailed, compare, simulate, write_summary
 
     try:
         if args.command == "fetch":

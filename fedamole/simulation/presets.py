@@ -21,8 +21,8 @@ examples whose prompt reaches ``model.max_length`` tokens (``data.drop_long``; e
 left instead).
 
 This module holds the configuration (`SimConfig`, `make_config`), the preset table and the algorithm factory; the
-paper presets live in `fedamole.presets_paper`, the feasibility checks in `fedamole.feasibility` and the data and
-model builders in `fedamole.builders`, all re-exported here.
+paper presets live in `fedamole.simulation.presets_paper`, the feasibility checks in `fedamole.simulation.feasibility`
+and the data and model builders in `fedamole.simulation.builders`, all re-exported here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from fedamole.builders import (
+from fedamole.config import MoLEConfig
+from fedamole.simulation.builders import (
     CAUSAL_MODEL_TYPES,
     ByteTokenizer,
     build_data,
@@ -41,9 +42,8 @@ from fedamole.builders import (
     causal_tokenizer,
     default_model_path,
 )
-from fedamole.config import MoLEConfig
-from fedamole.feasibility import MIN_SPLIT_PROBABILITY, check_algorithm_feasible, check_data_feasible
-from fedamole.presets_paper import PAPER_PRESET_CONFIGS, PAPER_PRESETS, SMOL_NI_TASKS
+from fedamole.simulation.feasibility import MIN_SPLIT_PROBABILITY, check_algorithm_feasible, check_data_feasible
+from fedamole.simulation.presets_paper import PAPER_PRESET_CONFIGS, PAPER_PRESETS, SMOL_NI_TASKS
 
 __all__ = [
     "SimConfig",
@@ -163,10 +163,10 @@ class SimConfig:
     faults: list = field(default_factory=list)
 
     def validate(self) -> SimConfig:
-        """Check every field (see `fedamole.config_checks`); raises ValueError naming the field."""
-        from fedamole.config_checks import check_sim_config
+        """Check every field (see `fedamole.simulation.config_checks`); raises ValueError naming the field."""
         from fedamole.fl.engine import ENGINES
-        from fedamole.fl.validation import validate_faults
+        from fedamole.simulation.config_checks import check_sim_config
+        from fedamole.simulation.validation import validate_faults
 
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {self.algorithm!r}")

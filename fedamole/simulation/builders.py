@@ -30,10 +30,10 @@ from fedamole.data import (
     synthetic_classification,
     synthetic_generation,
 )
-from fedamole.feasibility import _synthetic_cls_size, check_data_feasible
+from fedamole.simulation.feasibility import _synthetic_cls_size, check_data_feasible
 
 if TYPE_CHECKING:
-    from fedamole.presets import SimConfig
+    from fedamole.simulation.presets import SimConfig
 
 __all__ = [
     "CAUSAL_MODEL_TYPES",

@@ -1,6 +1,6 @@
 """The paper's presets (``snli``, ``dolly``, ``ni``: a causal LM such as Llama-3.2-1B with the authors' data and
 evaluation protocol, SPEC §3) and the paper-like offline ``smol-nli`` / ``smol-ni`` presets on SmolLM2-135M-Instruct.
-`fedamole.presets.PRESETS` holds them next to ``default`` and ``tiny``."""
+`fedamole.simulation.presets.PRESETS` holds them next to ``default`` and ``tiny``."""
 
 from __future__ import annotations
 
