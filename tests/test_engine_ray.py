@@ -52,9 +52,7 @@ def _engine(cfg, ray_opts):
         scenario,
         cfg.seed,
         progress=False,
-        ray=ray_opts,
-        config=cfg,
-        mole_config=runner.mole_config(cfg),
+        **{**runner.engine_options(cfg, runner.mole_config(cfg)), "ray": ray_opts},
     )
 
 
@@ -76,11 +74,17 @@ def test_bad_options_are_rejected_before_starting_anything(opts, match):
         _engine(make_config("tiny", TINY), opts)
 
 
-def test_missing_config_is_a_clear_error():
+def test_missing_builders_are_a_clear_error():
     pytest.importorskip("ray")
     cfg = make_config("tiny", TINY)
-    with pytest.raises(ValueError, match="config"):
+    with pytest.raises(ValueError, match="build_workload"):
         make_engine("ray", lambda: None, build_data(cfg), cfg.seed, progress=False, ray={})
+    options = runner.engine_options(cfg, runner.mole_config(cfg))
+    del options["build_data"]
+    with pytest.raises(ValueError, match="rebuild_data needs the engine option build_data"):
+        make_engine(
+            "ray", lambda: None, build_data(cfg), cfg.seed, progress=False, **{**options, "ray": {"rebuild_data": True}}
+        )
 
 
 def test_missing_ray_is_a_clear_error(monkeypatch):

@@ -1,8 +1,9 @@
 """`--engine ray`: a pool of Ray actors, each holding one model, runs a round's clients in contiguous chunks.
 
-Each actor builds its workload once, from the simulation config and the algorithm's `MoLEConfig`
-(`fedamole.simulation.presets.build_workload` is seeded, so every actor starts from the same backbone as the driver),
-plus the scenario (shipped once through the object store, or rebuilt by `build_data` with ``rebuild_data``). Per round
+Each actor builds its workload once, by calling the engine option ``build_workload(scenario)`` (a picklable callable
+the caller passes in: the simulation gives `fedamole.simulation.builders.build_workload` bound to its config and the
+algorithm's `MoLEConfig`; it is seeded, so every actor starts from the same backbone as the driver), on the scenario
+(shipped once through the object store, or rebuilt by the option ``build_data()`` with ``rebuild_data``). Per round
 the driver puts each chunk's payloads into the object store once, every actor runs its clients exactly as
 `SequentialEngine` does (same per-client seeds, `client_update`), and the driver reassembles the uploads in client
 order. Aggregation and assignment stay on the driver, so results equal ``--engine sequential`` up to floating-point
@@ -14,7 +15,7 @@ freshly started replacement actor; a second failure of the same chunk in the sam
 Options (``SimConfig.ray``): ``num_actors`` (2), ``cpus_per_actor`` (0.5: fractional, because whole-CPU actors can
 take every CPU of a small machine and starve other tasks), ``gpus_per_actor`` (0), ``address`` (an existing cluster;
 None = start a local one), ``num_cpus`` (CPUs of a locally started cluster; default: all), ``threads`` (torch threads
-per actor; default: the config's ``threads``, else ``cpus_per_actor`` rounded down and at least 1, so that actors
+per actor; default: the engine option ``threads``, else ``cpus_per_actor`` rounded down and at least 1, so that actors
 do not oversubscribe the cores), ``rebuild_data`` (False).
 Fault injection for tests: ``kill_actor_after_round`` (``ray.kill`` actor 0 once after that round) and
 ``crash_actor_in_round`` (actor 0's process exits in the middle of its chunk in that round, once).
@@ -95,16 +96,14 @@ def chunk_bounds(num_clients: int, num_chunks: int) -> list[tuple[int, int]]:
 class ClientActor:
     """The body of one Ray actor (wrapped by ``ray.remote`` in `RayEngine`): one workload, many clients."""
 
-    def __init__(self, config, mole_config, scenario, seed: int, threads: int) -> None:
+    def __init__(self, build_workload, build_data, scenario, seed: int, threads: int) -> None:
         import torch
-
-        from fedamole.simulation.presets import build_data, build_workload
 
         # One intra-op thread per fractional-CPU actor: several actors each using every core would oversubscribe the
         # machine. (Matmul results may then differ from a multi-threaded driver at the ~1e-6 level.)
         torch.set_num_threads(max(1, int(threads)))
-        self.scenario = scenario if scenario is not None else build_data(config)
-        self.workload = build_workload(config, mole_config, self.scenario)
+        self.scenario = scenario if scenario is not None else build_data()
+        self.workload = build_workload(self.scenario)
         self.seed = seed
 
     def ready(self) -> int:
@@ -132,13 +131,16 @@ class RayEngine(Engine):
         super().__init__(*args, **kwargs)
         self._ray = _import_ray()
         self.ray_options = _check_options(dict(self.options.get("ray") or {}))
-        self.config = self.options.get("config")
-        self.mole_config = self.options.get("mole_config")
-        if self.config is None or self.mole_config is None:
+        # How an actor builds its model (and, with rebuild_data, its data): picklable callables from the caller.
+        self.build_workload = self.options.get("build_workload")
+        self.build_data = self.options.get("build_data")
+        if not callable(self.build_workload):
             raise ValueError(
-                "engine 'ray' needs the options config (SimConfig) and mole_config (the algorithm's "
-                "MoLEConfig): actors rebuild the model from them"
+                "engine 'ray' needs the option build_workload (a picklable callable: scenario -> workload): "
+                "actors rebuild the model with it"
             )
+        if self.ray_options["rebuild_data"] and not callable(self.build_data):
+            raise ValueError("ray.rebuild_data needs the engine option build_data (a picklable callable -> scenario)")
         self.replacements = 0  # actors replaced after a failure (for reports and tests)
         self._actors: list = []
         self._actor_cls = None
@@ -161,12 +163,12 @@ class RayEngine(Engine):
             else:
                 ray.init(num_cpus=o["num_cpus"] or os.cpu_count() or 2, **kwargs)
             self._started_ray = True
-        if o["gpus_per_actor"] == 0 and getattr(self.config, "device", "cpu") != "cpu":
+        if o["gpus_per_actor"] == 0 and self.options.get("device", "cpu") != "cpu":
             import torch
 
             if torch.cuda.is_available():  # Ray hides GPUs from actors that did not ask for one
                 log.warning("engine 'ray': gpus_per_actor is 0, so actors run on CPU although this machine has a GPU")
-        threads = o["threads"] or getattr(self.config, "threads", None) or max(1, int(o["cpus_per_actor"]))
+        threads = o["threads"] or self.options.get("threads") or max(1, int(o["cpus_per_actor"]))
         self._threads = int(threads)
         self._actor_cls = ray.remote(num_cpus=o["cpus_per_actor"], num_gpus=o["gpus_per_actor"], max_restarts=0)(
             ClientActor
@@ -181,7 +183,9 @@ class RayEngine(Engine):
             raise RuntimeError(f"engine 'ray': an actor could not build the workload: {exc}") from exc
 
     def _new_actor(self):
-        return self._actor_cls.remote(self.config, self.mole_config, self._scenario_ref, self.seed, self._threads)
+        return self._actor_cls.remote(
+            self.build_workload, self.build_data, self._scenario_ref, self.seed, self._threads
+        )
 
     def _replace(self, i: int, exc: BaseException) -> None:
         ray = self._ray

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedamole.atomic_io import atomic_write
+from fedamole.config import MoLEConfig
 from fedamole.fl.client import state_nbytes
 from fedamole.fl.engine import make_engine
 from fedamole.fl.prompt_baselines import adapter_state_dict, load_adapter_state_dict
@@ -35,7 +37,7 @@ from fedamole.simulation.validation import (
     corrupt_upload,
 )
 
-__all__ = ["AllClientsFailed", "simulate", "write_summary", "plot_history", "compare"]
+__all__ = ["AllClientsFailed", "engine_options", "simulate", "write_summary", "plot_history", "compare"]
 
 
 class AllClientsFailed(RuntimeError):
@@ -183,24 +185,30 @@ def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int,
     return done, state["summary"], state["history"]
 
 
+def engine_options(cfg: SimConfig, model_config: MoLEConfig) -> dict:
+    """The options of `cfg.engine` (see `fedamole.fl.engine.make_engine`): cohort size, Ray settings, and for
+    engines that build models elsewhere (Ray actors) how to: `build_workload(scenario)` and `build_data()`, module
+    functions bound to the configuration (picklable). build_workload is seeded, so every copy starts from the same
+    backbone."""
+    return {
+        "cohort_size": int(cfg.cohort_size),
+        "ray": dict(cfg.ray),
+        "threads": cfg.threads,
+        "device": cfg.device,
+        "build_workload": functools.partial(build_workload, cfg, model_config),
+        "build_data": functools.partial(build_data, cfg),
+    }
+
+
 def _build(cfg: SimConfig, progress: bool):
     """(scenario, algorithm, workload, engine) of a run, the algorithm set up on the workload's model."""
     scenario = build_data(cfg)
     algo = make_algorithm(cfg)
     model_config = algo.mole_config(mole_config(cfg))
     workload = build_workload(cfg, model_config, scenario)
-    # Engines in this process share `workload`; remote ones (Ray actors) rebuild it from (config, mole_config):
-    # build_workload is seeded, so every copy starts from the same backbone.
+    # Engines in this process share `workload`; remote ones (Ray actors) rebuild it (see `engine_options`).
     engine = make_engine(
-        cfg.engine,
-        lambda: workload,
-        scenario,
-        cfg.seed,
-        progress=progress,
-        cohort_size=int(cfg.cohort_size),
-        ray=dict(cfg.ray),
-        config=cfg,
-        mole_config=model_config,
+        cfg.engine, lambda: workload, scenario, cfg.seed, progress=progress, **engine_options(cfg, model_config)
     )
     algo.setup(workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
     return scenario, algo, workload, engine
