@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from fedamole.adapter_state import MASK_KIND, MOLE_KINDS, state_key
 from fedamole.atomic_io import atomic_write, sweep_stale_temp_files
 from fedamole.config import MoLEConfig
 from fedamole.layers import MoLEExperts, MoLELinear, base_features
@@ -108,10 +109,10 @@ def mole_state_dict(model: nn.Module) -> dict[str, Tensor]:
         raise ValueError("model has no MoLELinear modules: call fedamole.inject_mole(model, config) first")
     state: dict[str, Tensor] = {}
     for name, module in modules.items():
-        for key in ("lora_a", "lora_b", "router", "shared_a", "shared_b", "active_experts"):
-            value = getattr(module, key)
+        for kind in (*MOLE_KINDS, MASK_KIND):
+            value = getattr(module, kind)
             if value is not None:
-                state[f"{name}.{key}"] = value.detach()
+                state[state_key(name, kind)] = value.detach()
     for name in getattr(model, "fedamole_extra_trainable", []):
         for key, value in model.get_submodule(name).named_parameters():
             state[f"{name}.{key}"] = value.detach()

@@ -18,6 +18,7 @@ import dataclasses
 import torch
 
 import fedamole
+from fedamole.adapter_state import ROUTED_KINDS, split_key, state_key
 from fedamole.config import MoLEConfig
 from fedamole.fl.aggregation import mean_states
 from fedamole.fl.fedamole_algo import Algorithm, extra_state
@@ -49,8 +50,8 @@ def initial_lora_state(model, seed: int) -> dict:
     lora = {}
     for name, m in fedamole.mole_modules(model).items():
         m.reset_parameters()
-        lora[f"{name}.lora_a"] = m.lora_a[:1].detach().float().clone()
-        lora[f"{name}.lora_b"] = m.lora_b[:1].detach().float().clone()
+        for kind in ROUTED_KINDS:
+            lora[state_key(name, kind)] = getattr(m, kind)[:1].detach().float().clone()
     return {**lora, **extra_state(model)}
 
 
@@ -81,7 +82,7 @@ class LoRABaseline(Algorithm):
         else:
             self.glob = state
             self.private = [{} for _ in range(self.num_clients)]
-        self.a_keys = [k for k in state if k.endswith(".lora_a")]
+        self.a_keys = [k for k in state if split_key(k)[1] == "lora_a"]
 
     def payloads(self, round_idx: int) -> list[dict]:
         out = []

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 import fedamole
+from fedamole.adapter_state import EXTRA_KIND, is_slot_kind, kind_of, slot_kinds, split_key
 from fedamole.data.scenarios import ClientData
 from fedamole.fl.dp import dp_noise, privatize_stats
 
@@ -51,8 +52,6 @@ __all__ = [
     "ADAMW_WEIGHT_DECAY",
 ]
 
-_SLOT_KINDS = ("lora_a", "lora_b")
-
 ADAMW_WEIGHT_DECAY = 0.01  # PyTorch's AdamW default, which FDLoRA's authors kept
 
 
@@ -63,13 +62,8 @@ def optimizer_weight_decay(optimizer: str) -> float:
     return ADAMW_WEIGHT_DECAY if optimizer == "adamw" else 0.0
 
 
-def _split_key(key: str) -> tuple[str, str]:
-    mod, _, kind = key.rpartition(".")
-    return mod, kind
-
-
 def _is_slot(module, kind: str) -> bool:
-    return kind in _SLOT_KINDS or (kind == "router" and module.config.router == "linear")
+    return is_slot_kind(kind, module.config.router)
 
 
 @torch.no_grad()
@@ -83,7 +77,7 @@ def load_state(model, state: dict[str, Tensor]) -> None:
     params = dict(model.named_parameters())
     active: dict[str, int] = {}
     for key, value in state.items():
-        mod, kind = _split_key(key)
+        mod, kind = split_key(key)
         if mod in modules and _is_slot(modules[mod], kind):
             k = value.shape[0]
             if active.setdefault(mod, k) != k:
@@ -97,7 +91,7 @@ def load_state(model, state: dict[str, Tensor]) -> None:
             raise ValueError(f"state: unknown parameter {key!r}")
     for mod, k in active.items():
         module = modules[mod]
-        for kind in _SLOT_KINDS + (("router",) if module.config.router == "linear" else ()):
+        for kind in slot_kinds(module.config.router):
             getattr(module, kind)[k:].zero_()
         mask = torch.zeros(module.config.num_experts, dtype=torch.bool)
         mask[:k] = True
@@ -111,7 +105,7 @@ def extract_state(model, keys, like: dict[str, Tensor]) -> dict[str, Tensor]:
     params = dict(model.named_parameters())
     out = {}
     for key in keys:
-        mod, kind = _split_key(key)
+        mod, kind = split_key(key)
         if mod in modules and _is_slot(modules[mod], kind):
             out[key] = getattr(modules[mod], kind)[: like[key].shape[0]].detach().cpu().clone()
         else:
@@ -124,11 +118,10 @@ def _trainable(model, keys, frozen) -> list[Tensor]:
     params = dict(model.named_parameters())
     out, seen = [], set()
     for key in keys:
-        mod, kind = _split_key(key)
-        kind = kind if mod in modules else "extra"
+        mod, kind = kind_of(key, modules)
         if kind in frozen:
             continue
-        p = getattr(modules[mod], kind) if mod in modules else params[key]
+        p = params[key] if kind == EXTRA_KIND else getattr(modules[mod], kind)
         if id(p) not in seen:
             seen.add(id(p))
             out.append(p)
@@ -142,10 +135,10 @@ def _diverge(model, state: dict[str, Tensor], frozen) -> None:
     modules = fedamole.mole_modules(model)
     params = dict(model.named_parameters())
     for key, value in state.items():
-        mod, kind = _split_key(key)
-        if (kind if mod in modules else "extra") in frozen:
+        mod, kind = kind_of(key, modules)
+        if kind in frozen:
             continue
-        if mod in modules and _is_slot(modules[mod], kind):
+        if kind != EXTRA_KIND and _is_slot(modules[mod], kind):
             getattr(modules[mod], kind)[: value.shape[0]].fill_(math.nan)
         else:
             params[key].fill_(math.nan)

@@ -37,13 +37,12 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 import fedamole
+from fedamole.adapter_state import EXTRA_KIND, MASK_KIND, MOLE_KINDS, kind_of, state_key
 from fedamole.fl.client import NOT_SCORED, client_update, finish_client, load_state, optimizer_weight_decay
 from fedamole.fl.engine import Engine, client_seed, run_client_safely
 from fedamole.optim import StackedAdam, clip_grad_norm_per_client
 
 __all__ = ["CohortEngine", "train_cohort"]
-
-_MOLE_KINDS = ("lora_a", "lora_b", "router", "shared_a", "shared_b")
 
 
 class _NotStackable(Exception):
@@ -67,24 +66,24 @@ class _StackedModule(nn.Module):
 
 def _kind_of(key: str, modules: dict, extra: Sequence[str]) -> tuple[str, str]:
     """(owner, kind) of a state key: a MoLE module and its tensor kind, or an extra module and "extra"."""
-    mod, _, kind = key.rpartition(".")
-    if mod in modules and kind in _MOLE_KINDS:
+    mod, kind = kind_of(key, modules)
+    if kind != EXTRA_KIND:
         return mod, kind
     owner = next((e for e in extra if key.startswith(e + ".")), None)
     if owner is None:
         raise _NotStackable(f"state key {key!r} is neither a MoLE tensor nor in an extra trainable module")
-    return owner, "extra"
+    return owner, EXTRA_KIND
 
 
 def _snapshot(model, modules: dict, extra: Sequence[str]) -> dict[str, Tensor]:
     """Detached copies of every tensor that gets stacked (all MoLE tensors and masks, the extra modules)."""
     out = {}
     for name, m in modules.items():
-        for kind in _MOLE_KINDS:
+        for kind in MOLE_KINDS:
             value = getattr(m, kind)
             if value is not None:
-                out[f"{name}.{kind}"] = value.detach().clone()
-        out[f"{name}.active_experts"] = m.active_experts.clone()
+                out[state_key(name, kind)] = value.detach().clone()
+        out[state_key(name, MASK_KIND)] = m.active_experts.clone()
     for name in extra:
         for key, p in model.get_submodule(name).named_parameters():
             out[f"{name}.{key}"] = p.detach().clone()
@@ -99,7 +98,7 @@ def _stack_states(model, payloads: Sequence[dict], modules: dict, extra: Sequenc
     for key in states[0]:
         owner, kind = _kind_of(key, modules, extra)
         if kind not in frozen:
-            trainable.add(f"{owner}.{kind}" if kind != "extra" else key)
+            trainable.add(state_key(owner, kind) if kind != EXTRA_KIND else key)
     # Each client's starting tensors, exactly as `load_state` would put them in the single model.
     snaps = []
     for state in states:
@@ -111,7 +110,7 @@ def _stack_states(model, payloads: Sequence[dict], modules: dict, extra: Sequenc
     leaves = {
         name: nn.Parameter(t, requires_grad=name in trainable)
         for name, t in stacked.items()
-        if not name.endswith(".active_experts")
+        if not name.endswith("." + MASK_KIND)
     }
     return trainable, stacked, leaves
 
@@ -120,12 +119,12 @@ def _install_stacked(model, modules: dict, extra: Sequence[str], stacked: dict, 
     """Put the stacked tensors in the model (MoLE tensors and masks, extra modules wrapped in `_StackedModule`),
     appending to ``saved`` every (owner, attribute, old value) as it goes so that the caller can restore them."""
     for name, m in modules.items():
-        for kind in _MOLE_KINDS:
+        for kind in MOLE_KINDS:
             if getattr(m, kind) is not None:
                 saved.append((m, kind, getattr(m, kind)))
-                setattr(m, kind, leaves[f"{name}.{kind}"])
-        saved.append((m, "active_experts", m.active_experts))
-        m.active_experts = stacked[f"{name}.active_experts"]
+                setattr(m, kind, leaves[state_key(name, kind)])
+        saved.append((m, MASK_KIND, m.active_experts))
+        m.active_experts = stacked[state_key(name, MASK_KIND)]
     for name in extra:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -139,7 +138,7 @@ def _install_stacked(model, modules: dict, extra: Sequence[str], stacked: dict, 
 # kinds used to shadow its ``kind`` argument there, so `evaluate_per_client` (which scores only "classification")
 # declines and every client is scored afterwards by `finish_client`. Kept so that splitting the function changes no
 # result; passing ``kind`` instead would turn the stacked scoring on.
-_STACKED_EVAL_KIND = _MOLE_KINDS[-1]
+_STACKED_EVAL_KIND = MOLE_KINDS[-1]
 
 
 def train_cohort(

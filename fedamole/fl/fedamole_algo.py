@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 import fedamole
+from fedamole.adapter_state import MOLE_KINDS, slot_kinds, state_key
 from fedamole.config import MoLEConfig
 from fedamole.fl.aggregation import expert_mean, mean_tensors, random_scores
 from fedamole.fl.dp import DP_MECHANISMS
@@ -164,11 +165,9 @@ class FedAMoLE(Algorithm):
             down, ids_all = {}, {}
             for name, mod in self.modules.items():
                 ids = np.flatnonzero(mod["assign"][:, c])
-                pool = mod["pool"]
-                down[f"{name}.lora_a"] = pool["lora_a"][ids]
-                down[f"{name}.lora_b"] = pool["lora_b"][ids]
-                down[f"{name}.router"] = pool["router"][ids] if self.router == "linear" else pool["router"]
-                down[f"{name}.shared_a"], down[f"{name}.shared_b"] = pool["shared_a"], pool["shared_b"]
+                for kind in MOLE_KINDS:  # slot tensors: the client's experts' rows; the others whole
+                    value = mod["pool"][kind]
+                    down[state_key(name, kind)] = value[ids] if kind in slot_kinds(self.router) else value
                 ids_all[name] = ids.astype(np.int32)
             down.update(self.extra)
             needs_stats = self.assignment in ("rsea", "homogeneous")
@@ -200,13 +199,12 @@ class FedAMoLE(Algorithm):
         for name, mod in self.modules.items():
             pool, assign = mod["pool"], mod["assign"]
             ids = [np.flatnonzero(assign[:, c]) for c in range(self.num_clients)]
-            kinds = ("lora_a", "lora_b", "router") if self.router == "linear" else ("lora_a", "lora_b")
-            for kind in kinds:
-                pool[kind] = expert_mean(pool[kind], [(ids[c], uploads[c]["up"][f"{name}.{kind}"]) for c in live])
-            shared = ("shared_a", "shared_b") if self.router == "linear" else ("router", "shared_a", "shared_b")
+            slots = slot_kinds(self.router)
+            for kind in slots:
+                pool[kind] = expert_mean(pool[kind], [(ids[c], uploads[c]["up"][state_key(name, kind)]) for c in live])
             if live:
-                for kind in shared:
-                    pool[kind] = mean_tensors([uploads[c]["up"][f"{name}.{kind}"] for c in live])
+                for kind in (k for k in MOLE_KINDS if k not in slots):
+                    pool[kind] = mean_tensors([uploads[c]["up"][state_key(name, kind)] for c in live])
             if len(live) == self.num_clients or self.assignment in (*_STATIC, "random"):
                 mod["assign"] = self._next_assignment(name, mod, ids, uploads)
         if self.extra and live:

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedamole.adapter_state import split_key, state_key
+
 __all__ = [
     "check_upload",
     "check_metric",
@@ -136,7 +138,7 @@ def _stat_shapes(payload: dict) -> dict[str, tuple[tuple, tuple | None]]:
     linear = payload.get("router", "embedding") == "linear"
     out = {}
     for module, ids in (payload.get("expert_ids") or {}).items():
-        k, r, d_in = down[f"{module}.lora_a"].shape
+        k, r, d_in = down[state_key(module, "lora_a")].shape
         out[module] = ((d_in,), None) if linear else ((r,), (len(ids), r))
     return out
 
@@ -317,12 +319,12 @@ def corrupt_upload(upload: dict, kind: str, payload: dict) -> dict:
         up[key] = up[key] * 0 + 1e12
     elif kind == "scaled":
         # A large but bounded scaling (under the default max_upload_norm): only the round-relative bound sees it.
-        for k in [k for k in up if k.endswith(".lora_b")] or ([key] if key else []):
+        for k in [k for k in up if split_key(k)[1] == "lora_b"] or ([key] if key else []):
             up[k] = up[k] * 1e6
     elif kind == "missing_key" and key:
         del up[key]
     elif kind == "extra_key":
-        up["__not_a_parameter__.lora_a"] = torch.zeros(1)
+        up[state_key("__not_a_parameter__", "lora_a")] = torch.zeros(1)
     elif kind in ("foreign_expert", "duplicate_ids"):
         ids = {m: np.asarray(v).copy() for m, v in (payload.get("expert_ids") or {"?": np.arange(1)}).items()}
         module = sorted(ids)[0]
