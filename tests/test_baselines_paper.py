@@ -17,6 +17,7 @@ from fedamole.fl.fdlora import (
     search_fusion_weights,
 )
 from fedamole.fl.fedamole_algo import FedAMoLE
+from fedamole.fl.protocol import ClientResult, ClientTask
 from fedamole.simulation.checkpoint import load_checkpoint
 from fedamole.simulation.presets import build_data, build_workload, make_algorithm, make_config, mole_config
 from fedamole.simulation.runner import simulate
@@ -61,9 +62,9 @@ def test_fedavg_baselines_use_a_plain_mean_by_default(fdlora_setup, name):
         algo.setup(workload.model, sizes, seed=0)
         before = {k: v.clone() for k, v in algo.glob.items()}
         payloads = algo.payloads(1)
-        uploads = [{"up": {k: before[k] + c for k in p["upload"]}, "private": {}} for c, p in enumerate(payloads)]
+        uploads = [ClientResult(up={k: before[k] + c for k in p.upload}, private={}) for c, p in enumerate(payloads)]
         algo.aggregate(1, uploads)
-        for k in payloads[0]["upload"]:
+        for k in payloads[0].upload:
             assert torch.allclose(algo.glob[k], before[k] + expected), (aggregation, k)
     with pytest.raises(ValueError, match="aggregation"):
         LoRABaseline("fedit", aggregation="median")
@@ -105,17 +106,17 @@ def test_fdlora_refresh_cadence_and_server_state(fdlora_setup):
     init = {k: v.clone() for k, v in algo.glob.items()}
     for r in range(1, 7):
         payloads = algo.payloads(r)
-        assert all(p["optimizer"] == "adamw" and p["down"].keys() == init.keys() for p in payloads)
-        assert all(bool(p["keep"]) == algo.refreshes_private(r) for p in payloads)
-        ups = [{k: algo.glob[k] + 0.1 * (c + 1) * r for k in p["upload"]} for c, p in enumerate(payloads)]
-        uploads = [{"up": u, "private": {k: u[k] for k in p["keep"]}} for u, p in zip(ups, payloads)]
+        assert all(p.optimizer == "adamw" and p.down.keys() == init.keys() for p in payloads)
+        assert all(bool(p.keep) == algo.refreshes_private(r) for p in payloads)
+        ups = [{k: algo.glob[k] + 0.1 * (c + 1) * r for k in p.upload} for c, p in enumerate(payloads)]
+        uploads = [ClientResult(up=u, private={k: u[k] for k in p.keep}) for u, p in zip(ups, payloads)]
         glob_before = {k: v.clone() for k, v in algo.glob.items()}
         algo.aggregate(r, uploads)
         if r == 1:
             assert all(p is None for p in algo.private)
             for k in init:  # warm-up: the plain mean of the uploads (offsets 0.1 .. 0.4)
                 torch.testing.assert_close(algo.glob[k], init[k] + 0.25)
-            assert all(bool(algo.eval_payloads()[c]["fusion"] is None) for c in range(4))
+            assert all(bool(algo.eval_payloads()[c].fusion is None) for c in range(4))
         else:
             assert algo.glob.keys() == init.keys() and not torch.equal(algo.glob[k], glob_before[k])
         if r == 2:
@@ -124,7 +125,7 @@ def test_fdlora_refresh_cadence_and_server_state(fdlora_setup):
                 torch.testing.assert_close(algo.private[c][k], ups[c][k])
     for c in range(4):  # rounds 3..6 kept nothing: the round-2 copies are still there
         assert all(torch.equal(algo.private[c][k], refreshed[c][k]) for k in refreshed[c])
-    request = algo.eval_payloads()[1]["fusion"]
+    request = algo.eval_payloads()[1].fusion
     assert isinstance(request, FusionRequest) and (request.budget, request.bound, request.penalty) == (5, 1.5, 0.05)
 
 
@@ -158,18 +159,18 @@ def test_adafusion_improves_the_loss_and_loads_the_fused_state(fdlora_setup):
     cfg, scenario, algo, workload = fdlora_setup
     data = scenario.clients[0]
     glob = {k: v.clone() for k, v in algo.glob.items()}
-    payload = {
-        "down": glob,
-        "upload": list(glob),
-        "keep": list(glob),
-        "steps": 30,
-        "lr": 3e-2,
-        "batch_size": 4,
-        "evaluate": False,
-        "stats": False,
-        "optimizer": "adamw",
-    }
-    private = client_update(workload, payload, data, seed=1, choices=scenario.choices)["private"]
+    payload = ClientTask(
+        down=glob,
+        upload=tuple(glob),
+        keep=tuple(glob),
+        steps=30,
+        lr=3e-2,
+        batch_size=4,
+        evaluate=False,
+        stats=False,
+        optimizer="adamw",
+    )
+    private = client_update(workload, payload, data, seed=1, choices=scenario.choices).private
     request = FusionRequest(private, budget=6, batches=2)
     batches = list(workload.batches(data.embed or data.train, 4, steps=2, rng=np.random.default_rng(7)))
 
@@ -235,8 +236,8 @@ def test_static_homogeneous_keeps_an_equal_random_assignment(fdlora_setup):
     first = {n: m["assign"].copy() for n, m in algo.modules.items()}
     for r in (1, 2):
         payloads = algo.payloads(r)
-        assert not any(p["stats"] for p in payloads)  # no statistics needed, none uploaded
-        uploads = [{"up": {k: v.clone() for k, v in p["down"].items()}, "stats": None} for p in payloads]
+        assert not any(p.stats for p in payloads)  # no statistics needed, none uploaded
+        uploads = [ClientResult(up={k: v.clone() for k, v in p.down.items()}, stats=None) for p in payloads]
         algo.aggregate(r, uploads)
     for n, m in algo.modules.items():
         assert np.array_equal(m["assign"], first[n])

@@ -1,5 +1,7 @@
 """The authors' DP mechanism on the uploaded statistics, and the PEFT prompt-learning baselines (SPEC §3)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from fedamole.fl.client import client_update, embedding_stats
 from fedamole.fl.dp import clip_rows, example_norm_bounds, gamma_uniform_moments, gamma_uniform_noise, privatize_stats
 from fedamole.fl.prompt_baselines import adapter_state_dict, load_adapter_state_dict, prompt_init_text
+from fedamole.fl.protocol import ClientResult
 from fedamole.simulation.presets import (
     ByteTokenizer,
     build_data,
@@ -66,21 +69,21 @@ def test_gamma_uniform_privatized_stats_are_clipped_to_per_example_bounds():
     _, scenario, algo, workload = _built("fedamole")
     from fedamole.fl.client import load_state
 
-    load_state(workload.model, algo.payloads(1)[0]["down"])
+    load_state(workload.model, algo.payloads(1)[0].down)
     examples = scenario.clients[0].embed or scenario.clients[0].train
     stats = embedding_stats(workload, examples)
     bounds = example_norm_bounds(workload, examples)
-    for name, t in stats["t"].items():
+    for name, t in stats.t.items():
         assert float(t.norm()) <= float(bounds["t"][name]) + 1e-5
-        assert (stats["e"][name].norm(dim=1) <= bounds["e"][name] + 1e-5).all()
+        assert (stats.e[name].norm(dim=1) <= bounds["e"][name] + 1e-5).all()
     quiet = privatize_stats(workload, stats, examples, "gamma-uniform", 1e9, seed=0)
     loud = privatize_stats(workload, stats, examples, "gamma-uniform", 1e-2, seed=0)
     again = privatize_stats(workload, stats, examples, "gamma-uniform", 1e-2, seed=0)
-    for name in stats["t"]:
-        torch.testing.assert_close(quiet["t"][name], stats["t"][name], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(loud["t"][name].norm(), bounds["t"][name], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(loud["e"][name].norm(dim=1), bounds["e"][name], rtol=1e-5, atol=1e-6)
-        assert torch.equal(loud["e"][name], again["e"][name])
+    for name in stats.t:
+        torch.testing.assert_close(quiet.t[name], stats.t[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(loud.t[name].norm(), bounds["t"][name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loud.e[name].norm(dim=1), bounds["e"][name], rtol=1e-5, atol=1e-6)
+        assert torch.equal(loud.e[name], again.e[name])
     with pytest.raises(ValueError, match="dp_mechanism"):
         privatize_stats(workload, stats, examples, "laplace", 1.0, seed=0)
 
@@ -103,12 +106,12 @@ def test_fedprompt_initialises_from_the_init_text_and_trains_only_the_prompt():
     emb = algo.glob["prompt_encoder.default.embedding.weight"]
     words = workload.model.get_input_embeddings().weight[torch.tensor(ids)]
     assert emb.shape == (len(ids), 32) and torch.equal(emb, words.detach().float())
-    payload = {**algo.payloads(1)[0], "steps": 3, "lr": 1e-2, "batch_size": 2}
+    payload = dataclasses.replace(algo.payloads(1)[0], steps=3, lr=1e-2, batch_size=2)
     backbone = {k: v.clone() for k, v in workload.model.named_parameters() if not v.requires_grad}
     up = client_update(workload, payload, scenario.clients[0], seed=3, choices=scenario.choices)
-    assert set(up["up"]) == set(algo.glob) and not torch.equal(up["up"][next(iter(algo.glob))], emb)
+    assert set(up.up) == set(algo.glob) and not torch.equal(up.up[next(iter(algo.glob))], emb)
     assert all(torch.equal(v, dict(workload.model.named_parameters())[k]) for k, v in backbone.items())
-    assert np.isfinite(up["train_loss"])
+    assert np.isfinite(up.train_loss)
 
 
 def test_prompt_loss_equals_peft_own_loss():
@@ -132,7 +135,9 @@ def test_fedptuning_state_and_plain_mean():
     assert any(".mlp_head." in k and 7 in algo.glob[k].shape for k in keys)
     before = {k: v.clone() for k, v in algo.glob.items()}
     payloads = algo.payloads(1)
-    algo.aggregate(1, [{"up": {k: before[k] + c for k in p["upload"]}, "private": {}} for c, p in enumerate(payloads)])
+    algo.aggregate(
+        1, [ClientResult(up={k: before[k] + c for k in p.upload}, private={}) for c, p in enumerate(payloads)]
+    )
     for k in keys:
         torch.testing.assert_close(algo.glob[k], before[k] + 1.5)
     state = adapter_state_dict(workload.model)

@@ -1,6 +1,7 @@
 """`--engine cohort` equals `--engine sequential` (dropout 0): same uploads, private states, statistics, metrics and
 assignments, on the `tiny` preset (FedAMoLE, FedIT, FFA-LoRA, FDLoRA) and on a MiniLM sequence classifier."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ from torch import nn
 
 from fedamole.fl.cohort import CohortEngine
 from fedamole.fl.engine import make_engine
+from fedamole.fl.protocol import DROPPED, FAILED
 from fedamole.simulation.presets import build_data, build_workload, make_algorithm, make_config, mole_config
 from fedamole.simulation.runner import simulate
 
@@ -26,12 +28,15 @@ def _one_thread():
 
 def _settings(cfg, payloads, round_idx, steps=None):
     """The runner's per-round defaults (lr decay etc.); `steps` optionally gives each client its own count."""
-    for c, p in enumerate(payloads):
-        p.setdefault("steps", cfg.local_steps if steps is None else steps[c])
-        p.setdefault("lr", cfg.lr * cfg.lr_decay ** (round_idx - 1))
-        p.setdefault("batch_size", cfg.batch_size)
-        p.setdefault("max_grad_norm", cfg.max_grad_norm)
-    return payloads
+    return [
+        p.with_settings(
+            steps=cfg.local_steps if steps is None else steps[c],
+            lr=cfg.lr * cfg.lr_decay ** (round_idx - 1),
+            batch_size=cfg.batch_size,
+            max_grad_norm=cfg.max_grad_norm,
+        )
+        for c, p in enumerate(payloads)
+    ]
 
 
 def _run(cfg, engine, rounds=2, steps=None, no_dropout=False):
@@ -48,7 +53,7 @@ def _run(cfg, engine, rounds=2, steps=None, no_dropout=False):
     history = []
     for r in range(1, rounds + 1):
         uploads = eng.run(_settings(cfg, algo.payloads(r), r, steps), r)
-        assert not any(u.get("failed") for u in uploads), uploads
+        assert all(u.ok for u in uploads), uploads
         algo.aggregate(r, uploads)
         history.append(uploads)
     return history, algo, eng
@@ -59,6 +64,10 @@ def _close(a, b, what):
         assert set(a) == set(b), what
         for k in a:
             _close(a[k], b[k], f"{what}.{k}")
+    elif dataclasses.is_dataclass(a):  # a ClientResult, its EmbeddingStats: every field
+        assert type(b) is type(a), what
+        for f in dataclasses.fields(a):
+            _close(getattr(a, f.name), getattr(b, f.name), f"{what}.{f.name}")
     elif isinstance(a, torch.Tensor):
         torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}: {m}")
     elif isinstance(a, np.ndarray):
@@ -87,8 +96,8 @@ def test_fedamole_equals_sequential_with_same_assignments():
     algo_s, algo_c = _compare(cfg)
     # The next round's assignment (RSEA on the uploaded statistics) and server pool are the same.
     for ps, pc in zip(algo_s.payloads(3), algo_c.payloads(3)):
-        _close(ps["expert_ids"], pc["expert_ids"], "expert_ids")
-        _close(ps["down"], pc["down"], "down")
+        _close(ps.expert_ids, pc.expert_ids, "expert_ids")
+        _close(ps.down, pc.down, "down")
 
 
 def test_cohort_size_and_different_step_counts():
@@ -141,14 +150,14 @@ def test_faults_and_eval_only_take_the_sequential_path():
     algo.setup(workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
     eng = CohortEngine(lambda: workload, scenario, cfg.seed, progress=False, cohort_size=0)
     payloads = _settings(cfg, algo.payloads(1), 1)
-    payloads[0]["fault"] = "dropout"
-    payloads[1]["fault"] = "crash"
-    payloads[2]["steps"] = 0
+    payloads[0] = dataclasses.replace(payloads[0], fault="dropout")
+    payloads[1] = dataclasses.replace(payloads[1], fault="crash")
+    payloads[2] = dataclasses.replace(payloads[2], steps=0)
     cohorts, alone = eng.cohorts(payloads)
     assert cohorts == [] and alone == [0, 1, 2, 3]  # client 3 would be a cohort of one
     out = eng.run(payloads, 1)
-    assert out[0] == {"dropped": True}
-    assert out[1]["failed"] and "injected crash" in out[1]["error"]
-    assert math.isnan(out[2]["train_loss"]) and np.isfinite(out[3]["train_loss"])
+    assert out[0].status == DROPPED and out[0].error is None and out[0].up == {}
+    assert out[1].status == FAILED and "injected crash" in out[1].error
+    assert math.isnan(out[2].train_loss) and np.isfinite(out[3].train_loss)
     with pytest.raises(ValueError, match="cohort_size"):
         CohortEngine(lambda: workload, scenario, cfg.seed, cohort_size=-1)

@@ -1,5 +1,6 @@
 """FedAMoLE server/client and the baselines on the `tiny` preset (random-init tiny Llama, synthetic data)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 
 from fedamole.fl.client import client_update, extract_state, load_state
 from fedamole.fl.fedamole_algo import FedAMoLE
+from fedamole.fl.protocol import ClientResult, EmbeddingStats
 from fedamole.simulation.presets import ALGORITHMS, build_data, build_workload, make_algorithm, make_config, mole_config
 from fedamole.simulation.runner import simulate
 
@@ -53,29 +55,29 @@ def test_every_algorithm_runs_two_rounds(algorithm):
 def test_load_extract_state_sets_slots(tiny_setup):
     _, _, algo, workload = tiny_setup
     payload = algo.payloads(1)[0]
-    load_state(workload.model, payload["down"])
-    for name, ids in payload["expert_ids"].items():
+    load_state(workload.model, payload.down)
+    for name, ids in payload.expert_ids.items():
         module = dict(workload.model.named_modules())[name]
         assert int(module.active_experts.sum()) == len(ids)
         assert not module.active_experts[len(ids) :].any()
-    back = extract_state(workload.model, list(payload["down"]), payload["down"])
-    for k, v in payload["down"].items():
+    back = extract_state(workload.model, list(payload.down), payload.down)
+    for k, v in payload.down.items():
         assert torch.equal(back[k], v.to(back[k].dtype)), k
 
 
 def test_client_update_is_a_function_of_its_inputs(tiny_setup):
     cfg, scenario, algo, workload = tiny_setup
-    payload = {**algo.payloads(1)[1], "steps": 2, "lr": 1e-3, "batch_size": 2}
+    payload = dataclasses.replace(algo.payloads(1)[1], steps=2, lr=1e-3, batch_size=2)
     a = client_update(workload, payload, scenario.clients[1], seed=5, choices=scenario.choices)
     b = client_update(workload, payload, scenario.clients[1], seed=5, choices=scenario.choices)
-    for k in a["up"]:
-        assert torch.equal(a["up"][k], b["up"][k])
-    assert a["metric"] == b["metric"]
-    changed = [k for k in a["up"] if not torch.equal(a["up"][k], payload["down"][k].to(a["up"][k].dtype))]
+    for k in a.up:
+        assert torch.equal(a.up[k], b.up[k])
+    assert a.metric == b.metric
+    changed = [k for k in a.up if not torch.equal(a.up[k], payload.down[k].to(a.up[k].dtype))]
     assert any(k.endswith("lora_b") for k in changed) and any(k.endswith("router") for k in changed)
-    assert set(a["stats"]["t"]) == set(payload["expert_ids"])
-    name, ids = next(iter(payload["expert_ids"].items()))
-    assert a["stats"]["e"][name].shape == (len(ids), 4) and a["stats"]["t"][name].shape == (4,)
+    assert set(a.stats.t) == set(payload.expert_ids)
+    name, ids = next(iter(payload.expert_ids.items()))
+    assert a.stats.e[name].shape == (len(ids), 4) and a.stats.t[name].shape == (4,)
 
 
 def test_fedamole_aggregation_and_reverse_selection(tiny_setup):
@@ -88,10 +90,10 @@ def test_fedamole_aggregation_and_reverse_selection(tiny_setup):
     home = np.arange(8) // 2  # experts 2c, 2c+1 belong to client c
     uploads = []
     for c, p in enumerate(payloads):
-        up = {k: v.clone() + c for k, v in p["down"].items()}
-        t = {n: torch.eye(4)[c] * 4.0 for n in p["expert_ids"]}
-        e = {n: torch.stack([torch.eye(4)[home[i]] * 4.0 for i in ids]) for n, ids in p["expert_ids"].items()}
-        uploads.append({"up": up, "stats": {"t": t, "e": e}})
+        up = {k: v.clone() + c for k, v in p.down.items()}
+        t = {n: torch.eye(4)[c] * 4.0 for n in p.expert_ids}
+        e = {n: torch.stack([torch.eye(4)[home[i]] * 4.0 for i in ids]) for n, ids in p.expert_ids.items()}
+        uploads.append(ClientResult(up=up, stats=EmbeddingStats(t=t, e=e)))
     name = next(iter(algo.modules))
     before = {k: v.clone() for k, v in algo.modules[name]["pool"].items()}
     assign = algo.modules[name]["assign"].copy()

@@ -3,6 +3,7 @@ is rejected and reported, never raised), upload norms are bounded relative to th
 works stop with the real error, and summaries are strict JSON written atomically."""
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -79,7 +80,7 @@ def honest():
         algo = make_algorithm(cfg)
         workload = build_workload(cfg, algo.mole_config(mole_config(cfg)), scenario)
         algo.setup(workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
-        payload = {**algo.payloads(1)[0], "steps": 1, "lr": 1e-3, "batch_size": 2}
+        payload = dataclasses.replace(algo.payloads(1)[0], steps=1, lr=1e-3, batch_size=2)
         upload = client_update(workload, payload, scenario.clients[0], seed=3, choices=scenario.choices)
         assert check_upload(upload, payload, 1e6) == []
         out[router] = upload, payload
@@ -87,20 +88,45 @@ def honest():
 
 
 def _module(upload):
-    return sorted(upload["stats"]["t"])[0]
+    return sorted(upload.stats.t)[0]
 
 
 def _drop_e_module(u):
-    del u["stats"]["e"][_module(u)]
+    del u.stats.e[_module(u)]
+    return u
+
+
+def _replaced(obj, keys, value):
+    """A copy of `obj` with ``obj.keys[0][keys[1]]... = value``: a dataclass field is replaced, a dict item set, any
+    other attribute (one the class does not have) added, as a client could send it."""
+    if not keys:
+        return value
+    head, rest = keys[0], keys[1:]
+    if isinstance(obj, dict):
+        return {**obj, head: _replaced(obj.get(head), rest, value)}
+    if head in {f.name for f in dataclasses.fields(obj)}:
+        return dataclasses.replace(obj, **{head: _replaced(getattr(obj, head), rest, value)})
+    out = copy.copy(obj)
+    object.__setattr__(out, head, value)
+    return out
 
 
 def _set(path, value):
+    """A change of an upload: ``path`` (attribute, then keys; a callable computes a key from the upload) -> value."""
+
     def change(u):
-        target = u
-        for key in path[:-1]:
-            target = target[key] if not callable(key) else target[key(u)]
-        last = path[-1]
-        target[last(u) if callable(last) else last] = value(u) if callable(value) else value
+        keys = [key(u) if callable(key) else key for key in path]
+        return _replaced(u, keys, value(u) if callable(value) else value)
+
+    return change
+
+
+def _without(name):
+    """A change that removes field `name` from the upload (a result unpickled from a client may lack it)."""
+
+    def change(u):
+        object.__delattr__(u, name)
+        return u
 
     return change
 
@@ -111,13 +137,13 @@ MALFORMED = {
     "t an int tensor": (_set(["stats", "t", _module], lambda u: torch.zeros(4, dtype=torch.int64)), "stats.t"),
     "t a list": (_set(["stats", "t", _module], [0.0] * 4), "not a tensor"),
     "e missing a module": (_drop_e_module, "stats.e"),
-    "e wrong rank": (_set(["stats", "e", _module], lambda u: torch.zeros(u["stats"]["e"][_module(u)].numel())), "e"),
+    "e wrong rank": (_set(["stats", "e", _module], lambda u: torch.zeros(u.stats.e[_module(u)].numel())), "e"),
     "e extra row": (_set(["stats", "e", _module], lambda u: torch.zeros(9, 4)), "stats.e"),
     "stats not asked for shape": (_set(["stats"], {"t": {}, "e": {}, "x": {}}), "stats"),
-    "train_loss missing": (lambda u: u.pop("train_loss"), "train_loss"),
+    "train_loss missing": (_without("train_loss"), "train_loss"),
     "train_loss a string": (_set(["train_loss"], "0.3"), "train_loss"),
     "train_loss inf": (_set(["train_loss"], math.inf), "train_loss"),
-    "metric missing": (lambda u: u.pop("metric"), "metric"),
+    "metric missing": (_without("metric"), "metric"),
     "metric inf": (_set(["metric"], math.inf), "metric"),
     "metric 1e300": (_set(["metric"], 1e300), "metric"),
     "metric True": (_set(["metric"], True), "metric"),
@@ -131,15 +157,17 @@ MALFORMED = {
     "private not a dict": (_set(["private"], [1, 2]), "private"),
     "unknown field": (_set(["extra"], 1), "unexpected field"),
     "ragged expert ids": (_set(["expert_ids", _module], [[0, 1], [2]]), "expert_ids"),
-    "float expert ids": (_set(["expert_ids", _module], lambda u: u["expert_ids"][_module(u)].astype(float)), "ints"),
+    "float expert ids": (_set(["expert_ids", _module], lambda u: u.expert_ids[_module(u)].astype(float)), "ints"),
     "sparse tensor": (
-        _set(["up", lambda u: sorted(u["up"])[0]], lambda u: u["up"][sorted(u["up"])[0]].to_sparse()),
+        _set(["up", lambda u: sorted(u.up)[0]], lambda u: u.up[sorted(u.up)[0]].to_sparse()),
         "dense",
     ),
     "meta tensor": (
-        _set(["up", lambda u: sorted(u["up"])[0]], lambda u: u["up"][sorted(u["up"])[0]].to("meta")),
+        _set(["up", lambda u: sorted(u.up)[0]], lambda u: u.up[sorted(u.up)[0]].to("meta")),
         "dense",
     ),
+    "failed but screened": (lambda u: dataclasses.replace(u, status="failed", error="boom"), "status 'failed'"),
+    "not a ClientResult": (lambda u: {f.name: getattr(u, f.name) for f in dataclasses.fields(u)}, "not a ClientResult"),
 }
 
 
@@ -147,8 +175,7 @@ MALFORMED = {
 def test_malformed_upload_fields_are_rejected_not_raised(honest, name):
     change, needle = MALFORMED[name]
     upload, payload = honest["embedding"]
-    bad = copy.deepcopy(upload)
-    change(bad)
+    bad = change(copy.deepcopy(upload))
     problems = check_upload(bad, payload, 1e6)
     assert problems and any(needle in p for p in problems), problems
 
@@ -156,16 +183,16 @@ def test_malformed_upload_fields_are_rejected_not_raised(honest, name):
 def test_linear_router_statistics_have_d_in_tokens_and_no_e(honest):
     upload, payload = honest["linear"]
     module = _module(upload)
-    assert upload["stats"]["e"] == {}
+    assert upload.stats.e == {}
     bad = copy.deepcopy(upload)
-    bad["stats"]["t"][module] = bad["stats"]["t"][module][:4]
+    bad.stats.t[module] = bad.stats.t[module][:4]
     assert any("stats.t" in p for p in check_upload(bad, payload, 1e6))
     bad = copy.deepcopy(upload)
-    bad["stats"]["e"][module] = torch.zeros(2, 4)
+    bad.stats.e[module] = torch.zeros(2, 4)
     assert any("stats.e" in p for p in check_upload(bad, payload, 1e6))
 
 
 @pytest.mark.parametrize("metric", [0.0, 1.0, 0.5, np.float32(0.25), math.nan])
 def test_valid_metrics_are_accepted(honest, metric):
     upload, payload = honest["embedding"]
-    assert check_upload({**upload, "metric": metric}, payload, 1e6) == []
+    assert check_upload(dataclasses.replace(upload, metric=metric), payload, 1e6) == []

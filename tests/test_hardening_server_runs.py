@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedamole.fl.protocol import ClientResult, ClientTask
 from fedamole.simulation.checkpoint import load_checkpoint
 from fedamole.simulation.presets import make_config
 from fedamole.simulation.runner import AllClientsFailed, simulate, write_summary
@@ -145,8 +146,8 @@ def test_summary_write_is_atomic(tmp_path, monkeypatch):
 def _round(scales, key="m.lora_b", templated=True):
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(3, 5, 4, generator=gen)
-    payloads = [{"down": {key: base} if templated else {}} for _ in scales]
-    uploads = [{"up": {key: base + s * 1e-3 * torch.randn(3, 5, 4, generator=gen)}} for s in scales]
+    payloads = [ClientTask(down={key: base} if templated else {}) for _ in scales]
+    uploads = [ClientResult(up={key: base + s * 1e-3 * torch.randn(3, 5, 4, generator=gen)}) for s in scales]
     return uploads, payloads
 
 
@@ -166,7 +167,7 @@ def test_round_bound_with_two_clients_trusts_the_smaller_update():
 def test_round_bound_ignores_unchanged_tensors_and_dropped_clients():
     uploads, payloads = _round([0.0, 0.0, 1.0, 2.0])
     uploads.append(None)
-    payloads.append({})
+    payloads.append(ClientTask())
     assert check_round(uploads, payloads, 10.0) == {}
     tiny, payloads = _round([UPLOAD_NORM_FLOOR / 1e4, UPLOAD_NORM_FLOOR / 1e4, UPLOAD_NORM_FLOOR * 5])
     assert check_round(tiny, payloads, 10.0) == {}, "changes under the floor never make an outlier"
@@ -174,5 +175,5 @@ def test_round_bound_ignores_unchanged_tensors_and_dropped_clients():
 
 def test_round_shape_agreement_for_tensors_without_a_template():
     uploads, payloads = _round([1.0, 1.0, 1.0], templated=False)
-    uploads[2]["up"]["m.lora_b"] = torch.zeros(2, 5, 4)
+    uploads[2].up["m.lora_b"] = torch.zeros(2, 5, 4)
     assert list(check_round(uploads, payloads, None)) == [2]

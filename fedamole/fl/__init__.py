@@ -9,6 +9,7 @@ from fedamole.fl.engine import ENGINES, Engine, SequentialEngine, client_seed, m
 from fedamole.fl.fdlora import FDLoRA
 from fedamole.fl.fedamole_algo import ASSIGNMENTS, Algorithm, FedAMoLE
 from fedamole.fl.prompt_baselines import PROMPT_BASELINES, PromptBaseline
+from fedamole.fl.protocol import ClientResult, ClientTask, EmbeddingStats, FusionRequest
 from fedamole.fl.rsea import assign_experts, check_feasible, score_matrix
 
 __all__ = [
@@ -18,9 +19,13 @@ __all__ = [
     "ENGINES",
     "PROMPT_BASELINES",
     "Algorithm",
+    "ClientResult",
+    "ClientTask",
+    "EmbeddingStats",
     "Engine",
     "FDLoRA",
     "FedAMoLE",
+    "FusionRequest",
     "LoRABaseline",
     "PromptBaseline",
     "SequentialEngine",

@@ -22,6 +22,7 @@ from fedamole.adapter_state import ROUTED_KINDS, split_key, state_key
 from fedamole.config import MoLEConfig
 from fedamole.fl.aggregation import mean_states
 from fedamole.fl.fedamole_algo import Algorithm, extra_state
+from fedamole.fl.protocol import ClientResult, ClientTask
 
 __all__ = ["LoRABaseline", "BASELINES", "AGGREGATIONS", "fedavg", "single_lora_config", "initial_lora_state"]
 
@@ -84,7 +85,7 @@ class LoRABaseline(Algorithm):
             self.private = [{} for _ in range(self.num_clients)]
         self.a_keys = [k for k in state if split_key(k)[1] == "lora_a"]
 
-    def payloads(self, round_idx: int) -> list[dict]:
+    def payloads(self, round_idx: int) -> list[ClientTask]:
         out = []
         for c in range(self.num_clients):
             private, frozen = self.private[c], ()
@@ -100,38 +101,30 @@ class LoRABaseline(Algorithm):
             else:
                 down, upload, keep = dict(self.glob), list(self.glob), []
             out.append(
-                {
-                    "down": down,
-                    "private": private,
-                    "upload": upload,
-                    "keep": keep,
-                    "frozen": frozen,
-                    "evaluate": not self.evaluates_global,
-                    "stats": False,
-                }
+                ClientTask(
+                    down=down,
+                    private=private,
+                    upload=tuple(upload),
+                    keep=tuple(keep),
+                    frozen=frozen,
+                    evaluate=not self.evaluates_global,
+                    stats=False,
+                )
             )
         return out
 
-    def aggregate(self, round_idx: int, uploads: list[dict | None]) -> None:
+    def aggregate(self, round_idx: int, uploads: list[ClientResult | None]) -> None:
         """FedAvg over the clients that uploaded (``None``: failed, dropped out or rejected; such a client keeps
         its previous private state and the global state ignores it)."""
         live = [c for c, u in enumerate(uploads) if u is not None]
         for c in live:
-            self.private[c] = uploads[c]["private"]
+            self.private[c] = uploads[c].private
         if self.name == "local" or not live:
             return
-        self.glob.update(fedavg([uploads[c]["up"] for c in live], [self.num_train[c] for c in live], self.aggregation))
+        self.glob.update(fedavg([uploads[c].up for c in live], [self.num_train[c] for c in live], self.aggregation))
 
-    def eval_payloads(self) -> list[dict]:
+    def eval_payloads(self) -> list[ClientTask]:
         return [
-            {
-                "down": dict(self.glob),
-                "private": {},
-                "upload": [],
-                "keep": [],
-                "steps": 0,
-                "evaluate": True,
-                "stats": False,
-            }
+            ClientTask(down=dict(self.glob), private={}, upload=(), keep=(), steps=0, evaluate=True, stats=False)
             for _ in range(self.num_clients)
         ]

@@ -1,23 +1,12 @@
-"""Client side: one round of local work as a function of (workload, payload, client data, seed) -> upload.
+"""Client side: one round of local work as a function of (workload, task, client data, seed) -> result.
 
 A *state* is a flat dict ``{parameter name: tensor}`` over the model's MoLE parameters and extra trainable modules
-(the classification head). Routed-expert tensors (``<module>.lora_a`` [k, r, d_in], ``<module>.lora_b``
-[k, d_out, r], and ``<module>.router`` [k, d_in] for the linear router) fill slots 0..k-1 of the module and mark
-exactly those slots active. Parameters absent from the state stay as they are and are not trained.
+(the classification head), keyed as `fedamole.adapter_state` lays out. Slot tensors (``<module>.lora_a``
+[k, r, d_in], ``<module>.lora_b`` [k, d_out, r], and ``<module>.router`` [k, d_in] for the linear router) fill
+slots 0..k-1 of the module and mark exactly those slots active. Parameters absent from the state stay as they are
+and are not trained.
 
-Payload keys (all but ``down`` optional):
-  down: state sent by the server (counted as downloaded bytes); private: state the client kept from earlier rounds
-  (not exchanged); expert_ids: {module: int array} (metadata, counted); upload: keys of the trained state to send
-  back (default: the keys of ``down``); keep: keys to keep privately; frozen: parameter kinds not trained
-  ("lora_a", "lora_b", "router", "shared_a", "shared_b", "extra"); lr, steps, batch_size, max_grad_norm;
-  evaluate: score the test split after training; stats: compute embedding-set statistics; dp_eta: noise level on
-  the statistics (None = none); dp_mechanism: `fedamole.fl.dp.DP_MECHANISMS` (default "gamma-uniform");
-  optimizer: "adam" (default) or "adamw" (PyTorch's AdamW, weight decay 0.01); fusion: a
-  `fedamole.fl.fdlora.FusionRequest` — before evaluation the loaded state is fused with the client's private copy
-  (FDLoRA's AdaFusion).
-
-Upload keys: up (state), private (state), metric, stats ({"t": {module: [r]}, "e": {module: [k, r]}}), train_loss,
-num_train.
+What goes down is a `fedamole.fl.protocol.ClientTask`, what comes up a `fedamole.fl.protocol.ClientResult`.
 """
 
 from __future__ import annotations
@@ -32,6 +21,7 @@ import fedamole
 from fedamole.adapter_state import EXTRA_KIND, is_slot_kind, kind_of, slot_kinds, split_key
 from fedamole.data.scenarios import ClientData
 from fedamole.fl.dp import dp_noise, privatize_stats
+from fedamole.fl.protocol import ClientResult, ClientTask, EmbeddingStats
 
 
 class SimulatedClientCrash(RuntimeError):
@@ -56,9 +46,9 @@ ADAMW_WEIGHT_DECAY = 0.01  # PyTorch's AdamW default, which FDLoRA's authors kep
 
 
 def optimizer_weight_decay(optimizer: str) -> float:
-    """Local optimiser of a payload -> its decoupled weight decay: "adam" 0 (Adam), "adamw" 0.01 (AdamW)."""
+    """Local optimiser of a task -> its decoupled weight decay: "adam" 0 (Adam), "adamw" 0.01 (AdamW)."""
     if optimizer not in ("adam", "adamw"):
-        raise ValueError(f"payload optimizer must be 'adam' or 'adamw', got {optimizer!r}")
+        raise ValueError(f"ClientTask.optimizer must be 'adam' or 'adamw', got {optimizer!r}")
     return ADAMW_WEIGHT_DECAY if optimizer == "adamw" else 0.0
 
 
@@ -145,7 +135,7 @@ def _diverge(model, state: dict[str, Tensor], frozen) -> None:
 
 
 @torch.no_grad()
-def embedding_stats(workload, examples, batch_size: int = 16) -> dict[str, dict[str, Tensor]]:
+def embedding_stats(workload, examples, batch_size: int = 16) -> EmbeddingStats:
     """SPEC §3 step 4 over the embedding set, per module: t = mean over tokens of W_t x (embedding router) or of x
     (linear router); e = mean over tokens of A_i x for each active slot i (embedding router only)."""
     model = workload.model
@@ -183,17 +173,19 @@ def embedding_stats(workload, examples, batch_size: int = 16) -> dict[str, dict[
         for h in hooks:
             h.remove()
         model.train(was_training)
-    out: dict[str, dict[str, Tensor]] = {"t": {}, "e": {}}
+    out = EmbeddingStats(t={}, e={})
     for name, (t, e, n) in sums.items():
         n = max(n, 1)
-        out["t"][name] = (t / n).cpu()
+        out.t[name] = (t / n).cpu()
         if e is not None:
-            out["e"][name] = (e / n).cpu()
+            out.e[name] = (e / n).cpu()
     return out
 
 
 def state_nbytes(state) -> int:
-    """Bytes of the tensors / arrays in a (nested) dict."""
+    """Bytes of the tensors / arrays in a (nested) dict or `EmbeddingStats`."""
+    if isinstance(state, EmbeddingStats):
+        return state_nbytes(state.t) + state_nbytes(state.e)
     if isinstance(state, dict):
         return sum(state_nbytes(v) for v in state.values())
     if isinstance(state, Tensor):
@@ -204,32 +196,31 @@ def state_nbytes(state) -> int:
 
 
 def client_update(
-    workload, payload: dict, data: ClientData, seed: int, kind: str = "classification", choices=None
-) -> dict:
-    """One client's round: load the payload, train locally, evaluate, compute statistics, build the upload.
+    workload, task: ClientTask, data: ClientData, seed: int, kind: str = "classification", choices=None
+) -> ClientResult:
+    """One client's round: load the task's state, train locally, evaluate, compute statistics, build the result.
 
-    Fault injection (``payload["fault"]``): "dropout" returns ``{"dropped": True}`` without doing anything;
-    "diverge" trains, then sets every tensor the client trains to NaN (its upload is then rejected by the server);
-    "crash" raises `SimulatedClientCrash` half-way through local training (engines turn any exception into
-    ``{"failed": True, "error": ...}``).
+    Fault injection (``task.fault``): "dropout" returns a dropped result without doing anything; "diverge" trains,
+    then sets every tensor the client trains to NaN (its upload is then rejected by the server); "crash" raises
+    `SimulatedClientCrash` half-way through local training (engines turn any exception into a failed result).
     """
-    fault = payload.get("fault")
-    if fault == "dropout":
-        return {"dropped": True}
+    if task.fault == "dropout":
+        return ClientResult.dropped()
     model = workload.model
-    down, private = payload.get("down", {}), payload.get("private", {})
-    state = {**private, **down}
+    state = {**task.private, **task.down}
     load_state(model, state)
     torch.manual_seed(seed)
-    steps = int(payload.get("steps", 0))
-    frozen = set(payload.get("frozen", ()))
+    steps = int(task.steps or 0)
+    frozen = set(task.frozen)
     train_loss = float("nan")
     if steps > 0 and data.train:
+        if task.lr is None:
+            raise ValueError(f"ClientTask.lr must be set to train ({steps} local steps)")
         params = _trainable(model, state.keys(), frozen)
-        decay = optimizer_weight_decay(payload.get("optimizer", "adam"))
+        decay = optimizer_weight_decay(task.optimizer)
         opt_cls = torch.optim.AdamW if decay else torch.optim.Adam
-        opt = opt_cls(params, lr=float(payload["lr"]), eps=1e-6, weight_decay=decay)
-        clip = payload.get("max_grad_norm")
+        opt = opt_cls(params, lr=float(task.lr), eps=1e-6, weight_decay=decay)
+        clip = task.max_grad_norm
         # Only this round's trainable tensors need gradients (saves the backward of frozen adapters).
         adapters = [p for p in model.parameters() if p.requires_grad]
         train_ids = {id(p) for p in params}
@@ -239,9 +230,9 @@ def client_update(
         losses = []
         rng = np.random.default_rng(seed)
         try:
-            batches = workload.batches(data.train, int(payload.get("batch_size", 1)), steps=steps, rng=rng)
+            batches = workload.batches(data.train, int(task.batch_size or 1), steps=steps, rng=rng)
             for step, batch in enumerate(batches):
-                if fault == "crash" and step == steps // 2:
+                if task.fault == "crash" and step == steps // 2:
                     raise SimulatedClientCrash(f"injected crash at local step {step} of {steps}")
                 loss = workload.loss(batch)
                 opt.zero_grad(set_to_none=True)
@@ -254,10 +245,10 @@ def client_update(
             for p in adapters:
                 p.requires_grad_(True)
         train_loss = float(np.mean(losses))
-    if fault == "diverge":
+    if task.fault == "diverge":
         _diverge(model, state, frozen)
         train_loss = math.nan
-    return finish_client(workload, payload, data, state, seed, train_loss, kind, choices)
+    return finish_client(workload, task, data, state, seed, train_loss, kind, choices)
 
 
 NOT_SCORED = object()  # `finish_client`: the metric has not been computed yet
@@ -265,7 +256,7 @@ NOT_SCORED = object()  # `finish_client`: the metric has not been computed yet
 
 def finish_client(
     workload,
-    payload: dict,
+    task: ClientTask,
     data: ClientData,
     state: dict[str, Tensor],
     seed: int,
@@ -273,42 +264,38 @@ def finish_client(
     kind: str,
     choices,
     metric=NOT_SCORED,
-) -> dict:
+) -> ClientResult:
     """Everything after local training (the model holds the trained client): evaluation, embedding statistics
-    (+ DP noise), and the upload. Shared by every engine so that they build identical uploads."""
+    (+ DP noise), and the result. Shared by every engine so that they build identical results."""
     model = workload.model
-    down = payload.get("down", {})
     model.eval()
     fusion_weights = None
-    if metric is NOT_SCORED and payload.get("fusion") is not None:
+    if metric is NOT_SCORED and task.fusion is not None:
         from fedamole.fl.fdlora import adafusion
 
-        fusion = payload["fusion"]
+        fusion = task.fusion
         fusion_weights = adafusion(
             workload,
             {k: state[k] for k in fusion.private},
             fusion,
             data.embed or data.train,
-            int(payload.get("batch_size", 1)),
+            int(task.batch_size or 1),
             seed,
         ).tolist()
     if metric is NOT_SCORED:
-        metric = workload.evaluate(data.test, kind, choices) if payload.get("evaluate", True) else None
+        metric = workload.evaluate(data.test, kind, choices) if task.evaluate else None
     stats = None
-    if payload.get("stats"):
+    if task.stats:
         stats = embedding_stats(workload, data.embed or data.train)
-        eta = payload.get("dp_eta")
-        if eta is not None:
-            stats = privatize_stats(
-                workload, stats, data.embed or data.train, payload.get("dp_mechanism", "gamma-uniform"), eta, seed + 1
-            )
-    return {
-        "up": extract_state(model, payload.get("upload", list(down)), state),
-        "private": extract_state(model, payload.get("keep", []), state),
-        "metric": metric,
-        "stats": stats,
-        "train_loss": train_loss,
-        "num_train": len(data.train),
-        "expert_ids": {k: np.asarray(v).copy() for k, v in (payload.get("expert_ids") or {}).items()} or None,
-        "fusion_weights": fusion_weights,
-    }
+        if task.dp_eta is not None:
+            stats = privatize_stats(workload, stats, data.embed or data.train, task.dp_mechanism, task.dp_eta, seed + 1)
+    return ClientResult(
+        up=extract_state(model, task.upload, state),
+        private=extract_state(model, task.keep, state),
+        metric=metric,
+        stats=stats,
+        train_loss=train_loss,
+        num_train=len(data.train),
+        expert_ids={k: np.asarray(v).copy() for k, v in (task.expert_ids or {}).items()} or None,
+        fusion_weights=fusion_weights,
+    )

@@ -40,6 +40,7 @@ import fedamole
 from fedamole.adapter_state import EXTRA_KIND, MASK_KIND, MOLE_KINDS, kind_of, state_key
 from fedamole.fl.client import NOT_SCORED, client_update, finish_client, load_state, optimizer_weight_decay
 from fedamole.fl.engine import Engine, client_seed, run_client_safely
+from fedamole.fl.protocol import ClientResult, ClientTask
 from fedamole.optim import StackedAdam, clip_grad_norm_per_client
 
 __all__ = ["CohortEngine", "train_cohort"]
@@ -90,10 +91,10 @@ def _snapshot(model, modules: dict, extra: Sequence[str]) -> dict[str, Tensor]:
     return out
 
 
-def _stack_states(model, payloads: Sequence[dict], modules: dict, extra: Sequence[str]):
+def _stack_states(model, payloads: Sequence[ClientTask], modules: dict, extra: Sequence[str]):
     """(trainable names, stacked tensors {name: [S, ...]}, leaves {name: Parameter}) of S clients' starting states."""
-    states = [{**p.get("private", {}), **p.get("down", {})} for p in payloads]
-    frozen = set(payloads[0].get("frozen", ()))
+    states = [{**p.private, **p.down} for p in payloads]
+    frozen = set(payloads[0].frozen)
     trainable = set()
     for key in states[0]:
         owner, kind = _kind_of(key, modules, extra)
@@ -143,7 +144,7 @@ _STACKED_EVAL_KIND = MOLE_KINDS[-1]
 
 def train_cohort(
     workload,
-    payloads: Sequence[dict],
+    payloads: Sequence[ClientTask],
     datas: Sequence,
     seeds: Sequence[int],
     evaluate: bool = False,
@@ -165,18 +166,18 @@ def train_cohort(
     params = [leaves[name] for name in sorted(trainable)]
     if not params:
         raise _NotStackable("nothing to train (every state tensor is frozen)")
-    steps = [int(p["steps"]) for p in payloads]
+    steps = [int(p.steps) for p in payloads]
     opt = StackedAdam(
         params,
         num,
-        lr=[float(p["lr"]) for p in payloads],
+        lr=[float(p.lr) for p in payloads],
         eps=1e-6,
-        weight_decay=optimizer_weight_decay(payloads[0].get("optimizer", "adam")),
+        weight_decay=optimizer_weight_decay(payloads[0].optimizer),
     )
     saved: list[tuple[nn.Module, str, object]] = []
     try:
         _install_stacked(model, modules, extra, stacked, leaves, num, saved)
-        batch_size, clip = int(payloads[0].get("batch_size", 1)), payloads[0].get("max_grad_norm")
+        batch_size, clip = int(payloads[0].batch_size or 1), payloads[0].max_grad_norm
         losses = _run_steps(workload, opt, datas, seeds, steps, batch_size, clip)
         metrics = None
         if evaluate and hasattr(workload, "evaluate_per_client"):
@@ -191,7 +192,7 @@ def train_cohort(
             for s in range(num)
         ]
         for s, metric in enumerate(metrics or []):
-            if payloads[s].get("evaluate", True):
+            if payloads[s].evaluate:
                 out[s]["metric"] = metric
         return out
     finally:
@@ -235,7 +236,7 @@ def _run_steps(workload, opt: StackedAdam, datas, seeds, steps: list[int], batch
 
 def _finish(
     workload,
-    payload: dict,
+    payload: ClientTask,
     data,
     seed: int,
     trained: dict[str, Tensor],
@@ -243,10 +244,10 @@ def _finish(
     kind: str,
     choices,
     metric=NOT_SCORED,
-) -> dict:
+) -> ClientResult:
     """Everything after local training, for one client, exactly as `client_update` does it."""
     model = workload.model
-    state = {**payload.get("private", {}), **payload.get("down", {})}
+    state = {**payload.private, **payload.down}
     load_state(model, state)
     with torch.no_grad():
         params = dict(model.named_parameters())
@@ -257,15 +258,15 @@ def _finish(
     return finish_client(workload, payload, data, state, seed, train_loss, kind, choices, metric)
 
 
-def _shape(payload: dict) -> tuple:
+def _shape(payload: ClientTask) -> tuple:
     """Clients whose payloads have the same shape can share a cohort."""
-    state_keys = sorted({**payload.get("private", {}), **payload.get("down", {})})
+    state_keys = sorted({**payload.private, **payload.down})
     return (
         tuple(state_keys),
-        tuple(sorted(payload.get("frozen", ()))),
-        int(payload.get("batch_size", 1)),
-        payload.get("max_grad_norm") or None,
-        payload.get("optimizer", "adam"),
+        tuple(sorted(payload.frozen)),
+        int(payload.batch_size or 1),
+        payload.max_grad_norm or None,
+        payload.optimizer,
     )
 
 
@@ -294,13 +295,13 @@ class CohortEngine(Engine):
             self._workload = self.workload_factory()
         return self._workload
 
-    def cohorts(self, payloads: Sequence[dict]) -> tuple[list[list[int]], list[int]]:
+    def cohorts(self, payloads: Sequence[ClientTask]) -> tuple[list[list[int]], list[int]]:
         """(cohorts of client indices trained together, clients that take the sequential path)."""
         sc = self.scenario
         groups: dict[tuple, list[int]] = {}
         alone = []
         for c, p in enumerate(payloads):
-            if p.get("fault") is not None or int(p.get("steps", 0)) <= 0 or not sc.clients[c].train:
+            if p.fault is not None or int(p.steps or 0) <= 0 or not sc.clients[c].train:
                 alone.append(c)
             else:
                 groups.setdefault(_shape(p), []).append(c)
@@ -315,7 +316,7 @@ class CohortEngine(Engine):
                     alone.extend(chunk)
         return cohorts, sorted(alone)
 
-    def run(self, payloads: Sequence[dict], round_idx: int) -> list[dict]:
+    def run(self, payloads: Sequence[ClientTask], round_idx: int) -> list[ClientResult]:
         sc, wl = self.scenario, self.workload
         seeds = [client_seed(self.seed, round_idx, c) for c in range(len(payloads))]
         cohorts, _ = self.cohorts(payloads)
@@ -328,7 +329,7 @@ class CohortEngine(Engine):
                     [payloads[c] for c in members],
                     [sc.clients[c] for c in members],
                     [seeds[c] for c in members],
-                    evaluate=any(payloads[c].get("evaluate", True) for c in members),
+                    evaluate=any(payloads[c].evaluate for c in members),
                     kind=sc.kind,
                     choices=sc.choices,
                 )

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 import fedamole
+from fedamole.fl.protocol import DP_MECHANISMS, EmbeddingStats
 
 __all__ = [
     "DP_MECHANISMS",
@@ -30,8 +31,6 @@ __all__ = [
     "example_norm_bounds",
     "privatize_stats",
 ]
-
-DP_MECHANISMS = ("gamma-uniform", "metric-sphere")
 
 
 def _check_eta(eta) -> float:
@@ -131,28 +130,30 @@ def example_norm_bounds(workload, examples, batch_size: int = 16) -> dict[str, d
     return {part: {k: v.cpu() for k, v in vals.items()} for part, vals in bounds.items()}
 
 
-def privatize_stats(
-    workload, stats: dict[str, dict[str, Tensor]], examples, mechanism: str, eta: float, seed: int
-) -> dict[str, dict[str, Tensor]]:
-    """The statistics with ``mechanism``'s noise (see the module docstring); ``seed`` fixes the draws."""
+def privatize_stats(workload, stats: EmbeddingStats, examples, mechanism: str, eta: float, seed: int) -> EmbeddingStats:
+    """The statistics with ``mechanism``'s noise (see the module docstring); ``seed`` fixes the draws (t first, then
+    e, each in module order)."""
     eta = _check_eta(eta)
+    parts = {"t": stats.t, "e": stats.e}
     if mechanism == "metric-sphere":
         gen = torch.Generator().manual_seed(seed)
-        return {
-            part: {
-                name: dp_noise(v, eta, gen) if v.dim() == 1 else torch.stack([dp_noise(r, eta, gen) for r in v])
-                for name, v in vals.items()
+        return EmbeddingStats(
+            **{
+                part: {
+                    name: dp_noise(v, eta, gen) if v.dim() == 1 else torch.stack([dp_noise(r, eta, gen) for r in v])
+                    for name, v in vals.items()
+                }
+                for part, vals in parts.items()
             }
-            for part, vals in stats.items()
-        }
+        )
     if mechanism != "gamma-uniform":
         raise ValueError(f"dp_mechanism must be one of {DP_MECHANISMS}, got {mechanism!r}")
     bounds = example_norm_bounds(workload, examples)
     rng = np.random.default_rng(seed)
     out: dict[str, dict[str, Tensor]] = {}
-    for part, vals in stats.items():
+    for part, vals in parts.items():
         out[part] = {}
         for name, v in vals.items():
             noisy = v.float() + gamma_uniform_noise(v.shape, eta, rng)
             out[part][name] = clip_rows(noisy, bounds[part][name])
-    return out
+    return EmbeddingStats(**out)

@@ -1,5 +1,6 @@
 """Engines run a round's client updates. `SequentialEngine` runs them one at a time on one workload; later engines
-(cohort batching, Ray actors) implement the same `run` contract: the result must not depend on the engine."""
+(cohort batching, Ray actors) implement the same `run` contract (one `ClientTask` per client in, one `ClientResult`
+per client out): the result must not depend on the engine."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from tqdm.auto import tqdm
 
 from fedamole.data.scenarios import Scenario
 from fedamole.fl.client import client_update
+from fedamole.fl.protocol import ClientResult, ClientTask
 
 __all__ = ["Engine", "SequentialEngine", "ENGINES", "engine_class", "make_engine", "client_seed", "run_client_safely"]
 
@@ -19,22 +21,22 @@ def client_seed(seed: int, round_idx: int, client: int) -> int:
     return (int(seed) * 1_000_003 + int(round_idx) * 10_007 + int(client)) % (2**31 - 1)
 
 
-def run_client_safely(work: Callable[[], dict]) -> dict:
-    """Run one client's work; an exception becomes ``{"failed": True, "error": ...}`` so the round goes on."""
+def run_client_safely(work: Callable[[], ClientResult]) -> ClientResult:
+    """Run one client's work; an exception becomes a failed `ClientResult` (its error text) so the round goes on."""
     try:
         return work()
     except Exception as exc:  # noqa: BLE001 - any client fault must be contained, reported and skipped
-        return {"failed": True, "error": f"{type(exc).__name__}: {exc}"}
+        return ClientResult.failed(f"{type(exc).__name__}: {exc}")
 
 
-def update_client(owner, payload: dict, client: int, round_idx: int) -> dict:
+def update_client(owner, task: ClientTask, client: int, round_idx: int) -> ClientResult:
     """One client's round on `owner`'s workload and scenario (an engine, or a Ray actor: ``.workload``,
     ``.scenario``, ``.seed``), with its own seed; any fault, building the workload included, is contained."""
     sc = owner.scenario
     return run_client_safely(
         lambda: client_update(
             owner.workload,
-            payload,
+            task,
             sc.clients[client],
             client_seed(owner.seed, round_idx, client),
             kind=sc.kind,
@@ -44,7 +46,7 @@ def update_client(owner, payload: dict, client: int, round_idx: int) -> dict:
 
 
 class Engine:
-    """``run(payloads, round_idx)`` -> one upload per client, in client order."""
+    """``run(tasks, round_idx)`` -> one `ClientResult` per client, in client order."""
 
     name = "engine"
 
@@ -57,7 +59,7 @@ class Engine:
         self.progress = progress
         self.options = options  # engine-specific settings (cohort_size, ray actors, ...): unknown keys are ignored
 
-    def run(self, payloads: Sequence[dict], round_idx: int) -> list[dict]:
+    def run(self, tasks: Sequence[ClientTask], round_idx: int) -> list[ClientResult]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -79,9 +81,9 @@ class SequentialEngine(Engine):
             self._workload = self.workload_factory()
         return self._workload
 
-    def run(self, payloads: Sequence[dict], round_idx: int) -> list[dict]:
-        bar = tqdm(list(enumerate(payloads)), desc=f"round {round_idx} clients", leave=False, disable=not self.progress)
-        return [update_client(self, payload, c, round_idx) for c, payload in bar]
+    def run(self, tasks: Sequence[ClientTask], round_idx: int) -> list[ClientResult]:
+        bar = tqdm(list(enumerate(tasks)), desc=f"round {round_idx} clients", leave=False, disable=not self.progress)
+        return [update_client(self, task, c, round_idx) for c, task in bar]
 
 
 # Engines beyond the sequential one live in their own modules, imported only when asked for (Ray is optional).

@@ -31,7 +31,6 @@ import importlib.util
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,6 +40,7 @@ from fedamole.config import MoLEConfig
 from fedamole.fl.aggregation import mean_states
 from fedamole.fl.baselines import initial_lora_state, single_lora_config
 from fedamole.fl.fedamole_algo import Algorithm
+from fedamole.fl.protocol import ClientResult, ClientTask, FusionRequest
 
 __all__ = [
     "FDLoRA",
@@ -51,17 +51,6 @@ __all__ = [
     "search_fusion_weights",
     "adafusion",
 ]
-
-
-@dataclass(frozen=True)
-class FusionRequest:
-    """What a client needs for AdaFusion: its private copy and the search settings."""
-
-    private: dict[str, Tensor]
-    budget: int = 5
-    bound: float = 1.5
-    penalty: float = 0.05
-    batches: int = 5
 
 
 def nesterov_outer_step(
@@ -216,31 +205,31 @@ class FDLoRA(Algorithm):
             return False
         return (round_idx - (2 if self.warmup_round else 1)) % self.sync_every == 0
 
-    def payloads(self, round_idx: int) -> list[dict]:
-        keep = list(self.glob) if self.refreshes_private(round_idx) else []
+    def payloads(self, round_idx: int) -> list[ClientTask]:
+        keep = tuple(self.glob) if self.refreshes_private(round_idx) else ()
         return [
-            {
-                "down": dict(self.glob),
-                "private": {},
-                "upload": list(self.glob),
-                "keep": keep,
-                "evaluate": False,
-                "stats": False,
-                "optimizer": "adamw",
-            }
+            ClientTask(
+                down=dict(self.glob),
+                private={},
+                upload=tuple(self.glob),
+                keep=keep,
+                evaluate=False,
+                stats=False,
+                optimizer="adamw",
+            )
             for _ in range(self.num_clients)
         ]
 
-    def aggregate(self, round_idx: int, uploads: list[dict | None]) -> None:
+    def aggregate(self, round_idx: int, uploads: list[ClientResult | None]) -> None:
         """Private copies from the clients that kept one; then the warm-up mean or the outer Nesterov step over the
         clients that uploaded (``None``: failed, dropped out or rejected)."""
         live = [c for c, u in enumerate(uploads) if u is not None]
         for c in live:
-            if uploads[c].get("private"):
-                self.private[c] = uploads[c]["private"]
+            if uploads[c].private:
+                self.private[c] = uploads[c].private
         if not live:
             return
-        local_mean = mean_states([uploads[c]["up"] for c in live])
+        local_mean = mean_states([uploads[c].up for c in live])
         if self._is_warmup(round_idx):
             self.glob = {k: v.to(self.glob[k].dtype) for k, v in local_mean.items()}
             self.momentum = {k: torch.zeros_like(v) for k, v in self.glob.items()}
@@ -249,7 +238,7 @@ class FDLoRA(Algorithm):
             self.glob, local_mean, self.momentum, self.outer_lr, self.outer_momentum
         )
 
-    def eval_payloads(self) -> list[dict]:
+    def eval_payloads(self) -> list[ClientTask]:
         out = []
         for c in range(self.num_clients):
             fusion = None
@@ -258,15 +247,6 @@ class FDLoRA(Algorithm):
                     self.private[c], self.fusion_budget, self.fusion_bound, self.fusion_penalty, self.fusion_batches
                 )
             out.append(
-                {
-                    "down": dict(self.glob),
-                    "private": {},
-                    "upload": [],
-                    "keep": [],
-                    "steps": 0,
-                    "evaluate": True,
-                    "stats": False,
-                    "fusion": fusion,
-                }
+                ClientTask(down=dict(self.glob), upload=(), keep=(), steps=0, evaluate=True, stats=False, fusion=fusion)
             )
         return out

@@ -19,7 +19,7 @@ import fedamole
 from fedamole.adapter_state import MOLE_KINDS, slot_kinds, state_key
 from fedamole.config import MoLEConfig
 from fedamole.fl.aggregation import expert_mean, mean_tensors, random_scores
-from fedamole.fl.dp import DP_MECHANISMS
+from fedamole.fl.protocol import DP_MECHANISMS, ClientResult, ClientTask
 from fedamole.fl.rsea import assign_experts, check_feasible, score_matrix
 
 __all__ = ["Algorithm", "FedAMoLE", "ASSIGNMENTS"]
@@ -33,9 +33,9 @@ class Algorithm:
     """What the runner needs from an algorithm.
 
     ``mole_config(base)`` -> the layer configuration the clients' model uses; ``setup(model, num_train, seed)``
-    once; then per round ``payloads(round)`` -> one payload per client (see `fedamole.fl.client`),
-    ``aggregate(round, uploads)``, and when ``evaluates_global`` is True, ``eval_payloads()`` -> payloads that only
-    evaluate the aggregated model on each client's test set.
+    once; then per round ``payloads(round)`` -> one `ClientTask` per client, ``aggregate(round, uploads)`` with one
+    accepted `ClientResult` (or None) per client, and when ``evaluates_global`` is True, ``eval_payloads()`` ->
+    tasks that only evaluate the aggregated model on each client's test set.
     """
 
     name = "algorithm"
@@ -47,13 +47,13 @@ class Algorithm:
     def setup(self, model, num_train: list[int], seed: int) -> None:
         raise NotImplementedError
 
-    def payloads(self, round_idx: int) -> list[dict]:
+    def payloads(self, round_idx: int) -> list[ClientTask]:
         raise NotImplementedError
 
-    def aggregate(self, round_idx: int, uploads: list[dict]) -> None:
+    def aggregate(self, round_idx: int, uploads: list[ClientResult | None]) -> None:
         raise NotImplementedError
 
-    def eval_payloads(self) -> list[dict]:
+    def eval_payloads(self) -> list[ClientTask]:
         raise NotImplementedError
 
     def check_state(self) -> None:
@@ -159,7 +159,7 @@ class FedAMoLE(Algorithm):
         return assign_experts(scores, self.k_c, lo, hi)
 
     # -- rounds ---------------------------------------------------------------------------------------------
-    def payloads(self, round_idx: int) -> list[dict]:
+    def payloads(self, round_idx: int) -> list[ClientTask]:
         out = []
         for c in range(self.num_clients):
             down, ids_all = {}, {}
@@ -172,20 +172,20 @@ class FedAMoLE(Algorithm):
             down.update(self.extra)
             needs_stats = self.assignment in ("rsea", "homogeneous")
             out.append(
-                {
-                    "down": down,
-                    "expert_ids": ids_all,
-                    "upload": list(down),
-                    "evaluate": True,
-                    "stats": needs_stats,
-                    "dp_eta": self.dp_eta if needs_stats else None,
-                    "dp_mechanism": self.dp_mechanism,
-                    "router": self.router,
-                }
+                ClientTask(
+                    down=down,
+                    expert_ids=ids_all,
+                    upload=tuple(down),
+                    evaluate=True,
+                    stats=needs_stats,
+                    dp_eta=self.dp_eta if needs_stats else None,
+                    dp_mechanism=self.dp_mechanism,
+                    router=self.router,
+                )
             )
         return out
 
-    def aggregate(self, round_idx: int, uploads: list[dict | None]) -> None:
+    def aggregate(self, round_idx: int, uploads: list[ClientResult | None]) -> None:
         """Per-expert plain means over the holders that uploaded, then the next assignment.
 
         ``uploads[c] is None`` means client c failed, dropped out or was rejected: it contributes nothing, an
@@ -201,26 +201,26 @@ class FedAMoLE(Algorithm):
             ids = [np.flatnonzero(assign[:, c]) for c in range(self.num_clients)]
             slots = slot_kinds(self.router)
             for kind in slots:
-                pool[kind] = expert_mean(pool[kind], [(ids[c], uploads[c]["up"][state_key(name, kind)]) for c in live])
+                pool[kind] = expert_mean(pool[kind], [(ids[c], uploads[c].up[state_key(name, kind)]) for c in live])
             if live:
                 for kind in (k for k in MOLE_KINDS if k not in slots):
-                    pool[kind] = mean_tensors([uploads[c]["up"][state_key(name, kind)] for c in live])
+                    pool[kind] = mean_tensors([uploads[c].up[state_key(name, kind)] for c in live])
             if len(live) == self.num_clients or self.assignment in (*_STATIC, "random"):
                 mod["assign"] = self._next_assignment(name, mod, ids, uploads)
         if self.extra and live:
-            self.extra = {k: mean_tensors([uploads[c]["up"][k] for c in live]) for k in self.extra}
+            self.extra = {k: mean_tensors([uploads[c].up[k] for c in live]) for k in self.extra}
 
-    def client_scores(self, name: str, ids: list[np.ndarray], uploads: list[dict]) -> np.ndarray:
+    def client_scores(self, name: str, ids: list[np.ndarray], uploads: list[ClientResult]) -> np.ndarray:
         """P [N_e, C] for one module from the uploaded statistics (SPEC §3 step 7).
 
         Embedding router: e_i = mean of the holders' e_{c,i}, S = e t^T / sqrt(r). Linear router: the expert's
         aggregated router row against the client's mean token, S = R x_bar (its routing logit)."""
-        t = torch.stack([u["stats"]["t"][name].float() for u in uploads]).numpy()
+        t = torch.stack([u.stats.t[name].float() for u in uploads]).numpy()
         mod = self.modules[name]
         if self.router == "linear":
             return score_matrix(mod["pool"]["router"].numpy(), t, rank=1)
         e_pool = torch.zeros(self.num_experts, mod["rank"])
-        e = expert_mean(e_pool, [(ids[c], u["stats"]["e"][name]) for c, u in enumerate(uploads)]).numpy()
+        e = expert_mean(e_pool, [(ids[c], u.stats.e[name]) for c, u in enumerate(uploads)]).numpy()
         return score_matrix(e, t, rank=mod["rank"])
 
     def _next_assignment(self, name, mod, ids, uploads) -> np.ndarray:

@@ -4,7 +4,7 @@ Each actor builds its workload once, by calling the engine option ``build_worklo
 the caller passes in: the simulation gives `fedamole.simulation.builders.build_workload` bound to its config and the
 algorithm's `MoLEConfig`; it is seeded, so every actor starts from the same backbone as the driver), on the scenario
 (shipped once through the object store, or rebuilt by the option ``build_data()`` with ``rebuild_data``). Per round
-the driver puts each chunk's payloads into the object store once, every actor runs its clients exactly as
+the driver puts each chunk's tasks into the object store once, every actor runs its clients exactly as
 `SequentialEngine` does (same per-client seeds, `client_update`), and the driver reassembles the uploads in client
 order. Aggregation and assignment stay on the driver, so results equal ``--engine sequential`` up to floating-point
 tolerance.
@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from fedamole.fl.engine import Engine, update_client
+from fedamole.fl.protocol import ClientResult, ClientTask
 
 __all__ = ["RayEngine", "ClientActor", "RAY_OPTIONS"]
 
@@ -110,15 +111,17 @@ class ClientActor:
         """The actor's process id, once the workload is built (lets the driver surface build errors early)."""
         return os.getpid()
 
-    def run_chunk(self, payloads: Sequence[dict], start: int, round_idx: int, crash: bool = False) -> list[dict]:
-        """Clients ``start .. start + len(payloads) - 1`` of a round, exactly as `SequentialEngine` runs them."""
+    def run_chunk(
+        self, tasks: Sequence[ClientTask], start: int, round_idx: int, crash: bool = False
+    ) -> list[ClientResult]:
+        """Clients ``start .. start + len(tasks) - 1`` of a round, exactly as `SequentialEngine` runs them."""
         out = []
-        for i, payload in enumerate(payloads):
-            if crash and i == len(payloads) // 2:
+        for i, task in enumerate(tasks):
+            if crash and i == len(tasks) // 2:
                 os._exit(1)  # injected fault: the process dies mid-chunk, as on a segfault or an OOM kill
-            # A client's own exception is contained exactly as SequentialEngine does ({"failed": True, ...}), so
+            # A client's own exception is contained exactly as SequentialEngine does (a failed result), so
             # the round report does not depend on the engine; only the actor's death is handled by the driver.
-            out.append(update_client(self, payload, start + i, round_idx))
+            out.append(update_client(self, task, start + i, round_idx))
         return out
 
 
@@ -198,23 +201,23 @@ class RayEngine(Engine):
         self.replacements += 1
 
     # -- rounds ---------------------------------------------------------------------------------------------
-    def run(self, payloads: Sequence[dict], round_idx: int) -> list[dict]:
-        if not payloads:
+    def run(self, tasks: Sequence[ClientTask], round_idx: int) -> list[ClientResult]:
+        if not tasks:
             return []
         self._start()
         ray, o = self._ray, self.ray_options
-        chunks = chunk_bounds(len(payloads), len(self._actors))
-        pending: dict = {}  # future -> (chunk index, payload ref, attempt)
+        chunks = chunk_bounds(len(tasks), len(self._actors))
+        pending: dict = {}  # future -> (chunk index, tasks ref, attempt)
         crash_now = o["crash_actor_in_round"] == round_idx and not self._crashed
         for i, (lo, hi) in enumerate(chunks):
-            # Each payload goes into the object store once per round; a rerun after a failure reuses the ref.
-            ref = ray.put(list(payloads[lo:hi]))
+            # Each task goes into the object store once per round; a rerun after a failure reuses the ref.
+            ref = ray.put(list(tasks[lo:hi]))
             fut = self._actors[i].run_chunk.remote(ref, lo, round_idx, crash_now and i == 0)
             pending[fut] = (i, ref, 0)
         self._crashed = self._crashed or crash_now
         results: list = [None] * len(chunks)
         with tqdm(
-            total=len(payloads), desc=f"round {round_idx} clients (ray)", leave=False, disable=not self.progress
+            total=len(tasks), desc=f"round {round_idx} clients (ray)", leave=False, disable=not self.progress
         ) as bar:
             while pending:
                 (fut,), _ = ray.wait(list(pending), num_returns=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -16,6 +17,7 @@ from fedamole.config import MoLEConfig
 from fedamole.fl.client import state_nbytes
 from fedamole.fl.engine import make_engine
 from fedamole.fl.prompt_baselines import adapter_state_dict, load_adapter_state_dict
+from fedamole.fl.protocol import DROPPED, FAILED, ClientResult, ClientTask
 from fedamole.simulation.checkpoint import check_resume_state, load_checkpoint, save_checkpoint
 from fedamole.simulation.presets import SimConfig, build_data, build_workload, make_algorithm, mole_config
 from fedamole.simulation.reporting import (
@@ -54,9 +56,9 @@ def _mean(values) -> float | None:
 def _stop_if_nothing_ever_worked(results: list, worked: bool, what: str) -> bool:
     """True when some client returned a result (failed or dropped do not count) now or earlier in the run; raises
     `AllClientsFailed` when none ever has and some client failed now."""
-    if worked or any(isinstance(u, dict) and not u.get("failed") and not u.get("dropped") for u in results):
+    if worked or any(isinstance(u, ClientResult) and u.ok for u in results):
         return True
-    failures = [(c, u.get("error")) for c, u in enumerate(results) if isinstance(u, dict) and u.get("failed")]
+    failures = [(c, u.error) for c, u in enumerate(results) if isinstance(u, ClientResult) and u.status == FAILED]
     if failures:
         c, error = failures[0]
         raise AllClientsFailed(
@@ -65,49 +67,48 @@ def _stop_if_nothing_ever_worked(results: list, worked: bool, what: str) -> bool
     return False
 
 
-def _eval_metrics(results: list[dict]) -> tuple[list[float | None], list[dict]]:
+def _eval_metrics(results: list[ClientResult]) -> tuple[list[float | None], list[dict]]:
     """Per-client metrics of an evaluation-only run (None: failed or not a valid metric) and its failures."""
     metrics, failures = [], []
     for c, result in enumerate(results):
-        if not isinstance(result, dict) or result.get("failed") or result.get("dropped"):
-            error = result.get("error") if isinstance(result, dict) else f"returned a {type(result).__name__}"
+        if not isinstance(result, ClientResult) or not result.ok:
+            error = result.error if isinstance(result, ClientResult) else f"returned a {type(result).__name__}"
             failures.append({"client": c, "error": str(error or "dropped out")})
             metrics.append(None)
-        elif problem := check_metric(result.get("metric")):
+        elif problem := check_metric(result.metric):
             failures.append({"client": c, "error": problem})
             metrics.append(None)
         else:
-            metrics.append(float(result["metric"]))
+            metrics.append(float(result.metric))
     return metrics, failures
 
 
-def _settings(cfg: SimConfig, payloads: list[dict], round_idx: int) -> list[dict]:
+def _settings(cfg: SimConfig, payloads: list[ClientTask], round_idx: int) -> list[ClientTask]:
+    """The tasks with the run's local-training settings wherever the algorithm left them unset."""
     lr = cfg.lr * cfg.lr_decay ** (round_idx - 1)
-    for p in payloads:
-        p.setdefault("steps", cfg.local_steps)
-        p.setdefault("lr", lr)
-        p.setdefault("batch_size", cfg.batch_size)
-        p.setdefault("max_grad_norm", cfg.max_grad_norm)
-    return payloads
+    return [
+        p.with_settings(steps=cfg.local_steps, lr=lr, batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm)
+        for p in payloads
+    ]
 
 
-def _eval_only(payloads: list[dict]) -> list[dict]:
-    return [{**p, "steps": 0, "evaluate": True, "stats": False, "upload": [], "keep": []} for p in payloads]
+def _eval_only(payloads: list[ClientTask]) -> list[ClientTask]:
+    return [dataclasses.replace(p, steps=0, evaluate=True, stats=False, upload=(), keep=()) for p in payloads]
 
 
 def _screen(
-    raw: list[dict], payloads: list[dict], max_norm: float | None, norm_ratio: float | None
-) -> tuple[list[dict | None], dict]:
+    raw: list[ClientResult], payloads: list[ClientTask], max_norm: float | None, norm_ratio: float | None
+) -> tuple[list[ClientResult | None], dict]:
     """Accepted uploads (None for a client that failed, dropped out or sent a rejected upload) and the report."""
-    uploads: list[dict | None] = []
+    uploads: list[ClientResult | None] = []
     report: dict = {"participants": 0, "failed_clients": [], "dropped_clients": [], "rejected_uploads": []}
     rejected: dict[int, list[str]] = {}
     for c, (upload, payload) in enumerate(zip(raw, payloads)):
-        if isinstance(upload, dict) and upload.get("dropped"):
+        if isinstance(upload, ClientResult) and upload.status == DROPPED:
             report["dropped_clients"].append(c)
             uploads.append(None)
-        elif isinstance(upload, dict) and upload.get("failed"):
-            report["failed_clients"].append({"client": c, "error": str(upload.get("error"))})
+        elif isinstance(upload, ClientResult) and upload.status == FAILED:
+            report["failed_clients"].append({"client": c, "error": str(upload.error)})
             uploads.append(None)
         elif problems := check_upload(upload, payload, max_norm):
             rejected[c] = problems
@@ -122,8 +123,8 @@ def _screen(
     return uploads, report
 
 
-def _down_bytes(payloads: list[dict]) -> int:
-    return sum(state_nbytes(p.get("down", {})) + state_nbytes(p.get("expert_ids", {})) for p in payloads)
+def _down_bytes(payloads: list[ClientTask]) -> int:
+    return sum(state_nbytes(p.down) + state_nbytes(p.expert_ids or {}) for p in payloads)
 
 
 def simulate(
@@ -238,17 +239,17 @@ def _train_round(cfg: SimConfig, r: int, algo, engine, worked: bool) -> tuple[li
     faults = {f["client"]: f["kind"] for f in cfg.faults if f["round"] == r}
     for c, kind in faults.items():
         if kind in TRAINING_FAULTS:
-            payloads[c] = {**payloads[c], "fault": kind}
+            payloads[c] = dataclasses.replace(payloads[c], fault=kind)
     bytes_down = _down_bytes(payloads)
     raw = engine.run(payloads, r)
     for c, kind in faults.items():
-        if kind in UPLOAD_FAULTS and "up" in raw[c]:
+        if kind in UPLOAD_FAULTS and raw[c].ok:
             raw[c] = corrupt_upload(raw[c], kind, payloads[c])
     worked = _stop_if_nothing_ever_worked(raw, worked, f"round {r}")
     uploads, report = _screen(raw, payloads, cfg.max_upload_norm, cfg.upload_norm_ratio)
     received = [u for u in uploads if u is not None]
-    bytes_up = sum(state_nbytes(u["up"]) + state_nbytes(u["stats"] or {}) for u in received)
-    bytes_up += sum(state_nbytes(u.get("expert_ids") or {}) for u in received)  # clients send their ids
+    bytes_up = sum(state_nbytes(u.up) + state_nbytes(u.stats or {}) for u in received)
+    bytes_up += sum(state_nbytes(u.expert_ids or {}) for u in received)  # clients send their ids
     return uploads, report, bytes_up, bytes_down, worked
 
 
@@ -263,7 +264,7 @@ def _run_round(cfg: SimConfig, r: int, algo, engine, worked: bool) -> tuple[dict
             bytes_down += _down_bytes(evals)
         per_client, report["eval_failures"] = _eval_metrics(engine.run(_eval_only(_settings(cfg, evals, r)), r))
     else:
-        per_client = [None if u is None else u["metric"] for u in uploads]
+        per_client = [None if u is None else u.metric for u in uploads]
     entry = {
         "round": r,
         "mean": _mean(per_client),
@@ -271,7 +272,7 @@ def _run_round(cfg: SimConfig, r: int, algo, engine, worked: bool) -> tuple[dict
         "bytes_up": int(bytes_up),
         "bytes_down": int(bytes_down),
         "seconds": time.perf_counter() - t_round,
-        "train_loss": _mean([u["train_loss"] for u in uploads if u is not None]),
+        "train_loss": _mean([u.train_loss for u in uploads if u is not None]),
         **report,
     }
     if hasattr(algo, "experts_per_client"):
@@ -400,8 +401,6 @@ def compare(
     per-round line and metrics.jsonl as `simulate` writes them, then the summary and plots),
     compare.json and compare.md (final-round and best-round client means, mean +- std over seeds) and compare.png
     (mean over seeds per round with a +-std band; its last point is the table's final mean)."""
-    import dataclasses
-
     out = Path(out_dir)
     runs: dict[str, list[dict]] = {}
     for algo in algorithms:

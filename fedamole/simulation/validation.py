@@ -1,15 +1,15 @@
 """Server-side checks of client uploads, and the fault injection used to test them.
 
-`check_upload(upload, payload, max_norm)` lists everything wrong with one client's upload against what the server
-sent it, field by field (the schema `fedamole.fl.client.finish_client` writes):
+`check_upload(upload, task, max_norm)` lists everything wrong with one client's upload (a `ClientResult`) against the
+`ClientTask` the server sent it, field by field (as `fedamole.fl.client.finish_client` fills them):
 
-* ``up`` / ``private``: exactly the requested keys (``payload["upload"]`` / ``payload["keep"]``); every tensor a
+* ``up`` / ``private``: exactly the requested keys (``task.upload`` / ``task.keep``); every tensor a
   dense CPU float tensor of the dtype and shape the server sent (or the client keeps), finite, with an L2 norm within
   `max_norm` (an absolute ceiling; see `check_round` for the bound relative to the round);
 * ``expert_ids``: exactly the experts the client was assigned, as integer ids (no duplicates, no foreign experts);
-* ``stats``: None unless the payload asks for statistics; then ``{"t": {module: [n]}, "e": {module: [k, r]}}`` over
+* ``stats``: None unless the task asks for statistics; then ``EmbeddingStats(t={module: [n]}, e={module: [k, r]})`` over
   exactly the modules sent, finite, with n = r (embedding router) or d_in (linear router, and then ``e`` is empty);
-* ``metric``: None when the payload does not ask for an evaluation; else a real number (a bool is not one) in
+* ``metric``: None when the task does not ask for an evaluation; else a real number (a bool is not one) in
   [0, 1] (accuracy and ROUGE-L F are fractions) or NaN for a client without test examples;
 * ``train_loss``: a finite real number, or NaN when the client ran no local step; ``num_train``: an int >= 0.
 
@@ -21,6 +21,7 @@ upload it cannot even inspect is rejected with the reason.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 from collections import Counter
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from fedamole.adapter_state import split_key, state_key
+from fedamole.fl.protocol import OK, RESULT_FIELDS, TRAINING_FAULTS, ClientResult, ClientTask, EmbeddingStats
 
 __all__ = [
     "check_upload",
@@ -43,7 +45,6 @@ __all__ = [
     "validate_faults",
 ]
 
-TRAINING_FAULTS = ("crash", "dropout", "diverge")
 UPLOAD_FAULTS = (
     "nan",
     "shape",
@@ -60,7 +61,6 @@ UPLOAD_FAULTS = (
 )
 FAULT_KINDS = TRAINING_FAULTS + UPLOAD_FAULTS
 
-UPLOAD_KEYS = frozenset({"up", "private", "metric", "stats", "train_loss", "num_train", "expert_ids", "fusion_weights"})
 # `check_round`: changes with an RMS per element below this are never rejected (float32 round-off of O(1) weights
 # is ~1e-7), so that a round whose updates are all tiny does not turn honest noise into outliers.
 UPLOAD_NORM_FLOOR = 1e-6
@@ -132,30 +132,31 @@ def _check_ids(claimed, assigned) -> list[str]:
     return problems
 
 
-def _stat_shapes(payload: dict) -> dict[str, tuple[tuple, tuple | None]]:
+def _stat_shapes(payload: ClientTask) -> dict[str, tuple[tuple, tuple | None]]:
     """Per module sent, the expected (shape of t, shape of e or None) of its embedding statistics."""
-    down = {**payload.get("private", {}), **payload.get("down", {})}
-    linear = payload.get("router", "embedding") == "linear"
+    down = {**payload.private, **payload.down}
+    linear = payload.router == "linear"
     out = {}
-    for module, ids in (payload.get("expert_ids") or {}).items():
+    for module, ids in (payload.expert_ids or {}).items():
         k, r, d_in = down[state_key(module, "lora_a")].shape
         out[module] = ((d_in,), None) if linear else ((r,), (len(ids), r))
     return out
 
 
-def _check_stats(stats, payload: dict, max_norm: float | None) -> list[str]:
-    if not payload.get("stats"):
+def _check_stats(stats, payload: ClientTask, max_norm: float | None) -> list[str]:
+    if not payload.stats:
         return [] if stats is None else ["stats uploaded but not asked for"]
-    if not isinstance(stats, dict) or set(stats) != {"t", "e"} or not all(isinstance(v, dict) for v in stats.values()):
-        return ["stats missing or malformed (expected {'t': {module: tensor}, 'e': {module: tensor}})"]
+    if not isinstance(stats, EmbeddingStats) or not (isinstance(stats.t, dict) and isinstance(stats.e, dict)):
+        return ["stats missing or malformed (expected EmbeddingStats(t={module: tensor}, e={module: tensor}))"]
     shapes = _stat_shapes(payload)
     problems = []
     for part, index in (("t", 0), ("e", 1)):
+        got = getattr(stats, part)
         want = {m: s[index] for m, s in shapes.items() if s[index] is not None}
-        problems += [f"stats.{part} for {m} missing" for m in sorted(set(want) - set(stats[part]))]
-        problems += [f"stats.{part} for unexpected module {m!r}" for m in sorted(set(stats[part]) - set(want), key=str)]
-        for module in sorted(set(want) & set(stats[part])):
-            value, name = stats[part][module], f"stats.{part}[{module}]"
+        problems += [f"stats.{part} for {m} missing" for m in sorted(set(want) - set(got))]
+        problems += [f"stats.{part} for unexpected module {m!r}" for m in sorted(set(got) - set(want), key=str)]
+        for module in sorted(set(want) & set(got)):
+            value, name = got[module], f"stats.{part}[{module}]"
             problems += _check_tensor(name, value, None, max_norm)
             if isinstance(value, Tensor) and tuple(value.shape) != want[module]:
                 problems.append(f"{name} has shape {list(value.shape)}, expected {list(want[module])}")
@@ -172,23 +173,23 @@ def check_metric(metric) -> str | None:
     return None
 
 
-def _check_scalars(upload: dict, payload: dict) -> list[str]:
+def _check_scalars(upload: ClientResult, payload: ClientTask) -> list[str]:
     problems = []
-    metric = upload["metric"]
-    if not payload.get("evaluate", True):
+    metric = upload.metric
+    if not payload.evaluate:
         if metric is not None:
             problems.append(f"metric {metric!r} uploaded but no evaluation was asked for")
     elif problem := check_metric(metric):
         problems.append(problem)
-    loss = upload["train_loss"]
+    loss = upload.train_loss
     if not _is_real(loss):
         problems.append(f"train_loss is a {type(loss).__name__}, not a number")
     elif math.isinf(loss):
         problems.append(f"train_loss {loss!r} is not finite (NaN is allowed: no local step)")
-    num = upload["num_train"]
+    num = upload.num_train
     if not isinstance(num, numbers.Integral) or isinstance(num, (bool, np.bool_)) or num < 0:
         problems.append(f"num_train must be an int >= 0, got {num!r}")
-    fusion = upload["fusion_weights"]  # FDLoRA's AdaFusion weights (reported, not aggregated); None elsewhere
+    fusion = upload.fusion_weights  # FDLoRA's AdaFusion weights (reported, not aggregated); None elsewhere
     if fusion is not None and not (
         isinstance(fusion, (list, tuple))
         and all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in fusion)
@@ -197,24 +198,27 @@ def _check_scalars(upload: dict, payload: dict) -> list[str]:
     return problems
 
 
-def _problems(upload, payload: dict, max_norm: float | None) -> list[str]:
-    if not isinstance(upload, dict):
-        return [f"upload is a {type(upload).__name__}, not a dict"]
-    problems = [f"upload has no {k!r}" for k in sorted(UPLOAD_KEYS - set(upload))]
-    problems += [f"upload has an unexpected field {k!r}" for k in sorted(set(upload) - UPLOAD_KEYS, key=str)]
+def _problems(upload, payload: ClientTask, max_norm: float | None) -> list[str]:
+    if not isinstance(upload, ClientResult):
+        return [f"upload is a {type(upload).__name__}, not a ClientResult"]
+    # A result unpickled from a remote client can lack fields or carry others (its __dict__ is whatever was sent).
+    present = set(vars(upload))
+    problems = [f"upload has no {k!r}" for k in RESULT_FIELDS if k not in present]
+    problems += [f"upload has an unexpected field {k!r}" for k in sorted(present - set(RESULT_FIELDS), key=str)]
     if problems:
         return problems
-    templates = {**payload.get("private", {}), **payload.get("down", {})}
-    expected = payload.get("upload", list(payload.get("down", {})))
-    problems += _check_state("up", upload["up"], expected, templates, max_norm)
-    problems += _check_state("private", upload["private"], payload.get("keep", []), templates, max_norm)
-    problems += _check_ids(upload["expert_ids"], payload.get("expert_ids"))
-    problems += _check_stats(upload["stats"], payload, max_norm)
+    if upload.status != OK:
+        return [f"upload has status {upload.status!r}, not {OK!r}"]
+    templates = {**payload.private, **payload.down}
+    problems += _check_state("up", upload.up, payload.upload, templates, max_norm)
+    problems += _check_state("private", upload.private, payload.keep, templates, max_norm)
+    problems += _check_ids(upload.expert_ids, payload.expert_ids)
+    problems += _check_stats(upload.stats, payload, max_norm)
     problems += _check_scalars(upload, payload)
     return problems
 
 
-def check_upload(upload, payload: dict, max_norm: float | None = None) -> list[str]:
+def check_upload(upload, payload: ClientTask, max_norm: float | None = None) -> list[str]:
     """Problems with one client's `upload` given the `payload` it was sent (empty list: accept); never raises."""
     try:
         return _problems(upload, payload, max_norm)
@@ -226,7 +230,9 @@ def _rms(t: Tensor) -> float:
     return float(t.float().norm()) / math.sqrt(max(t.numel(), 1))
 
 
-def check_round(uploads: list[dict | None], payloads: list[dict], norm_ratio: float | None) -> dict[int, list[str]]:
+def check_round(
+    uploads: list[ClientResult | None], payloads: list[ClientTask], norm_ratio: float | None
+) -> dict[int, list[str]]:
     """Problems of uploads that each passed `check_upload`, judged against the round's other uploads.
 
     * A tensor the server sent no template for must have the (shape, dtype) most uploads agree on.
@@ -243,19 +249,17 @@ def check_round(uploads: list[dict | None], payloads: list[dict], norm_ratio: fl
     live = [c for c, u in enumerate(uploads) if u is not None]
     changes: dict[str, dict[int, float]] = {}
     for c in live:
-        templates = {**payloads[c].get("private", {}), **payloads[c].get("down", {})}
-        for key, value in uploads[c]["up"].items():
+        templates = {**payloads[c].private, **payloads[c].down}
+        for key, value in uploads[c].up.items():
             base = templates.get(key)
             changes.setdefault(key, {})[c] = _rms(value if base is None else value.float() - base.float())
     for key in changes:
-        untemplated = [
-            c for c in changes[key] if key not in {**payloads[c].get("private", {}), **payloads[c].get("down", {})}
-        ]
+        untemplated = [c for c in changes[key] if key not in payloads[c].private and key not in payloads[c].down]
         if untemplated:
-            kinds = Counter((tuple(uploads[c]["up"][key].shape), uploads[c]["up"][key].dtype) for c in untemplated)
+            kinds = Counter((tuple(uploads[c].up[key].shape), uploads[c].up[key].dtype) for c in untemplated)
             (shape, dtype), _ = kinds.most_common(1)[0]
             for c in untemplated:
-                value = uploads[c]["up"][key]
+                value = uploads[c].up[key]
                 if (tuple(value.shape), value.dtype) != (shape, dtype):
                     problems.setdefault(c, []).append(
                         f"up[{key}] is {value.dtype} {list(value.shape)}, the round's uploads are {dtype} {list(shape)}"
@@ -304,10 +308,10 @@ def validate_faults(faults, num_clients: int, num_rounds: int) -> list[dict]:
     return out
 
 
-def corrupt_upload(upload: dict, kind: str, payload: dict) -> dict:
+def corrupt_upload(upload: ClientResult, kind: str, payload: ClientTask) -> ClientResult:
     """A copy of `upload` damaged as a faulty or malicious client would send it (for tests and drills)."""
     bad = copy.deepcopy(upload)
-    up = bad["up"]
+    up = bad.up
     key = sorted(up)[0] if up else None
     if kind == "nan" and key:
         up[key] = up[key].clone().fill_(math.nan)
@@ -326,14 +330,14 @@ def corrupt_upload(upload: dict, kind: str, payload: dict) -> dict:
     elif kind == "extra_key":
         up[state_key("__not_a_parameter__", "lora_a")] = torch.zeros(1)
     elif kind in ("foreign_expert", "duplicate_ids"):
-        ids = {m: np.asarray(v).copy() for m, v in (payload.get("expert_ids") or {"?": np.arange(1)}).items()}
+        ids = {m: np.asarray(v).copy() for m, v in (payload.expert_ids or {"?": np.arange(1)}).items()}
         module = sorted(ids)[0]
         ids[module][-1] = ids[module][0] if kind == "duplicate_ids" else int(ids[module].max()) + 1_000
-        bad["expert_ids"] = ids
+        bad = dataclasses.replace(bad, expert_ids=ids)
     elif kind == "bad_stats":
-        bad["stats"] = {"t": {"x": torch.full((3,), math.inf)}, "e": {}}
+        bad = dataclasses.replace(bad, stats=EmbeddingStats(t={"x": torch.full((3,), math.inf)}, e={}))
     elif kind == "bad_metric":
-        bad["metric"] = math.inf
+        bad = dataclasses.replace(bad, metric=math.inf)
     elif kind == "bad_loss":
-        bad["train_loss"] = "low"
+        bad = dataclasses.replace(bad, train_loss="low")
     return bad
