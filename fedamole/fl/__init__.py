@@ -2,12 +2,13 @@
 `fedamole.simulation.runner`)."""
 
 from fedamole.fl.aggregation import expert_mean, mean_states, mean_tensors, random_scores
+from fedamole.fl.algorithm import Algorithm
 from fedamole.fl.baselines import BASELINES, LoRABaseline
 from fedamole.fl.client import client_update, embedding_stats, extract_state, load_state
 from fedamole.fl.dp import DP_MECHANISMS
 from fedamole.fl.engine import ENGINES, Engine, SequentialEngine, client_seed, make_engine
 from fedamole.fl.fdlora import FDLoRA
-from fedamole.fl.fedamole_algo import ASSIGNMENTS, Algorithm, FedAMoLE
+from fedamole.fl.fedamole_algo import ASSIGNMENTS, FedAMoLE
 from fedamole.fl.prompt_baselines import PROMPT_BASELINES, PromptBaseline
 from fedamole.fl.protocol import ClientResult, ClientTask, EmbeddingStats, FusionRequest
 from fedamole.fl.rsea import assign_experts, check_feasible, score_matrix

@@ -21,7 +21,7 @@ import fedamole
 from fedamole.adapter_state import ROUTED_KINDS, split_key, state_key
 from fedamole.config import MoLEConfig
 from fedamole.fl.aggregation import mean_states
-from fedamole.fl.fedamole_algo import Algorithm, extra_state
+from fedamole.fl.algorithm import Algorithm, check_keys, extra_state
 from fedamole.fl.protocol import ClientResult, ClientTask
 
 __all__ = ["LoRABaseline", "BASELINES", "AGGREGATIONS", "fedavg", "single_lora_config", "initial_lora_state"]
@@ -57,7 +57,10 @@ def initial_lora_state(model, seed: int) -> dict:
 
 
 class LoRABaseline(Algorithm):
-    """One of `BASELINES` (see the module docstring)."""
+    """One of `BASELINES` (see the module docstring). State: the global LoRA (``glob``; empty for "local") and each
+    client's private state (``private``)."""
+
+    STATE = ("glob", "private")
 
     def __init__(self, name: str, aggregation: str = "mean") -> None:
         if name not in BASELINES:
@@ -84,6 +87,16 @@ class LoRABaseline(Algorithm):
             self.glob = state
             self.private = [{} for _ in range(self.num_clients)]
         self.a_keys = [k for k in state if split_key(k)[1] == "lora_a"]
+        self.state_keys = tuple(state)
+
+    def check_state(self) -> None:
+        """The global state holds exactly the initial keys (none for "local"); every client's private state a subset of
+        them; one private state per client."""
+        check_keys("glob", self.glob, () if self.name == "local" else self.state_keys)
+        if not isinstance(self.private, list) or len(self.private) != self.num_clients:
+            raise ValueError(f"private must be a list of {self.num_clients} client states")
+        for c, private in enumerate(self.private):
+            check_keys(f"private[{c}]", private, self.state_keys, subset=True)
 
     def payloads(self, round_idx: int) -> list[ClientTask]:
         out = []

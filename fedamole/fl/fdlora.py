@@ -38,8 +38,8 @@ from torch import Tensor
 
 from fedamole.config import MoLEConfig
 from fedamole.fl.aggregation import mean_states
+from fedamole.fl.algorithm import Algorithm, check_keys
 from fedamole.fl.baselines import initial_lora_state, single_lora_config
-from fedamole.fl.fedamole_algo import Algorithm
 from fedamole.fl.protocol import ClientResult, ClientTask, FusionRequest
 
 __all__ = [
@@ -150,7 +150,10 @@ def adafusion(
 
 
 class FDLoRA(Algorithm):
-    """FDLoRA (see the module docstring)."""
+    """FDLoRA (see the module docstring). State: the global LoRA (``glob``), the outer optimiser's momentum
+    (``momentum``) and the clients' private copies (``private``, None before a client's first copy)."""
+
+    STATE = ("glob", "momentum", "private")
 
     name = "fdlora"
     evaluates_global = True
@@ -195,6 +198,18 @@ class FDLoRA(Algorithm):
         self.glob = initial_lora_state(model, seed)
         self.momentum = {k: torch.zeros_like(v) for k, v in self.glob.items()}
         self.private: list[dict | None] = [None] * self.num_clients
+        self.state_keys = tuple(self.glob)
+
+    def check_state(self) -> None:
+        """The global LoRA and the momentum hold exactly the initial keys; one private copy (or None) per client,
+        each with those keys."""
+        check_keys("glob", self.glob, self.state_keys)
+        check_keys("momentum", self.momentum, self.state_keys)
+        if not isinstance(self.private, list) or len(self.private) != self.num_clients:
+            raise ValueError(f"private must be a list of {self.num_clients} entries (a state or None)")
+        for c, private in enumerate(self.private):
+            if private is not None:
+                check_keys(f"private[{c}]", private, self.state_keys)
 
     def _is_warmup(self, round_idx: int) -> bool:
         return self.warmup_round and round_idx == 1

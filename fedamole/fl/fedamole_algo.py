@@ -1,4 +1,4 @@
-"""FedAMoLE server (SPEC §3) and its ablations, plus the `Algorithm` interface shared with the baselines.
+"""FedAMoLE server (SPEC §3) and its ablations.
 
 Per MoLE module the server holds N_e domain experts (A [N_e, r, d_in], B [N_e, d_out, r]), one shared expert and
 the token projection W_t (``router``; with the linear-router ablation one router row per domain expert instead).
@@ -19,56 +19,15 @@ import fedamole
 from fedamole.adapter_state import MOLE_KINDS, slot_kinds, state_key
 from fedamole.config import MoLEConfig
 from fedamole.fl.aggregation import expert_mean, mean_tensors, random_scores
+from fedamole.fl.algorithm import Algorithm, extra_state
 from fedamole.fl.protocol import DP_MECHANISMS, ClientResult, ClientTask
 from fedamole.fl.rsea import assign_experts, check_feasible, score_matrix
 
-__all__ = ["Algorithm", "FedAMoLE", "ASSIGNMENTS"]
+__all__ = ["FedAMoLE", "ASSIGNMENTS"]
 
 ASSIGNMENTS = ("rsea", "static", "random", "homogeneous", "static-homogeneous")
 _HOMOGENEOUS = ("homogeneous", "static-homogeneous")
 _STATIC = ("static", "static-homogeneous")
-
-
-class Algorithm:
-    """What the runner needs from an algorithm.
-
-    ``mole_config(base)`` -> the layer configuration the clients' model uses; ``setup(model, num_train, seed)``
-    once; then per round ``payloads(round)`` -> one `ClientTask` per client, ``aggregate(round, uploads)`` with one
-    accepted `ClientResult` (or None) per client, and when ``evaluates_global`` is True, ``eval_payloads()`` ->
-    tasks that only evaluate the aggregated model on each client's test set.
-    """
-
-    name = "algorithm"
-    evaluates_global = False
-
-    def mole_config(self, base: MoLEConfig) -> MoLEConfig:
-        raise NotImplementedError
-
-    def setup(self, model, num_train: list[int], seed: int) -> None:
-        raise NotImplementedError
-
-    def payloads(self, round_idx: int) -> list[ClientTask]:
-        raise NotImplementedError
-
-    def aggregate(self, round_idx: int, uploads: list[ClientResult | None]) -> None:
-        raise NotImplementedError
-
-    def eval_payloads(self) -> list[ClientTask]:
-        raise NotImplementedError
-
-    def check_state(self) -> None:
-        """Raise ValueError, naming the attribute, if the state (restored from a checkpoint) breaks an invariant that
-        its shapes alone do not show."""
-
-
-def extra_state(model) -> dict[str, Tensor]:
-    """Initial values of the extra trainable modules (the classification head), float32 CPU copies."""
-    params = dict(model.named_parameters())
-    out = {}
-    for name in getattr(model, "fedamole_extra_trainable", []):
-        for key, _ in model.get_submodule(name).named_parameters():
-            out[f"{name}.{key}"] = params[f"{name}.{key}"].detach().float().cpu().clone()
-    return out
 
 
 def _kaiming(shape, fan_in: int, gen: torch.Generator) -> Tensor:
@@ -82,7 +41,12 @@ class FedAMoLE(Algorithm):
     "random" (a fresh random assignment every round), "homogeneous" (every client exactly N_e k_c / C experts,
     re-assigned by RSEA), "static-homogeneous" (every client exactly N_e k_c / C experts, the random round-0
     assignment kept: what the authors plotted as "homogeneous"); ``router="linear"`` is the vanilla-router ablation.
-    ``dp_eta`` adds noise of ``dp_mechanism`` (`fedamole.fl.dp`) to the uploaded embedding statistics."""
+    ``dp_eta`` adds noise of ``dp_mechanism`` (`fedamole.fl.dp`) to the uploaded embedding statistics.
+
+    State: per MoLE module its pool, rank and current assignment (``modules``), the head (``extra``), the assignment
+    of every past round (``history_assign``) and the generator of random assignments (``rng``)."""
+
+    STATE = ("modules", "extra", "history_assign", "rng")
 
     def __init__(
         self,

@@ -34,7 +34,7 @@ __all__ = ["encode_tree", "decode_tree", "save_checkpoint", "load_checkpoint", "
 
 CHECKPOINT_JSON = "checkpoint.json"
 FORMAT = "fedamole-checkpoint"
-VERSION = 2  # 2: state JSON covered by the manifest
+VERSION = 3  # 2: state JSON covered by the manifest; 3: the algorithm's state is its `Algorithm.state_dict()`
 MAX_DEPTH = 64
 # NumPy dtypes an array in a checkpoint may have (what torch.from_numpy stores losslessly).
 _NDARRAY_DTYPES = ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64")
@@ -197,6 +197,11 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[int, dict] | None:
     body = load_json_strict(read_verified_bytes(folder, state_name, manifest), str(folder / state_name))
     if not isinstance(body, dict) or set(body) != {"format", "version", "round", "state"}:
         raise ValueError(f"{folder / state_name} must hold exactly format, version, round and state")
+    if body["format"] == FORMAT and body["version"] != VERSION and isinstance(body["version"], int):
+        raise ValueError(
+            f"{folder / state_name}: checkpoint format version {body['version']}, this fedamole reads version "
+            f"{VERSION} only: start the run afresh (without --resume) or resume it with the fedamole that wrote it"
+        )
     if body["format"] != FORMAT or body["version"] != VERSION or body["round"] != round_idx:
         raise ValueError(
             f"{folder / state_name}: format/version/round do not match {CHECKPOINT_JSON} (round {round_idx})"

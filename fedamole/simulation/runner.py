@@ -165,7 +165,7 @@ def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int,
         raise ValueError(f"rounds (--rounds) is {cfg.rounds}, but {checkpoint_dir} already holds {done} rounds")
     reference = {
         "config": cfg.to_dict(),
-        "algorithm": dict(vars(algo)),
+        "algorithm": algo.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "model": adapter_state_dict(workload.model),
         "summary": {},
@@ -179,8 +179,7 @@ def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int,
             f"cannot resume from {checkpoint_dir}: the configuration differs in {differing} "
             f"(saved { {k: saved.get(k) for k in differing} })"
         )
-    vars(algo).update(state["algorithm"])
-    algo.check_state()
+    algo.load_state_dict(state["algorithm"])  # checks the state's invariants (`Algorithm.check_state`)
     load_adapter_state_dict(workload.model, state["model"])
     torch.set_rng_state(state["torch_rng"])
     return done, state["summary"], state["history"]
@@ -287,7 +286,7 @@ def _run_round(cfg: SimConfig, r: int, algo, engine, worked: bool) -> tuple[dict
 def _checkpoint_state(cfg: SimConfig, algo, workload, summary: dict, history: list) -> dict:
     return {
         "config": cfg.to_dict(),
-        "algorithm": dict(vars(algo)),
+        "algorithm": algo.state_dict(),
         "model": adapter_state_dict(workload.model),
         "torch_rng": torch.get_rng_state(),
         "summary": {k: v for k, v in summary.items() if k.startswith("initial_")},
