@@ -18,6 +18,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _reload_cpu_tuning() -> None:
     """Makes the C++ CPU kernels reread $FEDAMOLE_CPU_* (no-op before the extension is loaded: it reads them then)."""
     try:

@@ -1,4 +1,5 @@
-"""The simulation loop: rounds of payloads -> engine -> uploads -> aggregation, with metrics and traffic."""
+"""The simulation loop: rounds of client tasks -> engine -> results -> screening -> aggregation, with metrics and
+traffic."""
 
 from __future__ import annotations
 
