@@ -195,65 +195,81 @@ class CohortEngine(Engine):
             self._workload = self.workload_factory()
         return self._workload
 
-    def cohorts(self, payloads: Sequence[dict]) -> tuple[list[list[int]], list[int]]:
-        """(cohorts of client indices run together, clients that take the sequential path)."""
-        sc = self.scenario
+    def cohorts(
+        self, payloads: Sequence[dict], clients: Sequence[int] | None = None
+    ) -> tuple[list[list[int]], list[int]]:
+        """(cohorts of positions in ``payloads`` run together, positions that take the sequential path); payload i is
+        client ``clients[i]``'s (default: client i)."""
+        data = self._datas(payloads, clients)
         groups: dict[tuple, list[int]] = {}
         alone = []
-        for c, p in enumerate(payloads):
-            if p.get("fault") == "dropout" or not (sc.clients[c].train or sc.clients[c].test):
-                alone.append(c)
+        for i, p in enumerate(payloads):
+            if p.get("fault") == "dropout" or not (data[i].train or data[i].test):
+                alone.append(i)
             else:
-                groups.setdefault(_shape(p), []).append(c)
+                groups.setdefault(_shape(p), []).append(i)
         cohorts = []
         for members in groups.values():
-            size = self.sizer.size(self.workload, [sc.clients[c] for c in members], payloads[members[0]])
+            size = self.sizer.size(self.workload, [data[i] for i in members], payloads[members[0]])
             size = min(size, self.cohort_size or size)
             self.report["sizes"].append(size)
-            for i in range(0, len(members), size):
-                chunk = members[i : i + size]
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
                 if len(chunk) > 1:
                     cohorts.append(chunk)
                 else:
                     alone.extend(chunk)
         return cohorts, sorted(alone)
 
+    def _datas(self, payloads: Sequence[dict], clients: Sequence[int] | None) -> list:
+        clients = range(len(payloads)) if clients is None else clients
+        if len(clients) != len(payloads):
+            raise ValueError(f"clients must name one client per payload ({len(payloads)}), got {len(clients)}")
+        return [self.scenario.clients[c] for c in clients]
+
     def run(self, payloads: Sequence[dict], round_idx: int) -> list[dict]:
+        return self.run_clients(payloads, range(len(payloads)), round_idx)
+
+    def run_clients(self, payloads: Sequence[dict], clients: Sequence[int], round_idx: int) -> list[dict]:
+        """Clients ``clients[i]`` with payloads ``payloads[i]`` (a Ray actor's share of a round: any client ids)."""
         sc, wl = self.scenario, self.workload
-        seeds = [client_seed(self.seed, round_idx, c) for c in range(len(payloads))]
+        data = self._datas(payloads, clients)
+        seeds = [client_seed(self.seed, round_idx, c) for c in clients]
         self.report = {"cohorts": 0, "cohort_clients": 0, "fallbacks": [], "sizes": []}
-        cohorts, _ = self.cohorts(payloads)
+        cohorts, _ = self.cohorts(payloads, clients)
         done: dict[int, dict] = {}
         for members in tqdm(cohorts, desc=f"round {round_idx} cohorts", leave=False, disable=not self.progress):
             try:
                 results = run_cohort(
                     wl,
-                    [payloads[c] for c in members],
-                    [sc.clients[c] for c in members],
-                    [seeds[c] for c in members],
+                    [payloads[i] for i in members],
+                    [data[i] for i in members],
+                    [seeds[i] for i in members],
                     sc.kind,
                     sc.choices,
                 )
-            except Exception as exc:  # noqa: BLE001 - the sequential path reproduces or reports
-                self.report["fallbacks"].append({"clients": members, "error": f"{type(exc).__name__}: {exc}"})
+            except Exception as exc:  # noqa: BLE001 - the sequential path reproduces or reports each client
+                self.report["fallbacks"].append(
+                    {"clients": [clients[i] for i in members], "error": f"{type(exc).__name__}: {exc}"}
+                )
                 continue
             done.update(zip(members, results))
             self.report["cohorts"] += 1
             self.report["cohort_clients"] += len(members)
         out = []
-        for c, payload in enumerate(payloads):
-            if c in done:
-                out.append(done.pop(c))
+        for i, payload in enumerate(payloads):
+            if i in done:
+                out.append(done.pop(i))
             else:
                 out.append(
                     run_client_safely(
-                        lambda c=c, payload=payload: client_update(
-                            wl, payload, sc.clients[c], seeds[c], kind=sc.kind, choices=sc.choices
+                        lambda i=i, payload=payload: client_update(
+                            wl, payload, data[i], seeds[i], kind=sc.kind, choices=sc.choices
                         )
                     )
                 )
         # The global RNG where the sequential engine leaves it after its last client (dropout 0: nothing drawn).
-        ran = [c for c, p in enumerate(payloads) if p.get("fault") != "dropout"]
+        ran = [i for i, p in enumerate(payloads) if p.get("fault") != "dropout"]
         if ran:
             torch.manual_seed(seeds[ran[-1]])
         return out
