@@ -213,8 +213,11 @@ class CohortEngine(Engine):
             size = self.sizer.size(self.workload, [data[i] for i in members], payloads[members[0]])
             size = min(size, self.cohort_size or size)
             self.report["sizes"].append(size)
-            for start in range(0, len(members), size):
-                chunk = members[start : start + size]
+            # As many cohorts as the size needs, of balanced sizes (32 clients at size 10: 8 + 8 + 8 + 8, not 10+10+10+2).
+            count = -(-len(members) // size)
+            bounds = [len(members) * i // count for i in range(count + 1)]
+            for lo, hi in zip(bounds, bounds[1:]):
+                chunk = members[lo:hi]
                 if len(chunk) > 1:
                     cohorts.append(chunk)
                 else:
