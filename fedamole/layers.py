@@ -53,8 +53,9 @@ class MoLEExperts(nn.Module):
     than the weights are computed in the input's dtype (fp32 accumulation in the kernels); under `torch.autocast`
     the op runs in the autocast dtype, as nn.Linear does.
 
-    Client-stacked mode (the cohort engine): lora_a [S, E, r, d_in], ..., active_experts [S, E]; x's rows are S equal
-    consecutive blocks, block s being client s's tokens, and one `mole_lora` call serves every client.
+    Many clients in one batch (the cohort engine): inside `fedamole.segments.use_segments(model, weights, plan)` the
+    module reads client-stacked tensors (lora_a [S, E, r, d_in], ..., active [S, E]) owned by the caller and gives
+    client s the rows the `SegmentPlan` names; one `mole_lora` call serves every client.
 
     Routing results are not kept on the module: open `fedamole.record_routing(model)` to collect them (probs, top-k
     ids) for the load-balance loss; `get_mole_model` does that around every forward.
@@ -93,8 +94,9 @@ class MoLEExperts(nn.Module):
         self._offsets: dict[tuple, Tensor] = {}
         self._backends: dict[tuple, str] = {}
         self._fused: dict[tuple, object] = {}
-        self._checked_params: tuple | None = None
-        self._weights_contiguous = False
+        # ids of checked weight tuples -> all contiguous; the module's own and a cohort's stacked ones alternate.
+        self._checked: dict[tuple, bool] = {}
+        self._segment: tuple | None = None  # (stacked weights, SegmentPlan) while `use_segments` is open
         self.reset_parameters()
 
     @torch.no_grad()
@@ -119,11 +121,6 @@ class MoLEExperts(nn.Module):
             )
         self.active_experts.copy_(mask)
 
-    @property
-    def num_clients(self) -> int | None:
-        """None for the usual single-client layer; S when the expert tensors are stacked for S clients."""
-        return self.lora_a.shape[0] if self.lora_a.dim() == 4 else None
-
     def _weights(self) -> tuple[Tensor, ...]:
         # Straight from the registries: six nn.Module.__getattr__ calls cost 3.4 us per forward (d=16, T=1). Names
         # that left them (plain attributes, parametrizations, functional_call) go through getattr.
@@ -136,12 +133,13 @@ class MoLEExperts(nn.Module):
         except KeyError:
             return self.lora_a, self.lora_b, self.router, self.shared_a, self.shared_b, self.active_experts
 
-    def _check_weights(self, weights: tuple) -> None:
-        """Shape/dtype/device checks of the module's own tensors, once per set of tensors (they rarely change; the
-        cohort engine swaps them per cohort). The op's own per-call validation is skipped after this."""
+    def _check_weights(self, weights: tuple) -> bool:
+        """Shape/dtype/device checks of a set of weights (the module's own, or a cohort's stacked ones), once per set
+        of tensors; returns whether all are contiguous. The op's own per-call validation is skipped after this."""
         key = tuple(map(id, weights))
-        if key == self._checked_params:
-            return
+        contiguous = self._checked.get(key)
+        if contiguous is not None:
+            return contiguous
         lora_a, lora_b, router, shared_a, shared_b, active = weights
         lead = () if lora_a.dim() == 3 else (lora_a.shape[0],)
         num_slots, rank = self.config.num_experts, self.config.rank
@@ -168,19 +166,19 @@ class MoLEExperts(nn.Module):
             raise TypeError(
                 f"{type(self).__name__} weights must share one floating dtype, got {sorted(map(str, float_dtypes))}"
             )
-        self._weights_contiguous = all(t.is_contiguous() for t in weights if t is not None)
-        self._checked_params = key
+        if len(self._checked) >= _OFFSETS_CACHE_SIZE:
+            self._checked.clear()
+        contiguous = self._checked[key] = all(t.is_contiguous() for t in weights if t is not None)
+        return contiguous
 
-    def _segment_offsets(self, num_tokens: int, num_clients: int, device: torch.device) -> Tensor:
-        # Cached per (T, S, device): building [0, T] per call is a host->device copy per module per step on a GPU.
-        key = (num_tokens, num_clients, device)
+    def _single_offsets(self, num_tokens: int, device: torch.device) -> Tensor:
+        # Cached per (T, device): building [0, T] per call is a host->device copy per module per step on a GPU.
+        key = (num_tokens, device)
         offsets = self._offsets.get(key)
         if offsets is None:
             if len(self._offsets) >= _OFFSETS_CACHE_SIZE:
                 self._offsets.clear()
-            step = num_tokens // num_clients
-            offsets = torch.arange(0, num_clients + 1, dtype=torch.int64).mul_(step).to(device)
-            self._offsets[key] = offsets
+            offsets = self._offsets[key] = torch.tensor([0, num_tokens], dtype=torch.int64).to(device)
         return offsets
 
     def _backend(self, device: torch.device, dtype: torch.dtype) -> str:
@@ -197,23 +195,19 @@ class MoLEExperts(nn.Module):
         """delta [..., d_out] for x [..., d_in] (see the class docstring)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension {self.in_features} (in_features), got {tuple(x.shape)}")
-        weights = self._weights()
+        segment = self._segment
+        weights = self._weights() if segment is None else segment[0]
+        if segment is None and weights[0].dim() == 4:
+            raise ValueError(
+                f"{type(self).__name__} holds client-stacked weights {list(weights[0].shape)}: call it inside "
+                "fedamole.segments.use_segments(...) so that a SegmentPlan says which rows are whose"
+            )
         compiling = torch.compiler.is_compiling()
-        if not compiling:
-            self._check_weights(weights)
+        contiguous = True if compiling else self._check_weights(weights)
         lora_a, lora_b, router, shared_a, shared_b, active = weights
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         device_type = flat.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else flat.dtype
-        if lora_a.dim() == 3:
-            num_clients = 1  # the op takes one-segment weights as they are: no per-call views of the parameters
-        else:
-            num_clients = lora_a.shape[0]
-            if x.dim() < 2 or x.shape[0] % num_clients:
-                raise ValueError(
-                    f"x's leading dimension must split into {num_clients} client blocks, got shape {tuple(x.shape)}"
-                )
-            active = active.reshape(num_clients, -1)
         if lora_a.dtype != dtype:  # the checked weights share one dtype
             lora_a, lora_b, router = lora_a.to(dtype), lora_b.to(dtype), router.to(dtype)
             if shared_a is not None:
@@ -227,14 +221,19 @@ class MoLEExperts(nn.Module):
             flat = flat.to(dtype)
         config = self.config
         fused = None
+        if segment is not None:
+            offsets = segment[1].token_offsets(flat.shape[0], flat.device)
+        elif compiling:
+            offsets = None
+        else:
+            offsets = self._offsets.get((flat.shape[0], flat.device))
+            if offsets is None:
+                offsets = self._single_offsets(flat.shape[0], flat.device)
         if compiling:
-            backend, offsets = config.backend, None
+            backend = config.backend
         else:
             backend = self._backends.get((device_type, dtype)) or self._backend(flat.device, dtype)
-            offsets = self._offsets.get((flat.shape[0], num_clients, flat.device))
-            if offsets is None:
-                offsets = self._segment_offsets(flat.shape[0], num_clients, flat.device)
-            if self._weights_contiguous and flat.is_contiguous():
+            if contiguous and flat.is_contiguous():
                 fused = self._fused[(device_type, dtype)]
         if fused is not None:
             # Checked, contiguous tensors: the op itself, without mole_lora_prevalidated's generic path (~6 us per call
@@ -261,14 +260,14 @@ class MoLEExperts(nn.Module):
             )
         if self._routing_recorders:
             for recorder in self._routing_recorders:
-                recorder.record(self, probs, topk_idx, active)
+                recorder.record(self, probs, topk_idx, active, None if segment is None else offsets)
         elif self._reentrant_cells and torch.is_grad_enabled():
-            delta = release_reentrant_term(self, delta, probs, topk_idx, active)
+            delta = release_reentrant_term(self, delta, probs, topk_idx, active, None if segment is None else offsets)
         return delta if x.dim() == 2 else delta.view(*x.shape[:-1], self.out_features)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_routing_recorders"], state["_reentrant_cells"] = (), collections.deque()
+        state["_routing_recorders"], state["_reentrant_cells"], state["_segment"] = (), collections.deque(), None
         # Backend choices depend on the machine (a Ray actor may lack the extension): re-resolved after unpickling.
         state["_backends"], state["_fused"] = {}, {}
         return state

@@ -32,31 +32,47 @@ from torch import Tensor, nn
 
 
 def load_balance_from_routing(
-    probs: Tensor, topk_idx: Tensor, active: Tensor, token_mask: Tensor | None = None, per_client: bool = False
+    probs: Tensor,
+    topk_idx: Tensor,
+    active: Tensor,
+    token_mask: Tensor | None = None,
+    per_client: bool = False,
+    offsets: Tensor | None = None,
 ) -> Tensor:
     """SPEC §1 load-balance loss of one module: ``|S_c| * sum_i P_i f_i`` per client, summed over clients.
 
     P_i = mean over the client's tokens of probs[:, i]; f_i = share of its (valid) top-k slots routed to expert i.
-    probs [T, E] (differentiable), topk_idx [T, k] (-1 = empty slot), active bool [E] (one client) or [S, E]
-    (S clients whose tokens are S equal consecutive blocks of T). `token_mask` [T] (bool) restricts both means
-    to real tokens (padding excluded), so the loss does not depend on how a batch was padded. 0 when no tokens.
-    `per_client=True` returns the [S] per-client losses instead of their sum.
+    probs [T, E] (differentiable), topk_idx [T, k] (-1 = empty slot), active bool [E] (one client) or [S, E] with
+    ``offsets`` int64 [S + 1] (client s's tokens are ``offsets[s]:offsets[s+1]``, a `SegmentPlan`'s token offsets;
+    any sizes, empty included). `token_mask` [T] (bool) restricts both means to real tokens (padding excluded), so
+    the loss does not depend on how a batch was padded. A client without tokens contributes 0. `per_client=True`
+    returns the [S] per-client losses instead of their sum.
     """
     active = active.reshape(-1, active.shape[-1])
     num_clients, num_slots = active.shape
-    tokens_per_client = probs.shape[0] // num_clients
-    weight = probs.new_ones(probs.shape[0]) if token_mask is None else token_mask.reshape(-1).to(probs.dtype)
-    if weight.shape[0] != probs.shape[0]:
-        raise ValueError(f"token_mask must have {probs.shape[0]} entries (one per token), got {weight.shape[0]}")
-    weight = weight.reshape(num_clients, tokens_per_client)
-    probs = probs.reshape(num_clients, tokens_per_client, num_slots)
-    topk_idx = topk_idx.reshape(num_clients, tokens_per_client, topk_idx.shape[-1])
-    valid = (topk_idx >= 0).to(probs.dtype) * weight[..., None]
+    num_tokens = probs.shape[0]
+    weight = probs.new_ones(num_tokens) if token_mask is None else token_mask.reshape(-1).to(probs.dtype)
+    if weight.shape[0] != num_tokens:
+        raise ValueError(f"token_mask must have {num_tokens} entries (one per token), got {weight.shape[0]}")
+    if offsets is None:
+        if num_clients != 1:
+            raise ValueError(f"offsets (int64 [{num_clients + 1}]) are needed with active for {num_clients} clients")
+        client = torch.zeros(num_tokens, dtype=torch.int64, device=probs.device)
+    else:
+        if offsets.shape != (num_clients + 1,):
+            raise ValueError(
+                f"offsets must be int64 [{num_clients + 1}] (one per client + 1), got {list(offsets.shape)}"
+            )
+        sizes = offsets.diff()
+        client = torch.repeat_interleave(torch.arange(num_clients, device=probs.device), sizes, output_size=num_tokens)
+    valid = (topk_idx >= 0).to(probs.dtype) * weight[:, None]
     # Written without data-dependent branches so it costs no host sync and traces under torch.compile.
-    counts = torch.zeros(num_clients, num_slots, dtype=probs.dtype, device=probs.device)
-    counts = counts.scatter_add(1, topk_idx.clamp(min=0).reshape(num_clients, -1), valid.reshape(num_clients, -1))
-    share = counts / valid.reshape(num_clients, -1).sum(1, keepdim=True).clamp(min=1)
-    mean_probs = (probs * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)
+    slot = (client[:, None] * num_slots + topk_idx.clamp(min=0)).reshape(-1)
+    counts = probs.new_zeros(num_clients * num_slots).index_add(0, slot, valid.reshape(-1))
+    counts = counts.reshape(num_clients, num_slots)
+    share = counts / probs.new_zeros(num_clients).index_add(0, client, valid.sum(1)).clamp(min=1)[:, None]
+    prob_sums = probs.new_zeros(num_clients, num_slots).index_add(0, client, probs * weight[:, None])
+    mean_probs = prob_sums / probs.new_zeros(num_clients).index_add(0, client, weight).clamp(min=1)[:, None]
     losses = active.sum(1).to(probs.dtype) * (mean_probs * share).sum(1)
     return losses if per_client else losses.sum()
 
@@ -67,7 +83,7 @@ class _ReentrantCell:
     __slots__ = ("token_mask", "grad", "in_loss", "__weakref__")
 
     def __init__(self) -> None:
-        self.token_mask: Tensor | None = None
+        self.token_mask: Tensor | None = None  # set when the loss is built
         self.grad: Tensor | None = None
         self.in_loss = False
 
@@ -100,11 +116,13 @@ class _ReleaseAuxGrad(torch.autograd.Function):
 @dataclass
 class RoutingCall:
     """One call of one MoLE module: probs [T, E] (differentiable), topk_idx [T, k] int64 (-1 = empty), active bool
-    [S, E] (the client's slots; S equal token blocks), and the reentrant-checkpoint cell when recorded under no_grad."""
+    [E] or [S, E] (the clients' slots), offsets int64 [S + 1] (each client's tokens, with a `SegmentPlan`; None for
+    one client), and the reentrant-checkpoint cell when recorded under no_grad."""
 
     probs: Tensor
     topk_idx: Tensor
     active: Tensor
+    offsets: Tensor | None = None
     cell: _ReentrantCell | None = None
 
 
@@ -115,16 +133,19 @@ class RoutingRecorder:
         self.calls: list[RoutingCall] = []
         self.grad_enabled = torch.is_grad_enabled()
 
-    def record(self, module: nn.Module, probs: Tensor, topk_idx: Tensor, active: Tensor) -> None:
+    def record(
+        self, module: nn.Module, probs: Tensor, topk_idx: Tensor, active: Tensor, offsets: Tensor | None = None
+    ) -> None:
         cell = None
         if self.grad_enabled and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
             # Inside a reentrant checkpoint's first pass: the module will be recomputed with grad in backward.
             cell = _ReentrantCell()
             module._reentrant_cells.append(weakref.ref(cell))
-        self.calls.append(RoutingCall(probs, topk_idx, active, cell))
+        self.calls.append(RoutingCall(probs, topk_idx, active, offsets, cell))
 
     def load_balance_loss(self, token_mask: Tensor | None = None, per_client: bool = False) -> Tensor:
-        """Sum over recorded calls of `load_balance_from_routing` (float32 scalar; [S] with `per_client`).
+        """Sum over recorded calls of `load_balance_from_routing` (float32 scalar; [S] with `per_client`, every call
+        then of the same S clients).
 
         `token_mask` (e.g. the attention mask [B, L]) keeps real tokens only; every call must have seen exactly
         its B*L tokens. 0 when nothing was recorded."""
@@ -133,7 +154,9 @@ class RoutingRecorder:
         terms = []
         anchor = None
         for call in self.calls:
-            term = load_balance_from_routing(call.probs, call.topk_idx, call.active, token_mask, per_client).float()
+            term = load_balance_from_routing(
+                call.probs, call.topk_idx, call.active, token_mask, per_client, call.offsets
+            ).float()
             if call.cell is not None and not per_client:
                 call.cell.token_mask = None if token_mask is None else token_mask.detach()
                 call.cell.in_loss = True
@@ -144,14 +167,16 @@ class RoutingRecorder:
         return torch.stack(terms).sum(0)
 
 
-def release_reentrant_term(module: nn.Module, delta: Tensor, probs: Tensor, topk_idx: Tensor, active: Tensor) -> Tensor:
+def release_reentrant_term(
+    module: nn.Module, delta: Tensor, probs: Tensor, topk_idx: Tensor, active: Tensor, offsets: Tensor | None = None
+) -> Tensor:
     """In a reentrant checkpoint's recomputation, route the captured load-balance gradient into this call."""
     cells: collections.deque = module._reentrant_cells
     while cells:
         cell = cells.popleft()()
         if cell is None or not cell.in_loss:
             continue
-        term = load_balance_from_routing(probs, topk_idx, active, cell.token_mask).float()
+        term = load_balance_from_routing(probs, topk_idx, active, cell.token_mask, offsets=offsets).float()
         return _ReleaseAuxGrad.apply(delta, term, cell)
     return delta
 

@@ -69,7 +69,7 @@ def _close(a, b, what):
         for f in dataclasses.fields(a):
             _close(getattr(a, f.name), getattr(b, f.name), f"{what}.{f.name}")
     elif isinstance(a, torch.Tensor):
-        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, equal_nan=True, msg=lambda m: f"{what}: {m}")
     elif isinstance(a, np.ndarray):
         np.testing.assert_array_equal(a, b, err_msg=what)
     elif isinstance(a, float) and math.isnan(a):
@@ -102,7 +102,7 @@ def test_fedamole_equals_sequential_with_same_assignments():
 
 def test_cohort_size_and_different_step_counts():
     cfg = make_config("tiny", {"clients": 5, "local_steps": 3, "cohort_size": 2, "algorithm": "fedamole"})
-    _compare(cfg, rounds=1, steps=[1, 4, 2, 3, 2], min_cohort_clients=4)  # cohorts {0,1}, {2,3}; client 4 alone
+    _compare(cfg, rounds=1, steps=[1, 4, 2, 3, 2], min_cohort_clients=4)  # client 0 alone; cohorts {1,2}, {3,4}
 
 
 @pytest.mark.parametrize("algorithm", ["fedit", "ffa-lora", "fdlora"])
@@ -142,22 +142,116 @@ def test_simulate_summaries_match():
         assert (hc["bytes_up"], hc["bytes_down"]) == (hs["bytes_up"], hs["bytes_down"])
 
 
-def test_faults_and_eval_only_take_the_sequential_path():
-    cfg = make_config("tiny", {"local_steps": 2})
+def _workload(cfg):
     scenario = build_data(cfg)
     algo = make_algorithm(cfg)
     workload = build_workload(cfg, algo.mole_config(mole_config(cfg)), scenario)
     algo.setup(workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
+    return scenario, algo, workload
+
+
+def test_faults_and_eval_only_run_in_the_cohort_and_equal_sequential():
+    cfg = make_config("tiny", {"local_steps": 4, "clients": 5})
+    scenario, algo, workload = _workload(cfg)
     eng = CohortEngine(lambda: workload, scenario, cfg.seed, progress=False, cohort_size=0)
+    seq = make_engine("sequential", lambda: workload, scenario, cfg.seed, progress=False)
     payloads = _settings(cfg, algo.payloads(1), 1)
     payloads[0] = dataclasses.replace(payloads[0], fault="dropout")
     payloads[1] = dataclasses.replace(payloads[1], fault="crash")
     payloads[2] = dataclasses.replace(payloads[2], steps=0)
+    payloads[3] = dataclasses.replace(payloads[3], fault="diverge")
     cohorts, alone = eng.cohorts(payloads)
-    assert cohorts == [] and alone == [0, 1, 2, 3]  # client 3 would be a cohort of one
+    assert cohorts == [[1, 2, 3, 4]] and alone == [0]  # only a dropped-out client stays alone
     out = eng.run(payloads, 1)
+    expected = seq.run(payloads, 1)
     assert out[0].status == DROPPED and out[0].error is None and out[0].up == {}
-    assert out[1].status == FAILED and "injected crash" in out[1].error
-    assert math.isnan(out[2].train_loss) and np.isfinite(out[3].train_loss)
+    assert out[0] == expected[0]
+    assert out[1].status == FAILED and "injected crash at local step 2 of 4" in out[1].error
+    assert out[1] == expected[1]
+    assert math.isnan(out[2].train_loss) and math.isnan(out[3].train_loss)
+    assert all(torch.isnan(v).all() for k, v in out[3].up.items() if k.endswith(("lora_a", "lora_b")))
+    for c in (2, 3, 4):
+        _close(expected[c], out[c], f"client {c}")
     with pytest.raises(ValueError, match="cohort_size"):
         CohortEngine(lambda: workload, scenario, cfg.seed, cohort_size=-1)
+
+
+def test_initial_evaluation_runs_as_one_cohort():
+    cfg = make_config("tiny", {"clients": 4})
+    scenario, algo, workload = _workload(cfg)
+    payloads = [
+        dataclasses.replace(p, steps=0, evaluate=True, stats=False, upload=(), keep=()) for p in algo.payloads(1)
+    ]
+    eng = CohortEngine(lambda: workload, scenario, cfg.seed, progress=False)
+    out = eng.run(payloads, 0)
+    assert eng.report["cohorts"] == 1 and eng.report["cohort_clients"] == 4
+    expected = make_engine("sequential", lambda: workload, scenario, cfg.seed, progress=False).run(payloads, 0)
+    for c, (a, b) in enumerate(zip(expected, out)):
+        _close(a, b, f"client {c}")
+
+
+def test_generation_is_batched_across_clients_and_equals_sequential():
+    cfg = make_config(
+        "tiny",
+        {"clients": 4, "local_steps": 2, "data": {"source": "synthetic-gen", "partition": "task"}},
+    )
+    seq, _, _ = _run(cfg, "sequential", rounds=1)
+    coh, _, eng = _run(cfg, "cohort", rounds=1)
+    assert eng.report["cohort_clients"] == 4 and eng.report["fallbacks"] == []
+    for c, (a, b) in enumerate(zip(seq[0], coh[0])):
+        _close(a, b, f"client {c}")
+
+
+def test_memory_budget_bounds_the_cohort_and_keeps_results():
+    cfg = make_config("tiny", {"clients": 4, "local_steps": 2})
+    scenario, algo, workload = _workload(cfg)
+    payloads = _settings(cfg, algo.payloads(1), 1)
+    from fedamole.fl.cohort_sizing import CohortSizer, current_rss
+
+    roomy = CohortEngine(lambda: workload, scenario, cfg.seed, progress=False)
+    assert roomy.cohorts(payloads)[0] == [[0, 1, 2, 3]]
+    per_client = roomy.sizer.last["bytes_per_token"] * roomy.sizer.last["tokens_per_client_step"]
+    assert per_client > 0
+    tight = CohortEngine(
+        lambda: workload, scenario, cfg.seed, progress=False, max_memory=current_rss() + 2.5 * per_client
+    )
+    assert tight.cohorts(payloads)[0] == [[0, 1], [2, 3]]
+    by_tokens = CohortEngine(
+        lambda: workload,
+        scenario,
+        cfg.seed,
+        progress=False,
+        cohort_tokens=3 * roomy.sizer.last["tokens_per_client_step"],
+    )
+    assert by_tokens.cohorts(payloads)[0] == [[0, 1], [2, 3]]  # at most 3 per cohort, balanced
+    expected = roomy.run(payloads, 1)
+    for c, (a, b) in enumerate(zip(expected, tight.run(payloads, 1))):
+        _close(a, b, f"client {c}")
+    with pytest.raises(ValueError, match="max_memory"):
+        CohortSizer(max_memory=-1)
+    with pytest.raises(ValueError, match="cohort_tokens"):
+        CohortSizer(cohort_tokens=0)
+
+
+def test_batched_generation_gives_each_client_its_own_text():
+    """Left-padded generation of several clients' prompts in one batch = each prompt alone with its client's
+    adapters loaded in the model (greedy, strings compared exactly; adapters made non-trivial so they matter)."""
+    from fedamole.fl.client import load_state
+    from fedamole.fl.cohort_eval import _per_row
+    from fedamole.fl.cohort_stack import ClientStack
+
+    cfg = make_config("tiny", {"clients": 4, "data": {"source": "synthetic-gen", "partition": "task"}})
+    scenario, algo, workload = _workload(cfg)
+    states = []
+    gen = torch.Generator().manual_seed(0)
+    for p in algo.payloads(1):
+        states.append({k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in p.down.items()})
+    stack = ClientStack(workload.model, states, set())
+    prompts = [[ex.text for ex in c.test[: 1 + c_idx % 3]] for c_idx, c in enumerate(scenario.clients)]
+    workload.model.eval()
+    with torch.no_grad():
+        batched = _per_row(stack, workload.model, prompts, 5, workload.generate_rows)
+    for c, state in enumerate(states):
+        load_state(workload.model, state)
+        assert batched[c] == workload.generate(prompts[c]), f"client {c}"
+    assert len({tuple(b) for b in batched}) > 1

@@ -201,3 +201,34 @@ class _NoActor:
             return 0
 
     ready = _Method()
+
+
+def test_actor_runs_its_share_as_cohorts_with_the_sequential_results():
+    """The body of a Ray actor (no cluster needed): its chunk of clients 1..3 runs as a cohort, with global client
+    ids (seeds), and gives what the sequential engine gives those clients."""
+    import functools
+
+    from fedamole.fl.ray_engine import ClientActor
+    from fedamole.simulation.presets import build_workload, mole_config
+
+    cfg = make_config("tiny", {**TINY, "clients": 5})
+    scenario = build_data(cfg)
+    algo = make_algorithm(cfg)
+    model_config = algo.mole_config(mole_config(cfg))
+    actor = ClientActor(
+        functools.partial(build_workload, cfg, model_config),
+        functools.partial(build_data, cfg),
+        scenario,
+        cfg.seed,
+        threads=1,
+        cohort_options={"cohort_size": 0},
+    )
+    algo.setup(actor.workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
+    tasks = [t.with_settings(steps=2, lr=1e-3, batch_size=4, max_grad_norm=1.0) for t in algo.payloads(1)]
+    out = actor.run_chunk(tasks[1:4], 1, 1)
+    assert actor.cohorts.report["cohort_clients"] == 3 and actor.cohorts.report["fallbacks"] == []
+    seq = make_engine("sequential", lambda: actor.workload, scenario, cfg.seed, progress=False).run(tasks, 1)
+    for a, b in zip(seq[1:4], out):
+        assert a.train_loss == pytest.approx(b.train_loss, abs=1e-4)
+        for key, t in a.up.items():
+            torch.testing.assert_close(b.up[key], t, atol=2e-5, rtol=1e-4)

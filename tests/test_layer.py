@@ -190,43 +190,6 @@ def test_config_round_trip():
         MoLEConfig.from_dict({"num_expert": 3})
 
 
-def test_client_stacked_layer_equals_one_layer_per_client():
-    clients = [_layer(dropout=0.0) for _ in range(3)]
-    masks = [torch.tensor(m) for m in ([1, 1, 1, 1], [1, 0, 1, 0], [0, 1, 1, 1])]
-    for layer, mask in zip(clients, masks):
-        with torch.no_grad():
-            layer.lora_b.normal_()
-            layer.shared_b.normal_()
-        layer.set_active_experts(mask.bool())
-    stacked = _layer(dropout=0.0)
-    stacked.base = clients[0].base
-    for name in ("lora_a", "lora_b", "router", "shared_a", "shared_b"):
-        setattr(stacked, name, nn.Parameter(torch.stack([getattr(c, name).detach() for c in clients])))
-    stacked.active_experts = torch.stack([c.active_experts for c in clients])
-    for c in clients:
-        c.base = clients[0].base
-    x = torch.randn(3, 4, 12)
-    with record_routing(stacked) as routing:
-        y = stacked(x)
-    lb = routing.load_balance_loss()
-    expected, client_lb = [], []
-    for i, c in enumerate(clients):
-        with record_routing(c) as client_routing:
-            expected.append(c(x[i : i + 1]))
-        client_lb.append(client_routing.load_balance_loss())
-    torch.testing.assert_close(y, torch.cat(expected))
-    torch.testing.assert_close(lb, sum(client_lb))
-    (y.pow(2).sum() + lb).backward()
-    for i, c in enumerate(clients):
-        with record_routing(c) as client_routing:
-            out = c(x[i : i + 1])
-        (out.pow(2).sum() + client_routing.load_balance_loss()).backward()
-        torch.testing.assert_close(stacked.lora_a.grad[i], c.lora_a.grad)
-        torch.testing.assert_close(stacked.router.grad[i], c.router.grad)
-    with pytest.raises(ValueError, match="client blocks"):
-        stacked(torch.randn(4, 2, 12))
-
-
 def test_load_balance_token_mask_ignores_padding():
     probs = torch.softmax(torch.randn(6, 3), -1)
     idx = probs.topk(2, -1).indices

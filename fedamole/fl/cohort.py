@@ -1,29 +1,27 @@
-"""`CohortEngine`: a round's clients trained together, one forward/backward per local step (SPEC §4).
+"""`CohortEngine`: a round's clients run together, one forward per step for the whole cohort (SPEC §4).
 
-Clients in a round are independent given the server state, and the backbone is frozen and shared, so S clients'
-local steps can run as one step of a model whose trainable tensors are stacked along a leading client dimension:
+Clients in a round are independent given the server state and the backbone is frozen and shared, so a cohort of S
+clients runs as one model whose adapters are S clients' stacks (`ClientStack`, owned by the engine; the model's own
+parameters are never touched) and whose batches hold every client's rows, split by a `SegmentPlan`:
 
-* every `MoLELinear` gets client-stacked experts (lora_a [S, E, r, d_in], ..., active_experts [S, E]) and serves
-  all S clients' micro-batches, block s of the batch's rows being client s's, in one `mole_lora` call;
-* the extra trainable modules (a classification head) are evaluated per client block with ``torch.func.vmap``
-  over their stacked parameters;
-* the loss is the SUM over clients of each client's own loss (its task loss over its own rows, plus its load
-  balance over its real tokens), so one backward gives every client exactly its own gradient;
-* gradients are clipped per client (`clip_grad_norm_per_client`) and `StackedAdam` is one Adam per client
-  (own step count, own learning rate); a client with fewer local steps leaves the cohort through Adam's ``active``
-  mask (its rows still run, weighted 0, because the client blocks must stay equal).
+* training: each step merges the batches of the clients that still have local steps (a client that finished, or
+  crashed, leaves the batch: no dead rows), rows right-padded to the step's widest; the loss is the SUM over
+  clients of each client's own loss (its task loss over its rows, plus its load balance over its real tokens), so
+  one backward gives every client exactly its own gradient; clipping is per client and `StackedAdam` is one Adam
+  per client (own step count, own learning rate);
+* evaluation (candidate-loss accuracy, classifier accuracy, generation) and the embedding statistics run for the
+  whole cohort per forward (`fedamole.fl.cohort_eval`); so does the initial, evaluation-only round.
 
-Batches are right-padded to a common width; with causal or masked attention the real tokens' outputs do not
-change, so with dropout 0 the result equals `SequentialEngine` up to floating-point rounding: same uploads,
-metrics and private states. With dropout > 0 (MoLE dropout or the backbone's own), masks are drawn for the
-whole cohort at once and cannot match the sequential draws: results are statistically equivalent, not equal.
+With dropout 0 the results equal `SequentialEngine` up to floating-point rounding: same uploads, metrics,
+statistics and private states. With dropout > 0 (MoLE's or the backbone's), masks are drawn for the whole batch
+and cannot match the sequential draws: results are statistically equivalent, not equal.
 
-Clients are grouped into cohorts of identical "shape" (same state keys, frozen kinds, batch size and clipping) in
-client order, at most ``cohort_size`` per cohort (0 = no limit). Everything that is not local training — loading,
-evaluation, embedding statistics, DP noise, building the upload — runs per client, in client order, through the
-same helpers as `fedamole.fl.client.client_update`. Eval-only payloads, injected faults, clients without training
-data, singleton cohorts and models the stacked path cannot handle take the sequential path, and a cohort whose
-training raises falls back to one client at a time (each client's error reported as in the sequential engine).
+Cohorts: clients of identical "shape" (state keys, frozen kinds, batch size, clipping, optimiser) in client order,
+sized by `CohortSizer` (a memory budget and a useful batch width; ``cohort_size`` caps it). What cannot be batched
+runs per client through `fedamole.fl.client`: fault "dropout", FDLoRA's fusion and DP noise (both need the client
+alone in the model; such clients still train in cohorts) and models whose trainable tensors are outside MoLE and the
+extra modules. A cohort that raises falls back to one client at a time (each client's error reported as the
+sequential engine reports it).
 """
 
 from __future__ import annotations
@@ -32,249 +30,150 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-import fedamole
-from fedamole.adapter_state import EXTRA_KIND, MASK_KIND, MOLE_KINDS, kind_of, state_key
-from fedamole.fl.client import NOT_SCORED, client_update, finish_client, load_state, optimizer_weight_decay
+from fedamole.fl.client import client_update, finish_client, load_state, optimizer_weight_decay
+from fedamole.fl.cohort_eval import cohort_stats, evaluate_cohort
+from fedamole.fl.cohort_sizing import CohortSizer
+from fedamole.fl.cohort_stack import ClientStack
 from fedamole.fl.engine import Engine, client_seed, run_client_safely
 from fedamole.fl.protocol import ClientResult, ClientTask
 from fedamole.optim import StackedAdam, clip_grad_norm_per_client
+from fedamole.segments import SegmentPlan, use_segments
 
-__all__ = ["CohortEngine", "train_cohort"]
-
-
-class _NotStackable(Exception):
-    """The stacked path cannot represent this cohort (e.g. a trainable tensor outside MoLE and the head)."""
+__all__ = ["CohortEngine", "run_cohort"]
 
 
-class _StackedModule(nn.Module):
-    """Runs ``inner`` once per client block of the input's leading dimension, each block with its own parameters
-    (``stacked``: {parameter name: [S, ...]}); a classification head trained per client inside a cohort."""
-
-    def __init__(self, inner: nn.Module, stacked: dict[str, Tensor], num_clients: int) -> None:
-        super().__init__()
-        object.__setattr__(self, "inner", inner)  # not registered: the stacked tensors replace its parameters
-        self.stacked, self.num_clients = stacked, num_clients
-
-    def forward(self, x: Tensor) -> Tensor:
-        xs = x.reshape(self.num_clients, x.shape[0] // self.num_clients, *x.shape[1:])
-        out = vmap(lambda p, xb: functional_call(self.inner, p, (xb,)))(self.stacked, xs)
-        return out.reshape(x.shape[0], *out.shape[2:])
+def _state(task: ClientTask) -> dict:
+    return {**task.private, **task.down}
 
 
-def _kind_of(key: str, modules: dict, extra: Sequence[str]) -> tuple[str, str]:
-    """(owner, kind) of a state key: a MoLE module and its tensor kind, or an extra module and "extra"."""
-    mod, kind = kind_of(key, modules)
-    if kind != EXTRA_KIND:
-        return mod, kind
-    owner = next((e for e in extra if key.startswith(e + ".")), None)
-    if owner is None:
-        raise _NotStackable(f"state key {key!r} is neither a MoLE tensor nor in an extra trainable module")
-    return owner, EXTRA_KIND
+def _finishes_alone(task: ClientTask) -> bool:
+    """FDLoRA's fusion and DP noise work on the client alone in the model (per-example forwards, a search)."""
+    return task.fusion is not None or (task.stats and task.dp_eta is not None)
 
 
-def _snapshot(model, modules: dict, extra: Sequence[str]) -> dict[str, Tensor]:
-    """Detached copies of every tensor that gets stacked (all MoLE tensors and masks, the extra modules)."""
-    out = {}
-    for name, m in modules.items():
-        for kind in MOLE_KINDS:
-            value = getattr(m, kind)
-            if value is not None:
-                out[state_key(name, kind)] = value.detach().clone()
-        out[state_key(name, MASK_KIND)] = m.active_experts.clone()
-    for name in extra:
-        for key, p in model.get_submodule(name).named_parameters():
-            out[f"{name}.{key}"] = p.detach().clone()
-    return out
-
-
-def _stack_states(model, payloads: Sequence[ClientTask], modules: dict, extra: Sequence[str]):
-    """(trainable names, stacked tensors {name: [S, ...]}, leaves {name: Parameter}) of S clients' starting states."""
-    states = [{**p.private, **p.down} for p in payloads]
-    frozen = set(payloads[0].frozen)
-    trainable = set()
-    for key in states[0]:
-        owner, kind = _kind_of(key, modules, extra)
-        if kind not in frozen:
-            trainable.add(state_key(owner, kind) if kind != EXTRA_KIND else key)
-    # Each client's starting tensors, exactly as `load_state` would put them in the single model.
-    snaps = []
-    for state in states:
-        load_state(model, state)
-        snaps.append(_snapshot(model, modules, extra))
-    stacked = {name: torch.stack([s[name] for s in snaps]) for name in snaps[0]}
-    del snaps
-    # One Parameter per stacked tensor: the modules use it, autograd fills its .grad, the optimizer updates it.
-    leaves = {
-        name: nn.Parameter(t, requires_grad=name in trainable)
-        for name, t in stacked.items()
-        if not name.endswith("." + MASK_KIND)
-    }
-    return trainable, stacked, leaves
-
-
-def _install_stacked(model, modules: dict, extra: Sequence[str], stacked: dict, leaves: dict, num: int, saved: list):
-    """Put the stacked tensors in the model (MoLE tensors and masks, extra modules wrapped in `_StackedModule`),
-    appending to ``saved`` every (owner, attribute, old value) as it goes so that the caller can restore them."""
-    for name, m in modules.items():
-        for kind in MOLE_KINDS:
-            if getattr(m, kind) is not None:
-                saved.append((m, kind, getattr(m, kind)))
-                setattr(m, kind, leaves[state_key(name, kind)])
-        saved.append((m, MASK_KIND, m.active_experts))
-        m.active_experts = stacked[state_key(name, MASK_KIND)]
-    for name in extra:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        inner = getattr(parent, leaf)
-        head = {key: leaves[f"{name}.{key}"] for key, _ in inner.named_parameters()}
-        saved.append((parent, leaf, inner))
-        setattr(parent, leaf, _StackedModule(inner, head, num))
-
-
-# What `train_cohort` has always passed to `evaluate_per_client` as the task kind: a loop variable over the tensor
-# kinds used to shadow its ``kind`` argument there, so `evaluate_per_client` (which scores only "classification")
-# declines and every client is scored afterwards by `finish_client`. Kept so that splitting the function changes no
-# result; passing ``kind`` instead would turn the stacked scoring on.
-_STACKED_EVAL_KIND = MOLE_KINDS[-1]
-
-
-def train_cohort(
-    workload,
-    payloads: Sequence[ClientTask],
-    datas: Sequence,
-    seeds: Sequence[int],
-    evaluate: bool = False,
-    kind: str = "classification",
-    choices=None,
-) -> list[dict]:
-    """Train S clients' local steps together; returns per client ``{"trained": {name: tensor}, "train_loss"}``,
-    plus ``"metric"`` when ``evaluate`` and the workload can score stacked clients (`evaluate_per_client`).
-
-    ``trained`` holds the client's trainable tensors after training (whole slot tensors, like the model's own
-    parameters); the model itself is left with its single-client parameters (holding the last client's loaded
-    state). All payloads must share state keys, frozen kinds, batch size and max_grad_norm.
-    """
-    model = workload.model
-    modules = fedamole.mole_modules(model)
-    extra = list(getattr(model, "fedamole_extra_trainable", []))
-    num = len(payloads)
-    trainable, stacked, leaves = _stack_states(model, payloads, modules, extra)
-    params = [leaves[name] for name in sorted(trainable)]
-    if not params:
-        raise _NotStackable("nothing to train (every state tensor is frozen)")
-    steps = [int(p.steps) for p in payloads]
+def _train(workload, stack: ClientStack, payloads, datas, seeds) -> tuple[list[list[float]], dict[int, str]]:
+    """The cohort's local steps; returns each client's per-step losses and the crashed clients' errors."""
+    model, num = workload.model, len(payloads)
+    steps = [int(p.steps or 0) if datas[s].train else 0 for s, p in enumerate(payloads)]
+    params = stack.trainable()
+    losses: list[list[float]] = [[] for _ in range(num)]
+    crashed: dict[int, str] = {}
+    if not params or max(steps, default=0) == 0:
+        return losses, crashed
+    first = payloads[0]
     opt = StackedAdam(
         params,
         num,
-        lr=[float(p.lr) for p in payloads],
+        lr=[float(p.lr) if steps[s] else 0.0 for s, p in enumerate(payloads)],
         eps=1e-6,
-        weight_decay=optimizer_weight_decay(payloads[0].optimizer),
+        weight_decay=optimizer_weight_decay(first.optimizer),
     )
-    saved: list[tuple[nn.Module, str, object]] = []
-    try:
-        _install_stacked(model, modules, extra, stacked, leaves, num, saved)
-        batch_size, clip = int(payloads[0].batch_size or 1), payloads[0].max_grad_norm
-        losses = _run_steps(workload, opt, datas, seeds, steps, batch_size, clip)
-        metrics = None
-        if evaluate and hasattr(workload, "evaluate_per_client"):
-            # Scored while the trained experts are still stacked: one forward serves every client's test rows.
-            model.eval()
-            metrics = workload.evaluate_per_client([d.test for d in datas], _STACKED_EVAL_KIND, choices)
-        out = [
-            {
-                "trained": {name: leaves[name][s].detach().clone() for name in trainable},
-                "train_loss": float(np.mean(losses[s])),
-            }
-            for s in range(num)
-        ]
-        for s, metric in enumerate(metrics or []):
-            if payloads[s].evaluate:
-                out[s]["metric"] = metric
-        return out
-    finally:
-        for owner, attr, value in reversed(saved):
-            setattr(owner, attr, value)
-
-
-def _run_steps(workload, opt: StackedAdam, datas, seeds, steps: list[int], batch_size: int, clip) -> list[list]:
-    """The local steps of a cohort; returns each client's per-step losses."""
-    model, num = workload.model, len(steps)
+    batch_size, clip = int(first.batch_size or 1), first.max_grad_norm
     # Same data order as the sequential client: its own numpy generator seeded with its client seed.
     iters = [
-        workload.batches(d.train, batch_size, steps=n, rng=np.random.default_rng(seed))
+        workload.batches(d.train, batch_size, steps=n, rng=np.random.default_rng(seed)) if n else iter(())
         for d, n, seed in zip(datas, steps, seeds)
     ]
-    # Deterministic dropout draws (they cannot equal the sequential ones anyway, see the module docstring).
-    torch.manual_seed(seeds[0])
+    torch.manual_seed(seeds[0])  # dropout draws for the whole batch (they cannot equal the sequential ones anyway)
     model.train()
-    last: list[dict | None] = [None] * num
-    losses: list[list[float]] = [[] for _ in range(num)]
     for step in range(max(steps)):
-        active = torch.tensor([n > step for n in steps])
+        active = [steps[s] > step and s not in crashed for s in range(num)]
         for s in range(num):
-            if active[s]:
-                last[s] = next(iters[s])
-        # A finished client's rows repeat its last batch (blocks must stay equal) with weight 0.
-        batch = workload.merge_batches(last)
-        per_client = workload.client_losses(batch, num)
-        loss = (per_client * active.to(per_client.device, per_client.dtype)).sum()
+            if active[s] and payloads[s].fault == "crash" and step == steps[s] // 2:
+                crashed[s] = f"SimulatedClientCrash: injected crash at local step {step} of {steps[s]}"
+                active[s] = False
+        members = [s for s in range(num) if active[s]]
+        if not members:
+            break
+        parts = [next(iters[s]) for s in members]
+        rows = [0] * num
+        for s, part in zip(members, parts):
+            rows[s] = int(part["input_ids"].shape[0])
+        batch, plan = workload.merge_batches(parts), SegmentPlan.from_counts(rows)
+        with use_segments(model, stack.weights(), plan, extra=stack.extra_params()):
+            per_client = workload.client_losses(batch, plan)
+        mask = torch.tensor(active, dtype=per_client.dtype, device=per_client.device)
         opt.zero_grad()
-        loss.backward()
+        (per_client * mask).sum().backward()
         if clip:
             clip_grad_norm_per_client(opt.params, float(clip), num)
-        opt.step(active)
+        opt.step(torch.tensor(active))
         values = per_client.detach().cpu().tolist()
-        for s in range(num):
-            if active[s]:
-                losses[s].append(values[s])
-    return losses
+        for s in members:
+            losses[s].append(values[s])
+    return losses, crashed
 
 
-def _finish(
-    workload,
-    payload: ClientTask,
-    data,
-    seed: int,
-    trained: dict[str, Tensor],
-    train_loss: float,
-    kind: str,
-    choices,
-    metric=NOT_SCORED,
-) -> ClientResult:
-    """Everything after local training, for one client, exactly as `client_update` does it."""
+def run_cohort(
+    workload, payloads: Sequence[ClientTask], datas: Sequence, seeds: Sequence[int], kind: str, choices=None
+) -> list[ClientResult]:
+    """One cohort's round: stack, train, evaluate, statistics, uploads; one result per client (as `client_update`).
+
+    All payloads must share state keys, frozen kinds, batch size, max_grad_norm and optimiser."""
     model = workload.model
-    state = {**payload.private, **payload.down}
-    load_state(model, state)
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, value in trained.items():
-            params[name].copy_(value)
-    # Leaves the global RNG where the sequential client leaves it (dropout 0: nothing drawn while training).
+    states = [_state(p) for p in payloads]
+    frozen = set(payloads[0].frozen)
+    stack = ClientStack(model, states, frozen)
+    losses, crashed = _train(workload, stack, payloads, datas, seeds)
+    train_losses = [float(np.mean(v)) if v else float("nan") for v in losses]
+    for s, p in enumerate(payloads):
+        if p.fault == "diverge" and s not in crashed:
+            stack.diverge(s, states[s], frozen)
+            train_losses[s] = float("nan")
+    live = [s for s in range(len(payloads)) if s not in crashed]
+    scored = [s for s in live if payloads[s].evaluate and not _finishes_alone(payloads[s])]
+    metrics = dict(zip(scored, evaluate_cohort(workload, stack, [datas[s].test for s in scored], kind, choices)))
+    with_stats = [s for s in live if payloads[s].stats and not _finishes_alone(payloads[s])]
+    stats = dict(zip(with_stats, cohort_stats(workload, stack, [datas[s].embed or datas[s].train for s in with_stats])))
+    out = []
+    for s, payload in enumerate(payloads):
+        if s in crashed:
+            out.append(ClientResult.failed(crashed[s]))
+        elif _finishes_alone(payload):
+            out.append(_finish_alone(workload, stack, payload, datas[s], seeds[s], s, train_losses[s], kind, choices))
+        else:
+            out.append(
+                ClientResult(
+                    up=stack.state(s, payload.upload, states[s]),
+                    private=stack.state(s, payload.keep, states[s]),
+                    metric=metrics.get(s) if payload.evaluate else None,
+                    stats=stats.get(s),
+                    train_loss=train_losses[s],
+                    num_train=len(datas[s].train),
+                    expert_ids={k: np.asarray(v).copy() for k, v in (payload.expert_ids or {}).items()} or None,
+                )
+            )
+    return out
+
+
+def _finish_alone(workload, stack: ClientStack, payload, data, seed: int, index: int, train_loss: float, kind, choices):
+    """Load the trained client into the model and finish it there (`finish_client`)."""
+    state = _state(payload)
+    load_state(workload.model, {**state, **stack.state(index, list(state), state)})
     torch.manual_seed(seed)
-    return finish_client(workload, payload, data, state, seed, train_loss, kind, choices, metric)
+    return finish_client(workload, payload, data, state, seed, train_loss, kind, choices)
 
 
-def _shape(payload: ClientTask) -> tuple:
-    """Clients whose payloads have the same shape can share a cohort."""
-    state_keys = sorted({**payload.private, **payload.down})
+def _shape(task: ClientTask) -> tuple:
+    """Clients whose tasks have the same shape can share a cohort."""
     return (
-        tuple(state_keys),
-        tuple(sorted(payload.frozen)),
-        int(payload.batch_size or 1),
-        payload.max_grad_norm or None,
-        payload.optimizer,
+        tuple(sorted(_state(task))),
+        tuple(sorted(task.frozen)),
+        int(task.batch_size or 1),
+        task.max_grad_norm or None,
+        task.optimizer,
     )
 
 
 class CohortEngine(Engine):
-    """Trains a round's clients in cohorts, one forward/backward per local step (see the module docstring).
+    """Runs a round's clients in cohorts, one forward (and backward) per step (see the module docstring).
 
-    Option ``cohort_size``: at most this many clients per cohort (0 = all clients of the same shape at once);
-    smaller cohorts bound memory (activations and stacked tensors grow linearly with the cohort).
+    Options: ``cohort_size`` (at most this many clients per cohort; 0 = as many as the sizer allows),
+    ``max_memory`` (bytes the process may use, default half the machine's RAM: activations of one training step
+    grow with the cohort, see `CohortSizer`), ``cohort_tokens`` (the padded tokens per step beyond which a larger
+    cohort buys no speed, only memory).
     """
 
     name = "cohort"
@@ -285,9 +184,10 @@ class CohortEngine(Engine):
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"cohort_size must be an int >= 0 (0 = all clients), got {size!r}")
         self.cohort_size = size
+        self.sizer = CohortSizer(self.options.get("max_memory"), self.options.get("cohort_tokens"))
         self._workload = None
-        # Per run: how many clients trained in cohorts, and why a cohort fell back to the sequential path.
-        self.report: dict = {"cohorts": 0, "cohort_clients": 0, "fallbacks": []}
+        # Per run: how many clients ran in cohorts, the cohort sizes, and why a cohort fell back to the sequential path.
+        self.report: dict = {"cohorts": 0, "cohort_clients": 0, "fallbacks": [], "sizes": []}
 
     @property
     def workload(self):
@@ -295,75 +195,84 @@ class CohortEngine(Engine):
             self._workload = self.workload_factory()
         return self._workload
 
-    def cohorts(self, payloads: Sequence[ClientTask]) -> tuple[list[list[int]], list[int]]:
-        """(cohorts of client indices trained together, clients that take the sequential path)."""
-        sc = self.scenario
+    def cohorts(
+        self, payloads: Sequence[ClientTask], clients: Sequence[int] | None = None
+    ) -> tuple[list[list[int]], list[int]]:
+        """(cohorts of positions in ``payloads`` run together, positions that take the sequential path); payload i is
+        client ``clients[i]``'s (default: client i)."""
+        data = self._datas(payloads, clients)
         groups: dict[tuple, list[int]] = {}
         alone = []
-        for c, p in enumerate(payloads):
-            if p.fault is not None or int(p.steps or 0) <= 0 or not sc.clients[c].train:
-                alone.append(c)
+        for i, p in enumerate(payloads):
+            if p.fault == "dropout" or not (data[i].train or data[i].test):
+                alone.append(i)
             else:
-                groups.setdefault(_shape(p), []).append(c)
-        size = self.cohort_size or len(payloads)
+                groups.setdefault(_shape(p), []).append(i)
         cohorts = []
         for members in groups.values():
-            for i in range(0, len(members), size):
-                chunk = members[i : i + size]
+            size = self.sizer.size(self.workload, [data[i] for i in members], payloads[members[0]])
+            size = min(size, self.cohort_size or size)
+            self.report["sizes"].append(size)
+            # As many cohorts as the size needs, balanced (32 clients at size 10: 8 + 8 + 8 + 8, not 10 + 10 + 10 + 2).
+            count = -(-len(members) // size)
+            bounds = [len(members) * i // count for i in range(count + 1)]
+            for lo, hi in zip(bounds, bounds[1:]):
+                chunk = members[lo:hi]
                 if len(chunk) > 1:
                     cohorts.append(chunk)
                 else:
                     alone.extend(chunk)
         return cohorts, sorted(alone)
 
+    def _datas(self, payloads: Sequence[ClientTask], clients: Sequence[int] | None) -> list:
+        clients = range(len(payloads)) if clients is None else clients
+        if len(clients) != len(payloads):
+            raise ValueError(f"clients must name one client per payload ({len(payloads)}), got {len(clients)}")
+        return [self.scenario.clients[c] for c in clients]
+
     def run(self, payloads: Sequence[ClientTask], round_idx: int) -> list[ClientResult]:
+        return self.run_clients(payloads, range(len(payloads)), round_idx)
+
+    def run_clients(self, payloads: Sequence[ClientTask], clients: Sequence[int], round_idx: int) -> list[ClientResult]:
+        """Clients ``clients[i]`` with payloads ``payloads[i]`` (a Ray actor's share of a round: any client ids)."""
         sc, wl = self.scenario, self.workload
-        seeds = [client_seed(self.seed, round_idx, c) for c in range(len(payloads))]
-        cohorts, _ = self.cohorts(payloads)
-        trained: dict[int, dict] = {}
-        self.report = {"cohorts": 0, "cohort_clients": 0, "fallbacks": []}
+        data = self._datas(payloads, clients)
+        seeds = [client_seed(self.seed, round_idx, c) for c in clients]
+        self.report = {"cohorts": 0, "cohort_clients": 0, "fallbacks": [], "sizes": []}
+        cohorts, _ = self.cohorts(payloads, clients)
+        done: dict[int, dict] = {}
         for members in tqdm(cohorts, desc=f"round {round_idx} cohorts", leave=False, disable=not self.progress):
             try:
-                results = train_cohort(
+                results = run_cohort(
                     wl,
-                    [payloads[c] for c in members],
-                    [sc.clients[c] for c in members],
-                    [seeds[c] for c in members],
-                    evaluate=any(payloads[c].evaluate for c in members),
-                    kind=sc.kind,
-                    choices=sc.choices,
+                    [payloads[i] for i in members],
+                    [data[i] for i in members],
+                    [seeds[i] for i in members],
+                    sc.kind,
+                    sc.choices,
                 )
-            except Exception as exc:  # noqa: BLE001 - the sequential path then reproduces (or reports) each client
-                self.report["fallbacks"].append({"clients": members, "error": f"{type(exc).__name__}: {exc}"})
+            except Exception as exc:  # noqa: BLE001 - the sequential path reproduces or reports each client
+                self.report["fallbacks"].append(
+                    {"clients": [clients[i] for i in members], "error": f"{type(exc).__name__}: {exc}"}
+                )
                 continue
-            trained.update(zip(members, results))
+            done.update(zip(members, results))
             self.report["cohorts"] += 1
             self.report["cohort_clients"] += len(members)
         out = []
-        for c, payload in enumerate(payloads):
-            if c in trained:
-                t = trained.pop(c)
-                out.append(
-                    run_client_safely(
-                        lambda c=c, payload=payload, t=t: _finish(
-                            wl,
-                            payload,
-                            sc.clients[c],
-                            seeds[c],
-                            t["trained"],
-                            t["train_loss"],
-                            sc.kind,
-                            sc.choices,
-                            t.get("metric", NOT_SCORED),
-                        )
-                    )
-                )
+        for i, payload in enumerate(payloads):
+            if i in done:
+                out.append(done.pop(i))
             else:
                 out.append(
                     run_client_safely(
-                        lambda c=c, payload=payload: client_update(
-                            wl, payload, sc.clients[c], seeds[c], kind=sc.kind, choices=sc.choices
+                        lambda i=i, payload=payload: client_update(
+                            wl, payload, data[i], seeds[i], kind=sc.kind, choices=sc.choices
                         )
                     )
                 )
+        # The global RNG where the sequential engine leaves it after its last client (dropout 0: nothing drawn).
+        ran = [i for i, p in enumerate(payloads) if p.fault != "dropout"]
+        if ran:
+            torch.manual_seed(seeds[ran[-1]])
         return out

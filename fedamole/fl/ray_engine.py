@@ -4,10 +4,11 @@ Each actor builds its workload once, by calling the engine option ``build_worklo
 the caller passes in: the simulation gives `fedamole.simulation.builders.build_workload` bound to its config and the
 algorithm's `MoLEConfig`; it is seeded, so every actor starts from the same backbone as the driver), on the scenario
 (shipped once through the object store, or rebuilt by the option ``build_data()`` with ``rebuild_data``). Per round
-the driver puts each chunk's tasks into the object store once, every actor runs its clients exactly as
-`SequentialEngine` does (same per-client seeds, `client_update`), and the driver reassembles the uploads in client
-order. Aggregation and assignment stay on the driver, so results equal ``--engine sequential`` up to floating-point
-tolerance.
+the driver puts each chunk's tasks into the object store once, every actor runs its clients as cohorts
+(`CohortEngine.run_clients`: one backbone, one forward per step for its whole share) or, with ``cohort=False``, one
+at a time as `SequentialEngine` does (same per-client seeds either way), and the driver reassembles the results in
+client order. Aggregation and assignment stay on the driver, so results equal ``--engine sequential`` up to
+floating-point tolerance (dropout 0).
 
 A chunk whose actor dies (`ray.exceptions.RayActorError`: process crash, OOM kill, ``ray.kill``) is rerun once on a
 freshly started replacement actor; a second failure of the same chunk in the same round is an error.
@@ -16,7 +17,9 @@ Options (``SimConfig.ray``): ``num_actors`` (2), ``cpus_per_actor`` (0.5: fracti
 take every CPU of a small machine and starve other tasks), ``gpus_per_actor`` (0), ``address`` (an existing cluster;
 None = start a local one), ``num_cpus`` (CPUs of a locally started cluster; default: all), ``threads`` (torch threads
 per actor; default: the engine option ``threads``, else ``cpus_per_actor`` rounded down and at least 1, so that actors
-do not oversubscribe the cores), ``rebuild_data`` (False).
+do not oversubscribe the cores), ``rebuild_data`` (False), ``cohort`` (True: each actor runs its share of a round as
+cohorts, `fedamole.fl.cohort.CohortEngine`, with the run's cohort_size / max_memory (split between the actors) /
+cohort_tokens; False: one client at a time).
 Fault injection for tests: ``kill_actor_after_round`` (``ray.kill`` actor 0 once after that round) and
 ``crash_actor_in_round`` (actor 0's process exits in the middle of its chunk in that round, once).
 """
@@ -45,6 +48,7 @@ RAY_OPTIONS = {
     "num_cpus": None,
     "threads": None,
     "rebuild_data": False,
+    "cohort": True,
     "kill_actor_after_round": None,
     "crash_actor_in_round": None,
 }
@@ -75,8 +79,9 @@ def _check_options(opts: dict) -> dict:
         v = out[name]
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
             raise ValueError(f"ray.{name} must be None or an integer >= {low}, got {v!r}")
-    if not isinstance(out["rebuild_data"], bool):
-        raise ValueError(f"ray.rebuild_data must be true or false, got {out['rebuild_data']!r}")
+    for name in ("rebuild_data", "cohort"):
+        if not isinstance(out[name], bool):
+            raise ValueError(f"ray.{name} must be true or false, got {out[name]!r}")
     if out["address"] is not None and not isinstance(out["address"], str):
         raise ValueError(f"ray.address must be None or a string such as 'auto' or 'host:port', got {out['address']!r}")
     return out
@@ -97,7 +102,9 @@ def chunk_bounds(num_clients: int, num_chunks: int) -> list[tuple[int, int]]:
 class ClientActor:
     """The body of one Ray actor (wrapped by ``ray.remote`` in `RayEngine`): one workload, many clients."""
 
-    def __init__(self, build_workload, build_data, scenario, seed: int, threads: int) -> None:
+    def __init__(
+        self, build_workload, build_data, scenario, seed: int, threads: int, cohort_options: dict | None = None
+    ) -> None:
         import torch
 
         # One intra-op thread per fractional-CPU actor: several actors each using every core would oversubscribe the
@@ -106,6 +113,11 @@ class ClientActor:
         self.scenario = scenario if scenario is not None else build_data()
         self.workload = build_workload(self.scenario)
         self.seed = seed
+        self.cohorts = None
+        if cohort_options is not None:
+            from fedamole.fl.cohort import CohortEngine
+
+            self.cohorts = CohortEngine(lambda: self.workload, self.scenario, seed, progress=False, **cohort_options)
 
     def ready(self) -> int:
         """The actor's process id, once the workload is built (lets the driver surface build errors early)."""
@@ -114,7 +126,10 @@ class ClientActor:
     def run_chunk(
         self, tasks: Sequence[ClientTask], start: int, round_idx: int, crash: bool = False
     ) -> list[ClientResult]:
-        """Clients ``start .. start + len(tasks) - 1`` of a round, exactly as `SequentialEngine` runs them."""
+        """Clients ``start .. start + len(tasks) - 1`` of a round: as cohorts (`CohortEngine`) when the actor has
+        cohort options, else one at a time exactly as `SequentialEngine` runs them."""
+        if self.cohorts is not None and not crash:
+            return self.cohorts.run_clients(tasks, range(start, start + len(tasks)), round_idx)
         out = []
         for i, task in enumerate(tasks):
             if crash and i == len(tasks) // 2:
@@ -186,8 +201,13 @@ class RayEngine(Engine):
             raise RuntimeError(f"engine 'ray': an actor could not build the workload: {exc}") from exc
 
     def _new_actor(self):
+        cohort = None
+        if self.ray_options["cohort"]:
+            cohort = {k: self.options.get(k) for k in ("cohort_size", "max_memory", "cohort_tokens")}
+            if cohort["max_memory"] is not None:  # the budget is the machine's: each actor gets its share
+                cohort["max_memory"] = cohort["max_memory"] / self.ray_options["num_actors"]
         return self._actor_cls.remote(
-            self.build_workload, self.build_data, self._scenario_ref, self.seed, self._threads
+            self.build_workload, self.build_data, self._scenario_ref, self.seed, self._threads, cohort
         )
 
     def _replace(self, i: int, exc: BaseException) -> None:

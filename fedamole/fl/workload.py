@@ -7,9 +7,10 @@
 
 Both expose ``model``, ``batches``, ``loss`` (task loss + load_balance_coef x load balance), ``forward_tokens``
 (a no-grad forward returning the token mask, for the embedding statistics) and ``evaluate``. For the cohort engine
-(`fedamole.fl.cohort`) they also expose ``merge_batches`` (several clients' batches as one, right-padded) and
-``client_losses`` (one training loss per client of such a merged batch); `CausalLMWorkload` also scores S
-clients at once (``evaluate_per_client``, classification).
+(`fedamole.fl.cohort`), which runs many clients' rows in one batch under `fedamole.segments.use_segments`, they
+also expose ``merge_batches`` (several clients' batches as one, right-padded), ``client_losses`` (one training
+loss per client of such a batch, as a `SegmentPlan` splits it) and the per-row scores that evaluation reduces per
+client (``row_predictions`` / ``row_losses``, and ``generate(..., batched=True)``).
 """
 
 from __future__ import annotations
@@ -24,15 +25,24 @@ from torch import Tensor, nn
 from fedamole.data.prompts import prompt_ids
 from fedamole.data.scenarios import Example
 from fedamole.metrics import ROUGE_IMPLEMENTATIONS, accuracy_from_losses, rouge_l
-from fedamole.routing import load_balance_from_routing, record_routing
+from fedamole.routing import record_routing
+from fedamole.segments import SegmentPlan
 
-__all__ = ["CausalLMWorkload", "SeqClsWorkload", "MeanPoolClassifier"]
+__all__ = ["CausalLMWorkload", "SeqClsWorkload", "MeanPoolClassifier", "per_client_mean"]
 
 DECODINGS = ("greedy", "generation_config")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def per_client_mean(row_sums: Tensor, row_counts: Tensor, plan: SegmentPlan) -> Tensor:
+    """[S]: client s's sum of ``row_sums`` over its rows divided by its sum of ``row_counts`` (0 without rows)."""
+    ids = plan.row_client_ids(row_sums.device)
+    sums = row_sums.new_zeros(plan.num_clients).index_add(0, ids, row_sums)
+    counts = row_counts.to(row_sums.dtype)
+    return sums / counts.new_zeros(plan.num_clients).index_add(0, ids, counts).clamp(min=1)
 
 
 class _Base:
@@ -103,21 +113,15 @@ class _Base:
             out[key] = torch.cat(parts)
         return out
 
-    def client_losses(self, batch: dict, num_clients: int) -> Tensor:
-        """Per-client training losses [S] of a merged batch whose rows are S equal consecutive client blocks
-        (the model's MoLE modules client-stacked for S clients): client s's entry equals ``loss`` of its own
-        batch — its task loss over its own rows plus load_balance_coef x its load balance over real tokens."""
+    def client_losses(self, batch: dict, plan: SegmentPlan) -> Tensor:
+        """Per-client training losses [S] of a merged batch split by ``plan`` (run inside `use_segments` with that
+        plan): client s's entry equals ``loss`` of its own rows alone — its task loss over its rows plus
+        load_balance_coef x its load balance over its real tokens; 0 for a client without rows."""
         with record_routing(self.model) as routing:
-            task = self.task_losses(batch, num_clients)
+            task = self.task_losses(batch, plan)
         if self.coef > 0 and routing.calls:
-            mask = batch["attention_mask"].bool()
-            lb = [
-                load_balance_from_routing(
-                    call.probs, call.topk_idx, call.active.expand(num_clients, -1), mask, per_client=True
-                )
-                for call in routing.calls
-            ]
-            task = task + self.coef * torch.stack(lb).float().sum(0).to(task.device)
+            lb = routing.load_balance_loss(token_mask=batch["attention_mask"].bool(), per_client=True)
+            task = task + self.coef * lb.to(task.device)
         return task
 
     @torch.no_grad()
@@ -210,78 +214,64 @@ class CausalLMWorkload(_Base):
         losses, valid = self._token_losses(batch)
         return (losses * valid).sum() / valid.sum().clamp(min=1)
 
-    def task_losses(self, batch: dict, num_clients: int) -> Tensor:
-        """`task_loss` of each of the S equal consecutive row blocks of ``batch`` (each its own mean) [S]."""
+    def task_losses(self, batch: dict, plan: SegmentPlan) -> Tensor:
+        """`task_loss` of each client's rows of ``batch`` as ``plan`` splits them (each its own mean) [S]."""
         losses, valid = self._token_losses(batch)
-        losses, valid = (losses * valid).reshape(num_clients, -1), valid.reshape(num_clients, -1)
-        return losses.sum(1) / valid.sum(1).clamp(min=1)
+        return per_client_mean((losses * valid).sum(1), valid.sum(1), plan)
+
+    @torch.no_grad()
+    def row_losses(self, batch: dict) -> Tensor:
+        """Mean token loss of every row's response (candidate scoring), float32 CPU [rows]."""
+        losses, valid = self._token_losses(batch)
+        return ((losses * valid).sum(1) / valid.sum(1).clamp(min=1)).cpu()
+
+    def candidate_pairs(self, examples: Sequence[Example], choices: Sequence[str]) -> list[tuple]:
+        """The (input ids, labels) rows that score every candidate after every prompt, example-major."""
+        return [self._pair(ex.text, ch, eos=self.candidate_eos) for ex in examples for ch in choices]
 
     @torch.no_grad()
     def candidate_losses(self, examples: Sequence[Example], choices: Sequence[str]) -> np.ndarray:
         """Mean token loss of every candidate answer (followed by EOS when ``candidate_eos``, as the authors score
         them) after every prompt: [n, len(choices)]."""
-        pairs = [self._pair(ex.text, ch, eos=self.candidate_eos) for ex in examples for ch in choices]
-        out = []
-        for i in range(0, len(pairs), self.batch_size_eval):
-            losses, valid = self._token_losses(self._pad(pairs[i : i + self.batch_size_eval]))
-            out.append(((losses * valid).sum(1) / valid.sum(1).clamp(min=1)).cpu())
+        pairs = self.candidate_pairs(examples, choices)
+        out = [
+            self.row_losses(self._pad(pairs[i : i + self.batch_size_eval]))
+            for i in range(0, len(pairs), self.batch_size_eval)
+        ]
         return torch.cat(out).numpy().reshape(len(examples), len(choices))
-
-    @torch.no_grad()
-    def evaluate_per_client(
-        self, tests: Sequence[Sequence[Example]], kind: str, choices: Sequence[str] | None = None, max_rows: int = 4096
-    ) -> list[float] | None:
-        """`evaluate` of S clients at once on a client-stacked model (S = len(tests)); None where not batched
-        (generation). Each forward takes the same number of candidate rows from every client (a client with fewer
-        repeats its last row, ignored), at most ``max_rows`` rows in all."""
-        if kind != "classification" or not choices:
-            return None
-        num = len(tests)
-        pairs = [[self._pair(ex.text, ch, eos=self.candidate_eos) for ex in t for ch in choices] for t in tests]
-        dummy = self._pair("", choices[0], eos=self.candidate_eos)
-        longest = max(len(p) for p in pairs)
-        step = max(1, min(self.batch_size_eval, max_rows // num))
-        per_client: list[list[Tensor]] = [[] for _ in range(num)]
-        for i in range(0, longest, step):
-            count = min(step, longest - i)
-            rows = []
-            for p in pairs:
-                chunk = p[i : i + count] or [p[-1] if p else dummy]
-                rows.extend(chunk + [chunk[-1]] * (count - len(chunk)))
-            losses, valid = self._token_losses(self._pad(rows))
-            mean = ((losses * valid).sum(1) / valid.sum(1).clamp(min=1)).cpu().reshape(num, count)
-            for s in range(num):
-                per_client[s].append(mean[s, : max(0, min(count, len(pairs[s]) - i))])
-        out = []
-        for t, parts in zip(tests, per_client):
-            if not t:
-                out.append(float("nan"))
-                continue
-            losses = torch.cat(parts).numpy().reshape(len(t), len(choices))
-            out.append(accuracy_from_losses(losses, [ex.label for ex in t]))
-        return out
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str]) -> list[str]:
         """Decode each prompt (one at a time: no padding effects) up to ``max_new_tokens`` (see the class docstring)."""
+        return [self.generate_rows([prompt])[0] for prompt in prompts]
+
+    @torch.no_grad()
+    def generate_rows(self, prompts: Sequence[str]) -> list[str]:
+        """Decode ``prompts`` as one batch, left-padded (the cohort engine runs many clients' prompts per call under
+        a `SegmentPlan`); greedy results equal one prompt at a time up to floating-point rounding, sampled ones
+        (``decoding="generation_config"``) draw differently."""
+        rows = [self.prompt_ids(prompt)[-(self.max_length - 1) :] for prompt in prompts]
+        width = max(len(r) for r in rows)
+        x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            x[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+        # generation_config: the model's own settings (sampling, temperature, eos) decide; only the length cap
+        # and the pad id (needed without a pad token) are ours.
+        options = {"do_sample": False, "eos_token_id": self.eos_id} if self.decoding == "greedy" else {}
+        gen = self.model.generate(
+            input_ids=x.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=self.pad_id,
+            **options,
+        )
         outs = []
-        for prompt in prompts:
-            ids = self.prompt_ids(prompt)[-(self.max_length - 1) :]
-            x = torch.tensor([ids], device=self.device)
-            # generation_config: the model's own settings (sampling, temperature, eos) decide; only the length cap
-            # and the pad id (needed without a pad token) are ours.
-            options = {"do_sample": False, "eos_token_id": self.eos_id} if self.decoding == "greedy" else {}
-            gen = self.model.generate(
-                input_ids=x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=self.max_new_tokens,
-                pad_token_id=self.pad_id,
-                **options,
-            )
-            new = gen[0, x.shape[1] :].tolist()
-            if self.eos_id in new:
-                new = new[: new.index(self.eos_id)]
-            outs.append(self.tokenizer.decode(new, skip_special_tokens=True))
+        for row in gen[:, width:].tolist():
+            if self.eos_id in row:
+                row = row[: row.index(self.eos_id)]
+            outs.append(self.tokenizer.decode(row, skip_special_tokens=True))
         return outs
 
     @torch.no_grad()
@@ -337,10 +327,15 @@ class SeqClsWorkload(_Base):
     def task_loss(self, batch: dict) -> Tensor:
         return F.cross_entropy(self._logits(batch), batch["labels"])
 
-    def task_losses(self, batch: dict, num_clients: int) -> Tensor:
-        """`task_loss` of each of the S equal consecutive row blocks of ``batch`` [S]."""
+    def task_losses(self, batch: dict, plan: SegmentPlan) -> Tensor:
+        """`task_loss` of each client's rows of ``batch`` as ``plan`` splits them [S]."""
         losses = F.cross_entropy(self._logits(batch), batch["labels"], reduction="none")
-        return losses.reshape(num_clients, -1).mean(1)
+        return per_client_mean(losses, torch.ones_like(losses), plan)
+
+    @torch.no_grad()
+    def row_predictions(self, batch: dict) -> Tensor:
+        """The predicted label of every row, int64 CPU [rows]."""
+        return self._logits(batch).argmax(-1).cpu()
 
     def pad_value(self, key: str) -> int:
         if key == "input_ids":
@@ -351,7 +346,5 @@ class SeqClsWorkload(_Base):
     def evaluate(self, examples: Sequence[Example], kind: str = "classification", choices=None) -> float:
         if not examples:
             return float("nan")
-        preds = []
-        for batch in self.batches(examples, self.batch_size_eval):
-            preds.append(self._logits(batch).argmax(-1).cpu())
+        preds = [self.row_predictions(batch) for batch in self.batches(examples, self.batch_size_eval)]
         return float((torch.cat(preds).numpy() == np.array([ex.label for ex in examples])).mean())

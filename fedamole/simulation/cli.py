@@ -39,7 +39,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=("sequential", "cohort", "ray"),
         help="sequential (one client at a time), cohort (a round's clients batched in one step) or ray",
     )
-    p.add_argument("--cohort-size", type=int, default=None, help="clients per batched cohort (0 = all)")
+    p.add_argument("--cohort-size", type=int, default=None, help="at most this many clients per cohort (0 = no cap)")
+    p.add_argument(
+        "--max-memory",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="cohort engine: memory (GiB) the process may use; cohorts shrink to fit (default: half the RAM)",
+    )
     p.add_argument("--clients", type=int, default=None, help="number of clients")
     p.add_argument("--rounds", type=int, default=None, help="communication rounds")
     p.add_argument("--local-steps", type=int, default=None, help="local training steps per round")
@@ -168,6 +175,7 @@ def _config(args, algorithm: str | None = None):
     flags = {
         "engine": args.engine,
         "cohort_size": args.cohort_size,
+        "max_memory_gb": args.max_memory,
         "clients": args.clients,
         "rounds": args.rounds,
         "local_steps": args.local_steps,

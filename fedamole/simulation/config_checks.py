@@ -86,6 +86,8 @@ TOP_LEVEL = {
     "threads": Rule("int", 1, optional=True),
     "eval_initial": Rule("bool"),
     "cohort_size": NONNEG_INT,
+    "max_memory_gb": Rule("float", 0, strict_low=True, optional=True),
+    "cohort_tokens": Rule("int", 1, optional=True),
     "max_upload_norm": Rule("float", 0, strict_low=True, optional=True),
     "upload_norm_ratio": Rule("float", 1, optional=True),
 }

@@ -113,6 +113,8 @@ class SimConfig:
     algorithm: str = "fedamole"
     engine: str = "sequential"
     cohort_size: int = 0
+    max_memory_gb: float | None = None
+    cohort_tokens: int | None = None
     clients: int = 10
     rounds: int = 30
     local_steps: int = 200

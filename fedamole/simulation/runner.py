@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import resource
 import time
 from pathlib import Path
 
@@ -153,7 +154,9 @@ def simulate(
 
 
 # Settings that may change between a run and its resumption without changing its results.
-_RESUMABLE_CHANGES = ("engine", "cohort_size", "ray", "threads", "device", "rounds", "eval_initial")
+_RESUMABLE_CHANGES = (
+    "engine", "cohort_size", "max_memory_gb", "cohort_tokens", "ray", "threads", "device", "rounds", "eval_initial"
+)  # fmt: skip
 
 
 def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int, dict, list]:
@@ -187,12 +190,14 @@ def _restore(checkpoint_dir: Path, cfg: SimConfig, algo, workload) -> tuple[int,
 
 
 def engine_options(cfg: SimConfig, model_config: MoLEConfig) -> dict:
-    """The options of `cfg.engine` (see `fedamole.fl.engine.make_engine`): cohort size, Ray settings, and for
+    """The options of `cfg.engine` (see `fedamole.fl.engine.make_engine`): cohort size and memory, Ray settings, and for
     engines that build models elsewhere (Ray actors) how to: `build_workload(scenario)` and `build_data()`, module
     functions bound to the configuration (picklable). build_workload is seeded, so every copy starts from the same
     backbone."""
     return {
         "cohort_size": int(cfg.cohort_size),
+        "max_memory": None if cfg.max_memory_gb is None else cfg.max_memory_gb * 2**30,
+        "cohort_tokens": cfg.cohort_tokens,
         "ray": dict(cfg.ray),
         "threads": cfg.threads,
         "device": cfg.device,
@@ -302,6 +307,8 @@ def _final_summary(cfg: SimConfig, summary: dict, history: list, t0: float) -> d
             "final_per_client": history[-1]["per_client"],
             "history": history,
             "wall_seconds": time.perf_counter() - t0,
+            # Peak resident memory of this process so far (Linux reports KiB): what a cohort's size costs.
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "config": cfg.to_dict(),
         }
     )
@@ -339,6 +346,8 @@ def _simulate(cfg: SimConfig, progress: bool, checkpoint_dir: Path | None, resum
                 on_round(summary, history)
     finally:
         engine.close()
+    if getattr(engine, "report", None) is not None:
+        summary["engine_report"] = engine.report
     return _final_summary(cfg, summary, history, t0)
 
 
