@@ -190,7 +190,9 @@ def _linear_hook(records: list, name: str, length: int):
         d_in, d_out = (weight.shape[1], weight.shape[0]) if isinstance(module, nn.Linear) else tuple(weight.shape)
         rows = x.numel() // d_in
         if rows not in (length, 1):
-            raise ValueError(f"{name}: {rows} rows for a traced sequence of {length} tokens (neither per token nor one)")
+            raise ValueError(
+                f"{name}: {rows} rows for a traced sequence of {length} tokens (neither per token nor one)"
+            )
         rec = {"name": name, "d_in": int(d_in), "d_out": int(d_out), "per_token": rows == length}
         rec.update(input_grad=x.requires_grad, weight_grad=weight.requires_grad, backward=False)
         records.append(rec)
@@ -258,7 +260,9 @@ def _eval_examples(scenario, examples) -> list:
     """The sequences the evaluation runs: each test example, or each (prompt, candidate) pair when a causal LM scores
     classification by candidate loss (counted with the EOS after the candidate, as the authors score them)."""
     if scenario.kind != "classification":
-        raise ValueError(f"scenario kind {scenario.kind!r}: generation evaluation is not modelled (classification only)")
+        raise ValueError(
+            f"scenario kind {scenario.kind!r}: generation evaluation is not modelled (classification only)"
+        )
     if not scenario.choices:
         return list(examples)
     return [dataclasses.replace(ex, target=choice) for ex in examples for choice in scenario.choices]
