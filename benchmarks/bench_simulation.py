@@ -149,23 +149,23 @@ def settle(max_load: float, timeout: float) -> list[float]:
 
 def run_simulate(w: Workload, engine: str, seed: int, work: Path, extra: dict | None = None) -> dict:
     """One `fedamole simulate` subprocess: wall time, its peak RSS and the summary's figures."""
-    cfg = work / f"{w.preset}-{w.clients}.yaml"
+    run = Path(tempfile.mkdtemp(prefix=f"{w.preset}-{w.clients}-{engine}-", dir=work))  # simulate refuses old --out
+    cfg, out = run / "config.yaml", run / "out"
     cfg.write_text(json.dumps({**w.overrides(), **(extra or {})}) + "\n")  # JSON is YAML
-    out = work / f"run-{w.preset}-{w.clients}-{engine}"
     args = ["simulate", "--config", str(cfg), "--preset", w.preset, "--clients", str(w.clients)]
     args += ["--rounds", str(w.rounds), "--engine", engine, "--seed", str(seed), "--no-progress", "--out", str(out)]
     if w.local_steps is not None:
         args += ["--local-steps", str(w.local_steps)]
     load_before = _load()
     t0 = time.perf_counter()
-    proc = subprocess.Popen([*_command(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # The child's own rusage (its peak RSS), not every child's. Its output is small: read after it exits.
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"fedamole {' '.join(args)} failed ({proc.returncode}):\n{stdout}\n{stderr[-3000:]}")
+    with open(run / "output.txt", "w+") as log:  # a file, not a pipe: nothing reads a pipe while we wait
+        proc = subprocess.Popen([*_command(), *args], stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage (its peak RSS), not every child's
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            log.seek(0)
+            raise RuntimeError(f"fedamole {' '.join(args)} failed ({proc.returncode}):\n{log.read()[-4000:]}")
     summary = json.loads((out / "summary.json").read_text())
     rounds = [h["seconds"] for h in summary["history"]]
     row = {"workload": w.name, "preset": w.preset, "clients": w.clients, "rounds": w.rounds, "engine": engine}
