@@ -17,8 +17,9 @@ the page cache aside, start cold each time). Cases:
 wrapping the runner's functions: `import` (the CLI and the modules `main` imports), `config` (argument parsing,
 preset, validation, run folder), `data` (`build_data`), `model` (the rest of the runner's `_build`: algorithm,
 model with MoLE injected, engine), `initial_eval`, `first_round`, `after_round` (checkpoint, per-round report,
-summary), `write_out` (`write_summary`: JSON, CSV, plots); `start_exit` = wall - everything measured inside (interpreter start-up and exit).
-Each child also reports which heavy modules (`torch._dynamo`, transformers, peft, ...) it ended up importing.
+summary), `write_out` (`write_summary`: JSON, CSV, plots); `start_exit` = wall - everything measured inside
+(interpreter start-up and exit). Each child also reports which heavy modules (`torch._dynamo`, transformers,
+peft, ...) it ended up importing.
 
     python benchmarks/bench_startup.py --tag after                 # this checkout
     python benchmarks/bench_startup.py --repo /tmp/base --tag before   # another checkout's code (e.g. main)
