@@ -170,3 +170,63 @@ def test_compiled_call_resolves_the_backend_once_at_trace_time(monkeypatch):
     assert traced_calls >= 1 and len(calls) == traced_calls
     torch.testing.assert_close(first, mole_lora(x, None, a, b, r, top_k=2, scaling=1.0)[0])
     assert second.shape == first.shape
+
+
+# -- the default preset's data: stdlib docstrings cached under $FEDAMOLE_CACHE ----------------------------------
+FAMILIES = {"a": ("alpha",), "b": ("beta",)}
+
+
+@pytest.fixture
+def fake_stdlib(tmp_path, monkeypatch):
+    """A two-module 'standard library' and an empty $FEDAMOLE_CACHE."""
+    root = tmp_path / "stdlib"
+    (root / "alpha").mkdir(parents=True)
+    (root / "alpha" / "__init__.py").write_text('"""Alpha: a module docstring long enough to be kept as text."""\n')
+    (root / "beta.py").write_text('def f():\n    """Beta: a function docstring long enough to be kept too."""\n')
+    monkeypatch.setenv("FEDAMOLE_CACHE", str(tmp_path / "cache"))
+    return root
+
+
+def _texts(result) -> list[tuple[str, str]]:
+    examples, _ = result
+    return [(ex.group, ex.text) for ex in examples]
+
+
+def test_stdlib_docstrings_come_from_the_cache_on_the_second_call(fake_stdlib, tmp_path, monkeypatch):
+    from fedamole.data import offline
+
+    first = offline.stdlib_docstrings(FAMILIES, stdlib=fake_stdlib)
+    assert len(list((tmp_path / "cache" / "stdlib-docstrings").glob("*.json"))) == 1
+    monkeypatch.setattr(offline, "_docstrings", lambda *a: pytest.fail("parsed although cached"))
+    assert offline.stdlib_docstrings(FAMILIES, stdlib=fake_stdlib) == first
+    assert [g for g, _ in _texts(first)] == ["a", "b"]
+
+
+def test_stdlib_docstrings_cache_is_invalidated_by_sources_and_settings(fake_stdlib):
+    from fedamole.data.offline import stdlib_docstrings
+
+    before = _texts(stdlib_docstrings(FAMILIES, stdlib=fake_stdlib))
+    (fake_stdlib / "beta.py").write_text(
+        'def g():\n    """Beta, edited: another docstring long enough to be kept."""\n'
+    )
+    edited = _texts(stdlib_docstrings(FAMILIES, stdlib=fake_stdlib))
+    assert edited[1] == ("b", "Beta, edited: another docstring long enough to be kept.") and edited != before
+    assert _texts(stdlib_docstrings(FAMILIES, stdlib=fake_stdlib, min_chars=56)) == [edited[0]]  # other bounds
+    assert _texts(stdlib_docstrings({"b": ("beta",)}, stdlib=fake_stdlib)) == [edited[1]]  # other families
+
+
+def test_stdlib_docstrings_cache_survives_a_corrupt_file_and_an_unwritable_folder(fake_stdlib, tmp_path, monkeypatch):
+    from fedamole.data.offline import stdlib_docstrings
+
+    expected = stdlib_docstrings(FAMILIES, stdlib=fake_stdlib, cache=False)
+    assert not (tmp_path / "cache").exists()  # cache=False neither reads nor writes
+    stdlib_docstrings(FAMILIES, stdlib=fake_stdlib)
+    (cached,) = (tmp_path / "cache" / "stdlib-docstrings").glob("*.json")
+    for garbage in ("{not json", '{"a": ["x"]}', '{"a": [1], "b": []}'):
+        cached.write_text(garbage)
+        assert stdlib_docstrings(FAMILIES, stdlib=fake_stdlib) == expected
+        assert json.loads(cached.read_text()) == {"a": [expected[0][0].text], "b": [expected[0][1].text]}
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("FEDAMOLE_CACHE", str(blocker))
+    assert stdlib_docstrings(FAMILIES, stdlib=fake_stdlib) == expected
