@@ -9,8 +9,8 @@ the page cache aside, start cold each time). Cases:
 | `import torch` | `import torch` |
 | `import fedamole_kernels` | `import fedamole_kernels` |
 | `import fedamole` | `import fedamole` (the user-facing package) |
-| `fedamole --help` | `fedamole.cli.main(["--help"])`, as the console script runs it |
-| `simulate tiny` | `fedamole simulate --preset tiny --clients 32 --rounds 1 --no-progress` |
+| `fedamole --help` | the console command: `fedamole.cli.run()` where it exists, else `sys.exit(main())` |
+| `simulate tiny` | the console command `fedamole simulate --preset tiny --clients 32 --rounds 1 --no-progress` |
 | `simulate default` | `fedamole simulate --preset default --rounds 1 --no-progress` (MiniLM, 10 clients) |
 
 `wall` is the parent's clock around the whole subprocess. The simulate children time their phases from inside by
@@ -63,9 +63,10 @@ HEAVY = (
     "safetensors",
 )
 
+_HEAVY_NOW = f"[m for m in {HEAVY!r} if m in sys.modules]"
 _REPORT = f"""
 import json, sys
-print({MARKER!r} + json.dumps({{"phases": PHASES, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+print({MARKER!r} + json.dumps({{"phases": PHASES, "heavy": {_HEAVY_NOW}}}))
 """
 
 
@@ -77,27 +78,45 @@ def import_child(module: str) -> str:
     )
 
 
+# The command line as its console script runs it: `fedamole.cli.run()` where it exists (flush, atexit, fast exit),
+# else `sys.exit(main())`; `main` is wrapped to report the phases (`phases()`) when it returns or exits.
+_CONSOLE = f"""
+import json
+inner_main = cli.main
+
+def measured_main(argv=None):
+    T["main_start"] = time.perf_counter()
+    try:
+        return inner_main(argv)
+    finally:
+        T["main_end"] = time.perf_counter()
+        print({MARKER!r} + json.dumps({{"phases": phases(), "heavy": {_HEAVY_NOW}}}), flush=True)
+
+cli.main = measured_main
+if hasattr(cli, "run"):
+    cli.run()
+else:
+    sys.exit(cli.main())
+"""
+
 HELP_CHILD = (
     """
-import contextlib, io, time
-t0 = time.perf_counter()
-from fedamole.cli import main
-t1 = time.perf_counter()
-with contextlib.redirect_stdout(io.StringIO()):
-    try:
-        main(["--help"])
-    except SystemExit:
-        pass
-PHASES = {"import": t1 - t0, "help": time.perf_counter() - t1}
+import sys, time
+T = {"start": time.perf_counter()}
+import fedamole.cli as cli
+T["imported"] = time.perf_counter()
+
+def phases():
+    return {"import": T["imported"] - T["start"], "help": T["main_end"] - T["main_start"]}
 """
-    + _REPORT
+    + _CONSOLE
 )
 
 # The runner module (its home moves between versions; the first one found is the one `fedamole.cli` calls).
 SIMULATE_CHILD = (
     """
 import importlib, sys, time
-t0 = time.perf_counter()
+T = {"start": time.perf_counter()}
 import fedamole.cli as cli
 for name in ("fedamole.simulation.runner", "fedamole.fl.runner"):
     try:
@@ -111,7 +130,7 @@ for name in ("fedamole.data.fetch", "fedamole.simulation.reporting", "fedamole.f
         importlib.import_module(name)
     except ModuleNotFoundError:
         pass
-T = {"start": t0, "imported": time.perf_counter()}
+T["imported"] = time.perf_counter()
 
 def timed(name, label, once=False):
     inner = getattr(runner, name)
@@ -129,23 +148,22 @@ timed("_build", "build")
 timed("build_data", "data")
 timed("_run_round", "round", once=True)
 timed("write_summary", "write")
-rc = cli.main(sys.argv[1:])
-end = time.perf_counter()
-if rc:
-    raise SystemExit(f"fedamole exited {rc}")
-PHASES = {
-    "import": T["imported"] - T["start"],
-    "config": T["build_start"] - T["imported"],
-    "data": T["data_end"] - T["data_start"],
-    "model": (T["build_end"] - T["build_start"]) - (T["data_end"] - T["data_start"]),
-    "initial_eval": T["round_start"] - T["build_end"],
-    "first_round": T["round_end"] - T["round_start"],
-    "after_round": T["write_start"] - T["round_end"],
-    "write_out": T["write_end"] - T["write_start"],
-    "post": end - T["write_end"],
-}
+
+def phases():
+    data = T["data_end"] - T["data_start"]
+    return {
+        "import": T["imported"] - T["start"],
+        "config": T["build_start"] - T["main_start"],
+        "data": data,
+        "model": T["build_end"] - T["build_start"] - data,
+        "initial_eval": T["round_start"] - T["build_end"],
+        "first_round": T["round_end"] - T["round_start"],
+        "after_round": T["write_start"] - T["round_end"],
+        "write_out": T["write_end"] - T["write_start"],
+        "post": T["main_end"] - T["write_end"],
+    }
 """
-    + _REPORT
+    + _CONSOLE
 )
 
 SIMULATE_ARGS = {
@@ -203,7 +221,7 @@ def cases(args) -> list[tuple[str, str, list[str], int]]:
         ("import torch", import_child("torch"), [], quick),
         ("import fedamole_kernels", import_child("fedamole_kernels"), [], quick),
         ("import fedamole", import_child("fedamole"), [], quick),
-        ("fedamole --help", HELP_CHILD, [], quick),
+        ("fedamole --help", HELP_CHILD, ["--help"], quick),
         ("simulate tiny", SIMULATE_CHILD, SIMULATE_ARGS["simulate tiny"], args.sim_repeat),
     ]
     if not args.skip_default:
@@ -226,7 +244,9 @@ def measure(name: str, code: str, argv: list[str], repeat: int, args, cache: Pat
     for rep in range(repeat):
         env, extra = child_env(args.repo, cache, run_dir, args.cold, rep)
         wait_for_load(args.max_load, args.max_wait)
-        samples.append(run_child(code, argv + (extra if argv else []), args.repo, env, args.timeout))
+        samples.append(
+            run_child(code, argv + (extra if argv[:1] == ["simulate"] else []), args.repo, env, args.timeout)
+        )
     load_after = load_average()
     phases = {key: statistics.median(s["phases"][key] for s in samples) for key in samples[0]["phases"]}
     walls = [s["wall"] for s in samples]

@@ -54,6 +54,21 @@ def test_import_pulls_in_neither_dynamo_nor_peft_nor_transformers(package):
     assert out.strip() == "[]"
 
 
+def test_help_pulls_in_neither_dynamo_nor_transformers_nor_scipy():
+    out = run_python(
+        """
+        import contextlib, io, sys
+        from fedamole.cli import main
+        with contextlib.redirect_stdout(io.StringIO()) as text, contextlib.suppress(SystemExit):
+            main(["simulate", "--help"])
+        assert "--preset" in text.getvalue()
+        heavy = ("torch._dynamo", "peft", "transformers", "scipy", "matplotlib")
+        print([name for name in heavy if name in sys.modules])
+        """
+    )
+    assert out.strip() == "[]"
+
+
 def test_peft_method_names_resolve_lazily():
     assert "MoLEPeftConfig" in dir(fedamole) and "get_mole_model" in dir(fedamole)
     from fedamole.peft_tuner import MoLEPeftConfig, MoLEPeftModel, get_mole_model
@@ -230,3 +245,49 @@ def test_stdlib_docstrings_cache_survives_a_corrupt_file_and_an_unwritable_folde
     blocker.write_text("")
     monkeypatch.setenv("FEDAMOLE_CACHE", str(blocker))
     assert stdlib_docstrings(FAMILIES, stdlib=fake_stdlib) == expected
+
+
+# -- the console command: fast exit after main ------------------------------------------------------------------
+CONSOLE = """
+import atexit, sys, threading, time
+
+class Probe:
+    def __del__(self):
+        print("torn down", flush=True)
+
+probe = Probe()  # freed only by an ordinary interpreter teardown
+atexit.register(lambda: print("atexit ran", flush=True))
+mode, sys.argv = sys.argv[1], ["fedamole", *sys.argv[2:]]
+import fedamole.cli as cli
+
+def main(argv=None, inner=cli.main):
+    try:
+        return inner(argv)
+    finally:  # a thread still working when main returns
+        if mode == "thread":
+            threading.Thread(target=lambda: (time.sleep(0.5), print("thread done", flush=True))).start()
+
+cli.main = main
+cli.run()
+"""
+
+
+def _console(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, "-c", CONSOLE, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_console_command_flushes_runs_atexit_and_skips_the_teardown(tmp_path):
+    helped = _console("plain", "--help")
+    assert helped.returncode == 0 and "simulate" in helped.stdout and "atexit ran" in helped.stdout
+    assert "torn down" not in helped.stdout
+    failed = _console("plain", "compare", "--preset", "tiny", "--algorithms", "nope", "--out", str(tmp_path / "c"))
+    assert failed.returncode == 2 and "--algorithms: unknown ['nope']" in failed.stderr
+    assert "atexit ran" in failed.stdout and "torn down" not in failed.stdout
+
+
+def test_console_command_waits_for_a_running_thread():
+    proc = _console("thread", "--help")
+    assert proc.returncode == 0 and "thread done" in proc.stdout and "torn down" in proc.stdout
