@@ -131,6 +131,6 @@ def resolve_backend_for_trace(backend: str | None, device: torch.device) -> str:
 
 # What `torch.compiler.assume_constant_result` does (it sets this attribute and returns the function), without its
 # `import torch._dynamo` (~1 s, a third of `import fedamole`): Dynamo reads the attribute when it meets the call.
-# tests/test_backend_cpu_specifics.py checks that torch still marks functions this way.
+# tests/test_startup.py checks that torch still marks functions this way.
 DYNAMO_CONSTANT_MARK = "_dynamo_marked_constant"
 setattr(resolve_backend_for_trace, DYNAMO_CONSTANT_MARK, True)
