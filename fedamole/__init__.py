@@ -21,11 +21,27 @@ from fedamole.inject import (
 )
 from fedamole.layers import MoLEExperts, MoLELinear
 from fedamole.peft_lora import from_peft_lora, to_peft_lora
-
-# Registers FedAMoLE as a PEFT method, so `peft.PeftModel.from_pretrained` reads our adapters after `import fedamole`
-# (costs ~2 s of peft/transformers import on a bare `import fedamole`; ~0 where transformers is imported anyway).
-from fedamole.peft_tuner import MoLEPeftConfig, MoLEPeftModel, get_mole_model
+from fedamole.peft_registration import register_with_peft
 from fedamole.routing import RoutingRecorder, load_balance_from_routing, record_routing
+
+# `peft.PeftModel.from_pretrained` reads our adapters after `import fedamole`: FedAMoLE is registered with PEFT now
+# if PEFT is imported, else when it gets imported. PEFT itself (~2 s: transformers, torch._dynamo) is imported only
+# by what needs it: the PEFT-method names below, on first access.
+register_with_peft()
+_FROM_PEFT_TUNER = ("MoLEPeftConfig", "MoLEPeftModel", "get_mole_model")
+
+
+def __getattr__(name: str):
+    if name in _FROM_PEFT_TUNER:
+        import fedamole.peft_tuner
+
+        return getattr(fedamole.peft_tuner, name)
+    raise AttributeError(f"module 'fedamole' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_FROM_PEFT_TUNER))
+
 
 __all__ = [
     "MoLEConfig",

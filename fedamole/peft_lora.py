@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from torch import Tensor, nn
 from fedamole.atomic_io import atomic_write
 from fedamole.inject import mole_modules
 from fedamole.layers import MoLEExperts
-from fedamole.peft_tuner import MoLEPeftLayer
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -49,8 +49,9 @@ def _adapted_experts(model: nn.Module) -> dict[str, MoLEExperts]:
     """The experts of every adapted layer, by the layer's name as PEFT LoRA keys it: `inject_mole`'s MoLELinear
     modules, and the active adapter's experts of `get_mole_model`'s layers (``base_model.model.`` removed)."""
     experts: dict[str, MoLEExperts] = dict(mole_modules(model))
+    tuner = sys.modules.get("fedamole.peft_tuner")  # not imported yet: no model holds its layers (import: ~2 s)
     for name, module in model.named_modules():
-        if isinstance(module, MoLEPeftLayer):
+        if tuner is not None and isinstance(module, tuner.MoLEPeftLayer):
             active = [a for a in module.active_adapters if a in module.mole_experts]
             if active:
                 experts[name.removeprefix("base_model.model.")] = module.mole_experts[active[0]]

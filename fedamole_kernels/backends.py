@@ -123,7 +123,14 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return "reference"
 
 
-# Under torch.compile the choice is evaluated once at trace time (it depends only on constants and the environment).
-# Eager calls use the plain function: going through the compiler's wrapper costs ~0.8 ms per call (measured: 0.74 s
-# of a 7 s, 32-client `tiny` simulation).
-resolve_backend_for_trace = torch.compiler.assume_constant_result(resolve_backend)
+def resolve_backend_for_trace(backend: str | None, device: torch.device) -> str:
+    """`resolve_backend`, marked for torch.compile as a constant: evaluated once at trace time (the choice depends
+    only on its arguments and the environment), not traced into."""
+    return resolve_backend(backend, device)
+
+
+# What `torch.compiler.assume_constant_result` does (it sets this attribute and returns the function), without its
+# `import torch._dynamo` (~1 s, a third of `import fedamole`): Dynamo reads the attribute when it meets the call.
+# tests/test_startup.py checks that torch still marks functions this way.
+DYNAMO_CONSTANT_MARK = "_dynamo_marked_constant"
+setattr(resolve_backend_for_trace, DYNAMO_CONSTANT_MARK, True)

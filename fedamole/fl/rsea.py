@@ -12,8 +12,6 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
-import scipy.optimize as sopt
-import scipy.sparse as sp
 
 __all__ = ["assign_experts", "check_feasible", "score_matrix"]
 
@@ -53,6 +51,8 @@ def check_feasible(num_experts: int, num_clients: int, clients_per_expert: int, 
 
 def _constraints(n_e: int, c: int, k: int, lo: int, hi: int):
     """Sparse equality (expert rows) and inequality (client rows) constraints on x = X.ravel() (row-major)."""
+    import scipy.sparse as sp  # here, not at module level: scipy.optimize is ~0.7 s of `fedamole --help`
+
     var = np.arange(n_e * c)
     expert_rows = sp.csr_matrix((np.ones(n_e * c), (var // c, var)), shape=(n_e, n_e * c))
     client_rows = sp.csr_matrix((np.ones(n_e * c), (var % c, var)), shape=(c, n_e * c))
@@ -85,6 +85,9 @@ def assign_experts(scores, clients_per_expert: int = 2, min_experts: int = 2, ma
     hi = _check_int("max_experts", max_experts)
     n_e, c = p.shape
     check_feasible(n_e, c, k, lo, hi)
+
+    import scipy.optimize as sopt
+    import scipy.sparse as sp
 
     a_eq, b_eq, a_cl, lo_cl, hi_cl = _constraints(n_e, c, k, lo, hi)
     cost = -p.ravel()

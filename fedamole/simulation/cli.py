@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
+import os
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "run"]
 
 # What each command writes in its --out folder (what --overwrite removes).
 SIMULATE_OUTPUTS = (
@@ -277,5 +280,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`fedamole ... | head`) or a closed stream
+            pass
+
+
+def run() -> None:
+    """The `fedamole` console command: `main()` on sys.argv, then a fast exit with its code.
+
+    Tearing the interpreter down object by object after a run (torch, transformers, matplotlib) takes ~1 s, longer
+    than a `tiny` round, and does nothing a finished command needs: every file it writes is closed by then. So once
+    `main` has returned (or argparse has exited, as for --help), the standard streams are flushed, the atexit handlers
+    run (Ray's shutdown, logging's flush) and the process ends with `os._exit`. When a non-daemon thread is still
+    alive, the ordinary exit (which waits for it) is taken instead. Exceptions propagate as usual.
+    """
+    try:
+        code = main()
+    except SystemExit as exc:
+        if exc.code is not None and not isinstance(exc.code, int):
+            raise
+        code = exc.code or 0
+    _flush_std_streams()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    _flush_std_streams()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
