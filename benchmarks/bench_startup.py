@@ -9,7 +9,7 @@ the page cache aside, start cold each time). Cases:
 | `import torch` | `import torch` |
 | `import fedamole_kernels` | `import fedamole_kernels` |
 | `import fedamole` | `import fedamole` (the user-facing package) |
-| `fedamole --help` | the console command: `fedamole.cli.run()` where it exists, else `sys.exit(main())` |
+| `fedamole --help` | the console command: `fedamole.simulation.cli.run()` where it exists, else `sys.exit(main())` |
 | `simulate tiny` | the console command `fedamole simulate --preset tiny --clients 32 --rounds 1 --no-progress` |
 | `simulate default` | `fedamole simulate --preset default --rounds 1 --no-progress` (MiniLM, 10 clients) |
 
@@ -78,7 +78,7 @@ def import_child(module: str) -> str:
     )
 
 
-# The command line as its console script runs it: `fedamole.cli.run()` where it exists (flush, atexit, fast exit),
+# The command line as its console script runs it: `fedamole.simulation.cli.run()` where it exists (flush, atexit, fast exit),
 # else `sys.exit(main())`; `main` is wrapped to report the phases (`phases()`) when it returns or exits.
 _CONSOLE = f"""
 import json
@@ -103,7 +103,7 @@ HELP_CHILD = (
     """
 import sys, time
 T = {"start": time.perf_counter()}
-import fedamole.cli as cli
+import fedamole.simulation.cli as cli
 T["imported"] = time.perf_counter()
 
 def phases():
@@ -112,12 +112,12 @@ def phases():
     + _CONSOLE
 )
 
-# The runner module (its home moves between versions; the first one found is the one `fedamole.cli` calls).
+# The runner module (its home moves between versions; the first one found is the one `fedamole.simulation.cli` calls).
 SIMULATE_CHILD = (
     """
 import importlib, sys, time
 T = {"start": time.perf_counter()}
-import fedamole.cli as cli
+import fedamole.simulation.cli as cli
 for name in ("fedamole.simulation.runner", "fedamole.fl.runner"):
     try:
         runner = importlib.import_module(name)

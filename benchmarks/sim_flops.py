@@ -37,7 +37,14 @@ from torch.overrides import TorchFunctionMode
 
 # The simulation's public builders: the one place the simulation benchmark imports them (the package layout moves).
 from fedamole import mole_modules
-from fedamole.simulation.presets import build_data, build_workload, clients_per_expert, make_algorithm, make_config, mole_config
+from fedamole.simulation.presets import (
+    build_data,
+    build_workload,
+    clients_per_expert,
+    make_algorithm,
+    make_config,
+    mole_config,
+)
 
 __all__ = [
     "AdapterCall",

@@ -58,7 +58,7 @@ def test_help_pulls_in_neither_dynamo_nor_transformers_nor_scipy():
     out = run_python(
         """
         import contextlib, io, sys
-        from fedamole.cli import main
+        from fedamole.simulation.cli import main
         with contextlib.redirect_stdout(io.StringIO()) as text, contextlib.suppress(SystemExit):
             main(["simulate", "--help"])
         assert "--preset" in text.getvalue()
@@ -258,7 +258,7 @@ class Probe:
 probe = Probe()  # freed only by an ordinary interpreter teardown
 atexit.register(lambda: print("atexit ran", flush=True))
 mode, sys.argv = sys.argv[1], ["fedamole", *sys.argv[2:]]
-import fedamole.cli as cli
+import fedamole.simulation.cli as cli
 
 def main(argv=None, inner=cli.main):
     try:
