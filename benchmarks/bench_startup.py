@@ -78,7 +78,8 @@ def import_child(module: str) -> str:
     )
 
 
-# The command line as its console script runs it: `fedamole.simulation.cli.run()` where it exists (flush, atexit, fast exit),
+# The command line as its console script runs it: `fedamole.simulation.cli.run()` where it exists (flush, atexit,
+# fast exit),
 # else `sys.exit(main())`; `main` is wrapped to report the phases (`phases()`) when it returns or exits.
 _CONSOLE = f"""
 import json
