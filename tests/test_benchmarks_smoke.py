@@ -71,3 +71,18 @@ def test_bench_layer_overhead_smoke(tmp_path):
     if has_cpu:
         assert counts[("mole", "fwd+bwd")]["sync_ops"] == 0  # the layer path on the cpu backend never syncs
     assert len((tmp_path / written.name.replace(".json", ".csv")).read_text().splitlines()) == len(data["rows"]) + 1
+
+
+def test_bench_startup_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_startup.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (written,) = tmp_path.glob("startup-*.json")
+    cases = {r["case"]: r for r in json.loads(written.read_text())["results"]}
+    assert "torch._dynamo" not in cases["import fedamole"]["heavy_modules"]
+    assert cases["simulate tiny"]["phases_median"]["first_round"] > 0
