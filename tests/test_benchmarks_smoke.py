@@ -50,15 +50,20 @@ def test_bench_simulation_smoke(tmp_path):
     assert list(tmp_path.rglob("*.json")), f"no results written: {result.stdout[-2000:]}"
 
 
-def test_bench_layer_overhead_smoke(tmp_path):
+def _smoke(script: str, out: Path, timeout: float) -> None:
+    """Runs benchmarks/`script` --smoke --out `out`; fails the test on a non-zero exit."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_layer_overhead.py"), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_bench_layer_overhead_smoke(tmp_path):
+    _smoke("bench_layer_overhead.py", tmp_path, timeout=300)
     (written,) = tmp_path.glob("layer-overhead-*.json")
     data = json.loads(written.read_text())
     providers = {row["provider"] for row in data["rows"]}
@@ -71,3 +76,11 @@ def test_bench_layer_overhead_smoke(tmp_path):
     if has_cpu:
         assert counts[("mole", "fwd+bwd")]["sync_ops"] == 0  # the layer path on the cpu backend never syncs
     assert len((tmp_path / written.name.replace(".json", ".csv")).read_text().splitlines()) == len(data["rows"]) + 1
+
+
+def test_bench_startup_smoke(tmp_path):
+    _smoke("bench_startup.py", tmp_path, timeout=600)
+    (written,) = tmp_path.glob("startup-*.json")
+    cases = {r["case"]: r for r in json.loads(written.read_text())["results"]}
+    assert "torch._dynamo" not in cases["import fedamole"]["heavy_modules"]
+    assert cases["simulate tiny"]["phases_median"]["first_round"] > 0
