@@ -202,19 +202,20 @@ def test_generation_is_batched_across_clients_and_equals_sequential():
         _close(a, b, f"client {c}")
 
 
-def test_memory_budget_bounds_the_cohort_and_keeps_results():
+def test_memory_budget_bounds_the_cohort_and_keeps_results(monkeypatch):
     cfg = make_config("tiny", {"clients": 4, "local_steps": 2})
     scenario, algo, workload = _workload(cfg)
     payloads = _settings(cfg, algo.payloads(1), 1)
-    from fedamole.fl.cohort_sizing import CohortSizer, current_rss
+    from fedamole.fl import cohort_sizing
+    from fedamole.fl.cohort_sizing import CohortSizer
+
+    monkeypatch.setattr(cohort_sizing, "current_rss", lambda: 2**30)  # what the process holds, held still
 
     roomy = CohortEngine(lambda: workload, scenario, cfg.seed, progress=False)
     assert roomy.cohorts(payloads)[0] == [[0, 1, 2, 3]]
-    per_client = roomy.sizer.last["bytes_per_token"] * roomy.sizer.last["tokens_per_client_step"]
-    assert per_client > 0
-    tight = CohortEngine(
-        lambda: workload, scenario, cfg.seed, progress=False, max_memory=current_rss() + 2.5 * per_client
-    )
+    per_client = roomy.sizer.last["bytes_per_client"]
+    assert per_client > roomy.sizer.last["bytes_per_token"] * roomy.sizer.last["tokens_per_client_step"] > 0
+    tight = CohortEngine(lambda: workload, scenario, cfg.seed, progress=False, max_memory=2**30 + 2.5 * per_client)
     assert tight.cohorts(payloads)[0] == [[0, 1], [2, 3]]
     by_tokens = CohortEngine(
         lambda: workload,
