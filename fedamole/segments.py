@@ -61,7 +61,7 @@ class SegmentPlan:
         if len(offsets) < 2 or offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
             raise ValueError(f"row_offsets must start at 0 and not decrease (S + 1 >= 2 entries), got {offsets}")
         self.row_offsets = offsets
-        self._token_offsets: dict[tuple, Tensor] = {}
+        self._cache: dict[tuple, Tensor] = {}  # token offsets and token -> client ids, per (token count, device)
 
     @classmethod
     def from_counts(cls, rows_per_client: Sequence[int]) -> SegmentPlan:
@@ -89,10 +89,21 @@ class SegmentPlan:
         counts = torch.tensor([b - a for a, b in zip(self.row_offsets, self.row_offsets[1:])])
         return torch.repeat_interleave(torch.arange(self.num_clients), counts).to(device)
 
+    def token_client_ids(self, num_tokens: int, device: torch.device) -> Tensor:
+        """The client of every token of an input of ``num_tokens`` (rows x tokens per row), int64 [num_tokens]
+        (cached: every module of a forward asks for the same)."""
+        key = ("clients", num_tokens, device)
+        ids = self._cache.get(key)
+        if ids is None:
+            offsets = self.token_offsets(num_tokens, device)
+            clients = torch.arange(self.num_clients, device=device)
+            ids = self._cache[key] = torch.repeat_interleave(clients, offsets.diff(), output_size=num_tokens)
+        return ids
+
     def token_offsets(self, num_tokens: int, device: torch.device) -> Tensor:
         """int64 [S + 1] token offsets of an input of ``num_tokens`` = rows x tokens per row (cached)."""
         key = (num_tokens, device)
-        offsets = self._token_offsets.get(key)
+        offsets = self._cache.get(key)
         if offsets is None:
             rows = self.num_rows
             if rows == 0 or num_tokens % rows:
@@ -102,7 +113,7 @@ class SegmentPlan:
                 )
             per_row = num_tokens // rows
             offsets = torch.tensor(self.row_offsets, dtype=torch.int64).mul_(per_row).to(device)
-            self._token_offsets[key] = offsets
+            self._cache[key] = offsets
         return offsets
 
 

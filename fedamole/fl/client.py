@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 import fedamole
-from fedamole.adapter_state import EXTRA_KIND, is_slot_kind, kind_of, slot_kinds, split_key
+from fedamole.adapter_state import EXTRA_KIND, kind_of
 from fedamole.data.scenarios import ClientData
+from fedamole.fl.adapter_tensors import ModelTensors, extract_from, load_into, poison
 from fedamole.fl.dp import dp_noise, privatize_stats
 from fedamole.fl.protocol import ClientResult, ClientTask, EmbeddingStats
 
@@ -52,55 +53,17 @@ def optimizer_weight_decay(optimizer: str) -> float:
     return ADAMW_WEIGHT_DECAY if optimizer == "adamw" else 0.0
 
 
-def _is_slot(module, kind: str) -> bool:
-    return is_slot_kind(kind, module.config.router)
-
-
 @torch.no_grad()
 def load_state(model, state: dict[str, Tensor]) -> None:
-    """Copy ``state`` into ``model``; routed-expert tensors fill the first k slots and set the active mask.
-
-    The slots k.. of such a module are zeroed: they belong to no one in this state (masked means absent), and
-    whatever an earlier client left there (NaN from a diverged client included) must not reach this one.
-    """
-    modules = fedamole.mole_modules(model)
-    params = dict(model.named_parameters())
-    active: dict[str, int] = {}
-    for key, value in state.items():
-        mod, kind = split_key(key)
-        if mod in modules and _is_slot(modules[mod], kind):
-            k = value.shape[0]
-            if active.setdefault(mod, k) != k:
-                raise ValueError(f"state: {key} has {k} experts, other tensors of {mod} have {active[mod]}")
-            if k > modules[mod].config.num_experts:
-                raise ValueError(f"state: {key} has {k} experts but {mod} has {modules[mod].config.num_experts} slots")
-            getattr(modules[mod], kind)[:k].copy_(value)
-        elif key in params:
-            params[key].copy_(value)
-        else:
-            raise ValueError(f"state: unknown parameter {key!r}")
-    for mod, k in active.items():
-        module = modules[mod]
-        for kind in slot_kinds(module.config.router):
-            getattr(module, kind)[k:].zero_()
-        mask = torch.zeros(module.config.num_experts, dtype=torch.bool)
-        mask[:k] = True
-        module.set_active_experts(mask)
+    """Copy ``state`` into ``model``; routed-expert tensors fill the first k slots and set the active mask (slots k..
+    zeroed), see `fedamole.fl.adapter_tensors.load_into`."""
+    load_into(ModelTensors(model), state)
 
 
 @torch.no_grad()
 def extract_state(model, keys, like: dict[str, Tensor]) -> dict[str, Tensor]:
     """Copies (on CPU) of the parameters named by ``keys``, slot tensors cut to the size they have in ``like``."""
-    modules = fedamole.mole_modules(model)
-    params = dict(model.named_parameters())
-    out = {}
-    for key in keys:
-        mod, kind = split_key(key)
-        if mod in modules and _is_slot(modules[mod], kind):
-            out[key] = getattr(modules[mod], kind)[: like[key].shape[0]].detach().cpu().clone()
-        else:
-            out[key] = params[key].detach().cpu().clone()
-    return out
+    return extract_from(ModelTensors(model), keys, like)
 
 
 def _trainable(model, keys, frozen) -> list[Tensor]:
@@ -116,22 +79,6 @@ def _trainable(model, keys, frozen) -> list[Tensor]:
             seen.add(id(p))
             out.append(p)
     return out
-
-
-@torch.no_grad()
-def _diverge(model, state: dict[str, Tensor], frozen) -> None:
-    """Fault "diverge": every tensor this client trains becomes NaN, as after a blown-up loss (slot tensors only in
-    the slots the client holds: the others are not its own)."""
-    modules = fedamole.mole_modules(model)
-    params = dict(model.named_parameters())
-    for key, value in state.items():
-        mod, kind = kind_of(key, modules)
-        if kind in frozen:
-            continue
-        if kind != EXTRA_KIND and _is_slot(modules[mod], kind):
-            getattr(modules[mod], kind)[: value.shape[0]].fill_(math.nan)
-        else:
-            params[key].fill_(math.nan)
 
 
 @torch.no_grad()
@@ -246,7 +193,7 @@ def client_update(
                 p.requires_grad_(True)
         train_loss = float(np.mean(losses))
     if task.fault == "diverge":
-        _diverge(model, state, frozen)
+        poison(ModelTensors(model), state, frozen)
         train_loss = math.nan
     return finish_client(workload, task, data, state, seed, train_loss, kind, choices)
 

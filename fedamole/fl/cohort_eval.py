@@ -104,8 +104,7 @@ def cohort_stats(
     def make_hook(name, module):
         def hook(_module, args):
             x = args[0].reshape(-1, module.in_features).double()
-            offsets = current["plan"].token_offsets(x.shape[0], x.device)
-            client = torch.repeat_interleave(torch.arange(num, device=x.device), offsets.diff(), output_size=x.shape[0])
+            client = current["plan"].token_client_ids(x.shape[0], x.device)
             weight = current["mask"].reshape(-1).to(x.dtype)
             part = x.new_zeros(num, x.shape[1]).index_add(0, client, x * weight[:, None])
             sums[name] = part if sums[name] is None else sums[name] + part
