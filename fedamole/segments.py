@@ -11,7 +11,8 @@ nothing is swapped into the model) and splits its input by the plan: a module ca
 plan's rows) gives client s the tokens of rows ``row_offsets[s]:row_offsets[s+1]``, and one `mole_lora` call serves
 every client. The plan's token offsets are computed once per token count and shared by all modules. Extra trainable
 modules (a classification head) can be served per client too (``extra``): their input's leading dimension is split
-by rows (or tokens) and each client's part goes through the module with that client's stacked parameters.
+by sequences (= rows, unless the batch is packed: `fedamole.packing`) or rows, and each client's part goes through
+the module with that client's stacked parameters.
 
 Routing results (probs, top-k ids, active slots, token offsets) reach the caller through `record_routing`, whose
 `load_balance_loss(per_client=True)` gives each client its own load-balance term.
@@ -54,24 +55,41 @@ class ClientWeights:
 
 
 class SegmentPlan:
-    """Rows ``row_offsets[s]:row_offsets[s+1]`` of a batch are client s's (non-decreasing, starting at 0)."""
+    """Rows ``row_offsets[s]:row_offsets[s+1]`` of a batch are client s's (non-decreasing, starting at 0).
 
-    def __init__(self, row_offsets: Sequence[int]) -> None:
-        offsets = [int(o) for o in row_offsets]
-        if len(offsets) < 2 or offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
-            raise ValueError(f"row_offsets must start at 0 and not decrease (S + 1 >= 2 entries), got {offsets}")
-        self.row_offsets = offsets
+    ``sequence_offsets`` (default: the row offsets) say the same of the batch's sequences when rows hold several
+    (a packed batch, `fedamole.packing`): what works per sequence (pooling, the classification head, the task loss)
+    splits by them."""
+
+    def __init__(self, row_offsets: Sequence[int], sequence_offsets: Sequence[int] | None = None) -> None:
+        self.row_offsets = _offsets("row_offsets", row_offsets)
+        self.sequence_offsets = (
+            self.row_offsets if sequence_offsets is None else _offsets("sequence_offsets", sequence_offsets)
+        )
+        if len(self.sequence_offsets) != len(self.row_offsets):
+            raise ValueError(
+                f"sequence_offsets must have one entry per row offset ({len(self.row_offsets)}), "
+                f"got {len(self.sequence_offsets)}"
+            )
         self._cache: dict[tuple, Tensor] = {}  # token offsets and token -> client ids, per (token count, device)
 
     @classmethod
-    def from_counts(cls, rows_per_client: Sequence[int]) -> SegmentPlan:
+    def from_counts(cls, rows_per_client: Sequence[int], sequence_offsets: Sequence[int] | None = None) -> SegmentPlan:
         """The plan of consecutive blocks of ``rows_per_client[s]`` rows."""
         offsets = [0]
         for n in rows_per_client:
             if int(n) < 0:
                 raise ValueError(f"rows_per_client must be >= 0, got {list(rows_per_client)}")
             offsets.append(offsets[-1] + int(n))
-        return cls(offsets)
+        return cls(offsets, sequence_offsets)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.sequence_offsets[-1]
+
+    def sequence_client_ids(self, device: torch.device | str | None = None) -> Tensor:
+        """The client of every sequence, int64 [N] (= `row_client_ids` unless rows are packed)."""
+        return _client_ids(self.sequence_offsets, device)
 
     @property
     def num_clients(self) -> int:
@@ -86,8 +104,7 @@ class SegmentPlan:
 
     def row_client_ids(self, device: torch.device | str | None = None) -> Tensor:
         """The client of every row, int64 [R]."""
-        counts = torch.tensor([b - a for a, b in zip(self.row_offsets, self.row_offsets[1:])])
-        return torch.repeat_interleave(torch.arange(self.num_clients), counts).to(device)
+        return _client_ids(self.row_offsets, device)
 
     def token_client_ids(self, num_tokens: int, device: torch.device) -> Tensor:
         """The client of every token of an input of ``num_tokens`` (rows x tokens per row), int64 [num_tokens]
@@ -117,6 +134,18 @@ class SegmentPlan:
         return offsets
 
 
+def _offsets(name: str, values: Sequence[int]) -> list[int]:
+    offsets = [int(o) for o in values]
+    if len(offsets) < 2 or offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{name} must start at 0 and not decrease (S + 1 >= 2 entries), got {offsets}")
+    return offsets
+
+
+def _client_ids(offsets: list[int], device: torch.device | str | None) -> Tensor:
+    counts = torch.tensor([b - a for a, b in zip(offsets, offsets[1:])])
+    return torch.repeat_interleave(torch.arange(len(offsets) - 1), counts).to(device)
+
+
 def _check_client_weights(name: str, module: MoLEExperts, weights: ClientWeights, num_clients: int) -> None:
     if not isinstance(weights, ClientWeights):
         raise TypeError(f"weights[{name!r}] must be a ClientWeights, got {type(weights).__name__}")
@@ -137,9 +166,16 @@ def _extra_hook(plan: SegmentPlan, stacked: Mapping[str, Tensor], name: str):
         if busy:
             return None
         x = args[0]
-        if x.shape[0] != plan.num_rows:
-            raise ValueError(f"extra module {name!r}: input's leading dimension {x.shape[0]} != the plan's rows")
-        bounds, parts = plan.row_offsets, []
+        if x.shape[0] == plan.num_sequences:
+            bounds = plan.sequence_offsets
+        elif x.shape[0] == plan.num_rows:
+            bounds = plan.row_offsets
+        else:
+            raise ValueError(
+                f"extra module {name!r}: input's leading dimension {x.shape[0]} is neither the plan's "
+                f"{plan.num_sequences} sequences nor its {plan.num_rows} rows"
+            )
+        parts = []
         busy.append(True)
         try:
             for s in range(plan.num_clients):

@@ -5,7 +5,8 @@ clients runs as one model whose adapters are S clients' stacks (`ClientStack`, o
 parameters are never touched) and whose batches hold every client's rows, split by a `SegmentPlan`:
 
 * training: each step merges the batches of the clients that still have local steps (a client that finished, or
-  crashed, leaves the batch: no dead rows), rows right-padded to the step's widest; the loss is the SUM over
+  crashed, leaves the batch: no dead rows), rows packed without padding where the backbone allows it
+  (`fedamole.packing`; else right-padded to the step's widest); the loss is the SUM over
   clients of each client's own loss (its task loss over its rows, plus its load balance over its real tokens), so
   one backward gives every client exactly its own gradient; clipping is per client and `StackedAdam` is one Adam
   per client (own step count, own learning rate);
@@ -91,7 +92,7 @@ def _train(workload, stack: ClientStack, payloads, datas, seeds) -> tuple[list[l
         rows = [0] * num
         for s, part in zip(members, parts):
             rows[s] = int(part["input_ids"].shape[0])
-        batch, plan = workload.merge_batches(parts), SegmentPlan.from_counts(rows)
+        batch, plan = workload.pack(workload.merge_batches(parts), SegmentPlan.from_counts(rows))
         with use_segments(model, stack.weights(), plan, extra=stack.extra_params()):
             per_client = workload.client_losses(batch, plan)
         mask = torch.tensor(active, dtype=per_client.dtype, device=per_client.device)

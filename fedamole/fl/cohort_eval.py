@@ -4,7 +4,8 @@ Every client's rows (test examples, candidate-answer pairs, prompts, embedding-s
 in client order and cut into chunks of at most ``rows`` rows; each chunk is one forward under `use_segments`, its
 `SegmentPlan` giving each client its rows (possibly none) with that client's stacked adapters. Per-row results are
 reduced per client afterwards, so a client's metric is the one it would get alone up to floating-point rounding
-(rows are padded to the chunk's widest; the attention mask keeps padding out of every real token).
+(rows are packed where the backbone allows it, `fedamole.packing`, else padded to the chunk's widest; the attention
+mask keeps other sequences and padding out of every real token).
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ def chunks(items: Sequence[Sequence], rows: int) -> Iterator[tuple[list, Segment
         yield [items[c][i] for c, i in where], SegmentPlan.from_counts(counts), where
 
 
-def _per_row(stack: ClientStack, model, items, rows: int, score: Callable[[list], Tensor | list]) -> list[list]:
-    """``score(chunk items)`` of every item, run per chunk under the chunk's plan; returned per client."""
+def _per_row(
+    stack: ClientStack, model, items, rows: int, score: Callable, prepare: Callable | None = None
+) -> list[list]:
+    """``score(batch)`` of every item, run per chunk under the chunk's plan; returned per client. ``prepare(chunk
+    items, plan)`` makes the batch and its plan (a packed batch has its own), else the batch is the items."""
     out: list[list] = [[] for _ in items]
     for chunk, plan, where in chunks(items, rows):
+        batch, plan = prepare(chunk, plan) if prepare else (chunk, plan)
         with use_segments(model, stack.weights(), plan, extra=stack.extra_params()):
-            values = score(chunk)
+            values = score(batch)
         values = values.tolist() if isinstance(values, Tensor) else list(values)
         for (c, _), value in zip(where, values):
             out[c].append(value)
@@ -60,7 +65,8 @@ def evaluate_cohort(
     model.eval()
     try:
         if hasattr(workload, "row_predictions"):
-            preds = _per_row(stack, model, tests, rows, lambda chunk: workload.row_predictions(workload.collate(chunk)))
+            prepare = lambda chunk, plan: workload.pack(workload.collate(chunk), plan)  # noqa: E731
+            preds = _per_row(stack, model, tests, rows, workload.row_predictions, prepare)
             scores = [
                 float(np.mean(np.array(p) == np.array([ex.label for ex in t]))) if t else None
                 for p, t in zip(preds, tests)
@@ -69,7 +75,8 @@ def evaluate_cohort(
             if not choices:
                 raise ValueError("choices: candidate answers are needed to score causal-LM classification")
             pairs = [workload.candidate_pairs(t, choices) for t in tests]
-            losses = _per_row(stack, model, pairs, rows, lambda chunk: workload.row_losses(workload._pad(chunk)))
+            prepare = lambda chunk, plan: workload.pack(workload._pad(chunk), plan)  # noqa: E731
+            losses = _per_row(stack, model, pairs, rows, workload.row_losses, prepare)
             scores = [
                 accuracy_from_losses(np.asarray(loss, np.float32).reshape(len(t), -1), [ex.label for ex in t])
                 if t
@@ -116,7 +123,7 @@ def cohort_stats(
     model.eval()
     try:
         for chunk, plan, _ in chunks(examples, rows):
-            batch = workload.collate(chunk)
+            batch, plan = workload.pack(workload.collate(chunk), plan)
             mask = batch["attention_mask"].bool()
             current.update(plan=plan, mask=mask)
             with use_segments(model, stack.weights(), plan, extra=stack.extra_params()):

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from fedamole.data.prompts import prompt_ids
 from fedamole.data.scenarios import Example
 from fedamole.metrics import ROUGE_IMPLEMENTATIONS, accuracy_from_losses, rouge_l
+from fedamole.packing import attention_bias, pack_rows
 from fedamole.routing import record_routing
 from fedamole.segments import SegmentPlan
 
@@ -37,17 +38,28 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def per_client_mean(row_sums: Tensor, row_counts: Tensor, plan: SegmentPlan) -> Tensor:
-    """[S]: client s's sum of ``row_sums`` over its rows divided by its sum of ``row_counts`` (0 without rows)."""
-    ids = plan.row_client_ids(row_sums.device)
+def per_client_mean(row_sums: Tensor, row_counts: Tensor, plan: SegmentPlan, by_sequence: bool = False) -> Tensor:
+    """[S]: client s's sum of ``row_sums`` over its rows (its sequences when ``by_sequence``: a packed batch's
+    per-sequence values) divided by its sum of ``row_counts`` (0 without rows)."""
+    ids = plan.sequence_client_ids(row_sums.device) if by_sequence else plan.row_client_ids(row_sums.device)
     sums = row_sums.new_zeros(plan.num_clients).index_add(0, ids, row_sums)
     counts = row_counts.to(row_sums.dtype)
     return sums / counts.new_zeros(plan.num_clients).index_add(0, ids, counts).clamp(min=1)
 
 
+# What `_Base.packs` runs padded and packed: a long sequence and two short ones that share a packed row.
+_PROBE = (
+    Example(text="sequence packing probe, " * 3, target="a longer answer", label=0),
+    Example(text="one", target="a", label=0),
+    Example(text="two", target="b", label=0),
+)
+
+
 class _Base:
     model: nn.Module
     kind: str
+    causal = False  # packed rows attend causally inside each sequence
+    _packs: bool | None = None
 
     def __init__(self, model: nn.Module, batch_size_eval: int = 16) -> None:
         self.model = model
@@ -89,6 +101,45 @@ class _Base:
             task = task + self.coef * lb.to(task.device)
         return task
 
+    @property
+    def packs(self) -> bool:
+        """Whether packed batches (`fedamole.packing`) may stand in for padded ones: the backbone takes a 4-D
+        additive attention mask and position ids and gives each packed sequence what its padded row gives (checked
+        once, on a small probe, in eval mode; any error or a relative difference above 1e-4 says no)."""
+        if self._packs is None:
+            self._packs = self._probe_packing()
+        return self._packs
+
+    def pack(self, batch: dict, plan: SegmentPlan) -> tuple[dict, SegmentPlan]:
+        """``batch`` and ``plan`` packed (`fedamole.packing.pack_rows`) when the backbone allows it, else as given."""
+        return pack_rows(batch, plan, self.causal) if self.packs else (batch, plan)
+
+    def model_inputs(self, batch: dict) -> dict:
+        """The model's keyword arguments for ``batch``; a packed one gets position ids and a block-diagonal mask."""
+        if "sequence_ids" not in batch:
+            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        dtype = next(self.model.parameters()).dtype
+        bias = attention_bias(batch["sequence_ids"], self.causal, dtype if dtype.is_floating_point else torch.float32)
+        return {"input_ids": batch["input_ids"], "attention_mask": bias, "position_ids": batch["position_ids"]}
+
+    @torch.no_grad()
+    def _probe_packing(self) -> bool:
+        batch = self.collate(_PROBE)
+        packed, _ = pack_rows(batch, SegmentPlan.from_counts([len(_PROBE)]), self.causal)
+        if packed is batch:
+            return False
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            padded, repacked = self.sequence_scores(batch), self.sequence_scores(packed)
+        except Exception:  # noqa: BLE001 - a backbone that cannot take packed inputs runs padded
+            return False
+        finally:
+            self.model.train(was_training)
+        if padded.shape != repacked.shape:
+            return False
+        return bool(torch.allclose(repacked, padded, rtol=1e-4, atol=1e-4 * float(padded.abs().max().clamp(min=1))))
+
     def pad_value(self, key: str) -> int:
         """The value that right-pads ``key`` of a batch (token ids: the pad token; labels: ignored; masks: 0)."""
         if key == "labels":
@@ -127,7 +178,7 @@ class _Base:
     @torch.no_grad()
     def forward_tokens(self, batch: dict) -> Tensor:
         """Run the model (no grad) on a batch; returns the bool token mask [B, L] of real tokens."""
-        self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        self.model(**self.model_inputs(batch))
         return batch["attention_mask"].bool()
 
 
@@ -165,6 +216,7 @@ class CausalLMWorkload(_Base):
         self.candidate_eos = candidate_eos
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
+        self.causal = True
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt's token ids as the model sees them (BOS first when ``add_bos`` and the tokenizer has one)."""
@@ -204,7 +256,7 @@ class CausalLMWorkload(_Base):
         return self._pad([self._pair(ex.text, ex.target) for ex in examples])
 
     def _token_losses(self, batch: dict) -> Tensor:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(**self.model_inputs(batch)).logits
         # A prompt-learning model returns logits for its virtual tokens first: keep the input tokens' positions.
         logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1] :]
         logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
@@ -219,11 +271,26 @@ class CausalLMWorkload(_Base):
         losses, valid = self._token_losses(batch)
         return per_client_mean((losses * valid).sum(1), valid.sum(1), plan)
 
+    def _sequence_sums(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """Each sequence's summed response-token loss and its count of response tokens, [sequences] each (a packed
+        batch's sequences in their unpacked order)."""
+        losses, valid = self._token_losses(batch)
+        if "sequence_ids" not in batch:
+            return (losses * valid).sum(1), valid.sum(1)
+        seq = batch["sequence_ids"][:, 1:].reshape(-1).clamp(min=0)  # the sequence of each predicted label
+        num = int(batch["sequence_ids"].max()) + 1
+        sums = losses.new_zeros(num).index_add_(0, seq, (losses * valid).reshape(-1))
+        return sums, losses.new_zeros(num).index_add_(0, seq, valid.reshape(-1).to(losses.dtype))
+
+    def sequence_scores(self, batch: dict) -> Tensor:
+        """Mean response-token loss of every sequence [sequences] (what the packing probe compares)."""
+        sums, counts = self._sequence_sums(batch)
+        return sums / counts.clamp(min=1)
+
     @torch.no_grad()
     def row_losses(self, batch: dict) -> Tensor:
-        """Mean token loss of every row's response (candidate scoring), float32 CPU [rows]."""
-        losses, valid = self._token_losses(batch)
-        return ((losses * valid).sum(1) / valid.sum(1).clamp(min=1)).cpu()
+        """Mean token loss of every sequence's response (candidate scoring), float32 CPU [sequences]."""
+        return self.sequence_scores(batch).float().cpu()
 
     def candidate_pairs(self, examples: Sequence[Example], choices: Sequence[str]) -> list[tuple]:
         """The (input ids, labels) rows that score every candidate after every prompt, example-major."""
@@ -295,10 +362,29 @@ class MeanPoolClassifier(nn.Module):
         self.encoder = encoder
         self.classifier = nn.Linear(hidden_size, num_labels)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return self.classifier((hidden * m).sum(1) / m.sum(1).clamp(min=1))
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor | None = None,
+        sequence_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Padded rows: attention_mask [B, L] marks real tokens, logits per row. Packed rows (`fedamole.packing`):
+        attention_mask is the additive [R, 1, W, W] bias, ``sequence_ids`` [R, W] (-1 on padding) says whose each
+        token is, logits per sequence."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        hidden = hidden.last_hidden_state
+        if sequence_ids is None:
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return self.classifier((hidden * m).sum(1) / m.sum(1).clamp(min=1))
+        seq = sequence_ids.reshape(-1)
+        real = seq >= 0
+        num = int(seq.max()) + 1
+        sums = hidden.new_zeros(num, hidden.shape[-1]).index_add_(
+            0, seq[real], hidden.reshape(-1, hidden.shape[-1])[real]
+        )
+        counts = hidden.new_zeros(num).index_add_(0, seq[real], hidden.new_ones(int(real.sum())))
+        return self.classifier(sums / counts.clamp(min=1)[:, None])
 
 
 class SeqClsWorkload(_Base):
@@ -320,9 +406,24 @@ class SeqClsWorkload(_Base):
             "labels": torch.tensor([ex.label for ex in examples], device=dev),
         }
 
+    @property
+    def packs(self) -> bool:
+        """Packing needs per-sequence pooling: only a `MeanPoolClassifier` whose encoder passes the probe."""
+        return isinstance(self.model, MeanPoolClassifier) and super().packs
+
+    def model_inputs(self, batch: dict) -> dict:
+        inputs = super().model_inputs(batch)
+        if "sequence_ids" in batch:
+            inputs["sequence_ids"] = batch["sequence_ids"]
+        return inputs
+
     def _logits(self, batch: dict) -> Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = self.model(**self.model_inputs(batch))
         return (out.logits if hasattr(out, "logits") else out).float()
+
+    def sequence_scores(self, batch: dict) -> Tensor:
+        """The logits of every sequence [sequences, num_labels] (what the packing probe compares)."""
+        return self._logits(batch)
 
     def task_loss(self, batch: dict) -> Tensor:
         return F.cross_entropy(self._logits(batch), batch["labels"])
@@ -330,7 +431,7 @@ class SeqClsWorkload(_Base):
     def task_losses(self, batch: dict, plan: SegmentPlan) -> Tensor:
         """`task_loss` of each client's rows of ``batch`` as ``plan`` splits them [S]."""
         losses = F.cross_entropy(self._logits(batch), batch["labels"], reduction="none")
-        return per_client_mean(losses, torch.ones_like(losses), plan)
+        return per_client_mean(losses, torch.ones_like(losses), plan, by_sequence=True)
 
     @torch.no_grad()
     def row_predictions(self, batch: dict) -> Tensor:
