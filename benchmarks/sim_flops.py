@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 # The simulation's public builders: the one place the simulation benchmark imports them (the package layout moves).
 from fedamole import mole_modules
+from fedamole.dropout import ATTENTION_NAME
 from fedamole.simulation.presets import (
     build_data,
     build_workload,
@@ -235,12 +236,23 @@ def trace_shapes(workload, example) -> ModelShapes:
         handles.append(module.register_forward_pre_hook(_adapter_hook(adapters, name)))
     was_training = model.training
     model.train()
+    # fedamole_sdpa (fedamole.dropout) runs the same products as sdpa outside F.scaled_dot_product_attention when it
+    # trains with dropout: trace with plain sdpa so that the recorder sees every attention call.
+    switched = [
+        m
+        for m in model.modules()
+        if hasattr(m, "set_attn_implementation") and m.config._attn_implementation == ATTENTION_NAME
+    ]
+    for m in switched:
+        m.set_attn_implementation("sdpa")
     try:
         with torch.enable_grad(), _AttentionRecorder() as attention:
             workload.loss(batch).backward()
     finally:
         for h in handles:
             h.remove()
+        for m in switched:
+            m.set_attn_implementation(ATTENTION_NAME)
         model.train(was_training)
         model.zero_grad(set_to_none=True)
     if not attention.calls:

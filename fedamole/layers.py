@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fedamole.config import MoLEConfig
+from fedamole.dropout import FastDropout
 from fedamole.routing import load_balance_from_routing, record_routing, release_reentrant_term
 from fedamole_kernels import resolve_backend
 from fedamole_kernels.backends import get_backend
@@ -87,7 +88,7 @@ class MoLEExperts(nn.Module):
             self.register_parameter("shared_a", None)
             self.register_parameter("shared_b", None)
         self.register_buffer("active_experts", torch.ones(num_slots, dtype=torch.bool, device=device))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = FastDropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Per-call state is plain Python (no tensors with autograd history), so deepcopy/pickle work at any time.
         self._routing_recorders: tuple = ()
         self._reentrant_cells: collections.deque = collections.deque()
