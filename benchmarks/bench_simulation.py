@@ -25,6 +25,7 @@ waits up to ``--settle`` seconds for the 1-minute load to fall to ``--max-load``
 repository root::
 
     python benchmarks/bench_simulation.py                          # the issue's table (~10 min on 2 cores)
+    python benchmarks/bench_simulation.py --repeat 3               # each run 3 times, engines interleaved, medians
     python benchmarks/bench_simulation.py --quick                  # tiny:8:1 and default:4:1, a functional check
     python benchmarks/bench_simulation.py --workloads tiny:32 --engines cohort
 """
@@ -40,6 +41,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -195,6 +197,22 @@ def with_flops(row: dict, flops: sim_flops.RoundFlops, peak: float, threads: int
     return row
 
 
+MEDIAN_KEYS = ("wall_s", "simulate_s", "round_s", "before_rounds_s", "peak_rss_mib")
+
+
+def median_row(runs: list[dict]) -> dict:
+    """One row for several runs of a workload and engine: the medians of the timings and the peak RSS (each run's
+    own values kept as ``<key>_runs``), the loads of every run, the rest from the first run."""
+    row = dict(runs[0])
+    for key in MEDIAN_KEYS:
+        values = [r[key] for r in runs]
+        row[key], row[f"{key}_runs"] = round(statistics.median(values), 3), values
+    row.update(repeats=len(runs), load_before=[r["load_before"] for r in runs])
+    row.update(load_after=[r["load_after"] for r in runs], load_settled=all(r["load_settled"] for r in runs))
+    row.pop("repeat", None)
+    return row
+
+
 def memory_probe(counts: list[int], seed: int, work: Path) -> tuple[list[dict], dict]:
     """Cohort engine on ``tiny`` at growing client counts (one round, no initial evaluation): peak RSS = base +
     N x per-client, extrapolated to the largest N that fits in 24 GiB."""
@@ -221,6 +239,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--probe", type=int, nargs="*", default=[], help="memory probe client counts (tiny, cohort)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per workload and engine, engines interleaved; medians reported"
+    )
     parser.add_argument("--max-load", type=float, default=1.0, help="load average to wait for before each run")
     parser.add_argument(
         "--settle",
@@ -264,16 +285,24 @@ def main(argv: list[str] | None = None) -> int:
     flops, threads = _flops_and_threads(workloads)
     peaks = {t: sim_flops.matmul_peak(t) for t in sorted(set(threads.values()))}
     print(json.dumps({"matmul_peak_gflops": {t: round(p / 1e9, 2) for t, p in peaks.items()}}), flush=True)
-    rows = []
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat must be >= 1, got {args.repeat}")
+    runs, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for w in workloads:
+            initial = bool(w.config().eval_initial)
+            mine = []
+            for repeat in range(args.repeat):
+                for engine in args.engines:
+                    settled = settle(args.max_load, settle_s)
+                    row = run_simulate(w, engine, args.seed, Path(tmp))
+                    row.update(repeat=repeat, load_settled=settled[0] <= args.max_load)
+                    mine.append(with_flops(row, flops[w.name], peaks[threads[w.name]], threads[w.name], initial))
+                    print(json.dumps({k: v for k, v in mine[-1].items() if k != "config_yaml"}), flush=True)
+            runs.extend(mine)
             for engine in args.engines:
-                settled = settle(args.max_load, settle_s)
-                row = run_simulate(w, engine, args.seed, Path(tmp))
-                row["load_settled"] = settled[0] <= args.max_load
-                initial = bool(w.config().eval_initial)
-                rows.append(with_flops(row, flops[w.name], peaks[threads[w.name]], threads[w.name], initial))
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "config_yaml"}), flush=True)
+                median = median_row([r for r in mine if r["engine"] == engine])
+                rows.append(with_flops(median, flops[w.name], peaks[threads[w.name]], threads[w.name], initial))
         probes, memory = memory_probe(args.probe, args.seed, Path(tmp))
     peaks_after = {t: sim_flops.matmul_peak(t) for t in peaks}
     result = {
@@ -287,9 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_peak_gflops": {str(t): round(p / 1e9, 2) for t, p in peaks.items()},
         "matmul_peak_after_gflops": {str(t): round(p / 1e9, 2) for t, p in peaks_after.items()},
         "max_load": args.max_load,
-        "quiet": all(r["load_before"][0] <= 1.5 for r in rows),
+        "quiet": all(r["load_before"][0] <= 1.5 for r in runs),
         "flops": {name: dataclasses.asdict(f) for name, f in flops.items()},
+        "repeat": args.repeat,
         "rows": rows,
+        "runs": runs,
         "probes": probes,
         "memory": memory,
         **targets(rows),
