@@ -66,15 +66,19 @@ def pack_layout(lengths_per_client: list[list[int]], width: int) -> PackedLayout
 
 def pack_rows(batch: dict[str, Tensor], plan: SegmentPlan, causal: bool) -> tuple[dict[str, Tensor], SegmentPlan]:
     """``batch`` (``input_ids`` [B, L], ``attention_mask`` [B, L] marking real tokens, optional ``labels`` [B] or
-    [B, L]; its rows split by ``plan``) packed: ``input_ids``, ``attention_mask`` (real tokens), ``position_ids``
-    and ``sequence_ids`` (the sequence of each token, -1 on padding) of [R, L] with R <= B, ``labels`` [B] as given
-    or packed like the tokens (-100 on padding and on each sequence's first token, which no label of the padded
-    batch predicts either); and the plan of the packed rows (``sequence_offsets`` = the old row offsets).
+    [B, L], other per-token [B, L] or per-sequence [B, ...] tensors; its rows split by ``plan``) packed:
+    ``input_ids``, ``attention_mask`` (real tokens), ``position_ids`` and ``sequence_ids`` (the sequence of each
+    token, -1 on padding) of [R, L] with R <= B; per-token labels packed like the tokens (-100 on padding and on each
+    sequence's first token, which no label of the padded batch predicts either), other per-token tensors packed with
+    0 on padding, per-sequence tensors as given; and the plan of the packed rows (``sequence_offsets`` = the old row
+    offsets).
 
     The batch comes back unchanged, with ``plan``, when packing saves no row or a row has no real token."""
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(1).tolist()
     width = int(mask.shape[1])
+    if plan.num_rows != len(lengths):
+        raise ValueError(f"plan must split the batch's {len(lengths)} rows, it has {plan.num_rows}")
     if not lengths or min(lengths) < 1:
         return batch, plan
     per_client = [lengths[plan.rows(s)] for s in range(plan.num_clients)]
@@ -100,12 +104,19 @@ def pack_rows(batch: dict[str, Tensor], plan: SegmentPlan, causal: bool) -> tupl
         "position_ids": scatter(torch.arange(width, device=device).expand_as(mask), 0),
         "sequence_ids": scatter(torch.arange(len(lengths), device=device)[:, None].expand_as(mask), -1),
     }
-    labels = batch.get("labels")
-    if labels is not None and labels.dim() == 2:
-        labels = scatter(labels, -100)
-        labels.view(-1)[where[first_token]] = -100
-    if labels is not None:
-        out["labels"] = labels
+    for key, value in batch.items():
+        if key in out:
+            continue
+        if key == "labels" and value.shape == mask.shape:
+            value = scatter(value, -100)
+            value.view(-1)[where[first_token]] = -100
+        elif value.shape == mask.shape:  # any other per-token input (token type ids): packed like the tokens
+            value = scatter(value, 0)
+        elif value.shape[:1] != mask.shape[:1]:
+            raise ValueError(
+                f"batch[{key!r}] must be per token [B, L] or per sequence [B, ...], got {list(value.shape)}"
+            )
+        out[key] = value
     new_plan = SegmentPlan.from_counts(layout.rows_per_client, sequence_offsets=plan.row_offsets)
     return out, new_plan
 

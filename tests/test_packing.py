@@ -91,6 +91,22 @@ def test_pack_rows_moves_every_token_and_restarts_positions(causal):
     assert (packed["labels"][seq < 0] == -100).all() if causal else torch.equal(packed["labels"], batch["labels"])
 
 
+def test_pack_rows_packs_other_per_token_inputs_and_rejects_what_it_cannot_place():
+    batch, plan = _padded([[5, 2, 1], [3]], 8, False)
+    batch["token_type_ids"] = torch.where(batch["attention_mask"].bool(), 1 + torch.arange(8), 0)
+    batch["weights"] = torch.rand(4, 2)
+    packed, _ = pack_rows(batch, plan, False)
+    seq = packed["sequence_ids"]
+    for n, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+        torch.testing.assert_close(packed["token_type_ids"][seq == n], 1 + torch.arange(length))
+    assert (packed["token_type_ids"][seq < 0] == 0).all() and packed["weights"] is batch["weights"]
+    batch["odd"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="odd"):
+        pack_rows(batch, plan, False)
+    with pytest.raises(ValueError, match="plan"):
+        pack_rows(batch, SegmentPlan.from_counts([2, 1]), False)
+
+
 def test_pack_rows_leaves_batches_it_cannot_shrink():
     batch, plan = _padded([[4, 4], [3]], 4, False)
     assert pack_rows(batch, plan, False)[0] is batch  # nothing fits beside anything

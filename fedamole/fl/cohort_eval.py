@@ -54,6 +54,11 @@ def _per_row(
     return out
 
 
+def _packing(workload, collate: Callable[[list], dict]) -> Callable:
+    """`_per_row`'s ``prepare``: the chunk's items collated, then packed where the backbone allows it."""
+    return lambda chunk, plan: workload.pack(collate(chunk), plan)
+
+
 @torch.no_grad()
 def evaluate_cohort(
     workload, stack: ClientStack, tests: Sequence[Sequence], kind: str, choices=None, rows: int = EVAL_ROWS
@@ -65,8 +70,7 @@ def evaluate_cohort(
     model.eval()
     try:
         if hasattr(workload, "row_predictions"):
-            prepare = lambda chunk, plan: workload.pack(workload.collate(chunk), plan)  # noqa: E731
-            preds = _per_row(stack, model, tests, rows, workload.row_predictions, prepare)
+            preds = _per_row(stack, model, tests, rows, workload.row_predictions, _packing(workload, workload.collate))
             scores = [
                 float(np.mean(np.array(p) == np.array([ex.label for ex in t]))) if t else None
                 for p, t in zip(preds, tests)
@@ -75,8 +79,7 @@ def evaluate_cohort(
             if not choices:
                 raise ValueError("choices: candidate answers are needed to score causal-LM classification")
             pairs = [workload.candidate_pairs(t, choices) for t in tests]
-            prepare = lambda chunk, plan: workload.pack(workload._pad(chunk), plan)  # noqa: E731
-            losses = _per_row(stack, model, pairs, rows, workload.row_losses, prepare)
+            losses = _per_row(stack, model, pairs, rows, workload.row_losses, _packing(workload, workload._pad))
             scores = [
                 accuracy_from_losses(np.asarray(loss, np.float32).reshape(len(t), -1), [ex.label for ex in t])
                 if t
