@@ -74,6 +74,17 @@ def test_bad_options_are_rejected_before_starting_anything(opts, match):
         _engine(make_config("tiny", TINY), opts)
 
 
+def test_every_ray_option_can_be_configured():
+    """The configuration's ``ray`` section takes exactly the engine's options (no Ray needed)."""
+    from fedamole.fl.ray_engine import RAY_OPTIONS
+    from fedamole.simulation.config_checks import SECTIONS
+
+    assert set(SECTIONS["ray"]) == set(RAY_OPTIONS)
+    make_config("tiny", {**TINY, "engine": "ray", "ray": {"cohort": False}}).validate()
+    with pytest.raises(ValueError, match="cohort"):
+        make_config("tiny", {**TINY, "engine": "ray", "ray": {"cohort": "no"}}).validate()
+
+
 def test_missing_builders_are_a_clear_error():
     pytest.importorskip("ray")
     cfg = make_config("tiny", TINY)

@@ -158,6 +158,7 @@ SECTIONS = {
         "num_cpus": Rule("int", 1, optional=True),
         "threads": Rule("int", 1, optional=True),
         "rebuild_data": Rule("bool"),
+        "cohort": Rule("bool"),
         "kill_actor_after_round": Rule("int", 0, optional=True),
         "crash_actor_in_round": Rule("int", 0, optional=True),
     },
