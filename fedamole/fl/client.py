@@ -30,7 +30,6 @@ class SimulatedClientCrash(RuntimeError):
 
 
 __all__ = [
-    "NOT_SCORED",
     "SimulatedClientCrash",
     "client_update",
     "finish_client",
@@ -198,9 +197,6 @@ def client_update(
     return finish_client(workload, task, data, state, seed, train_loss, kind, choices)
 
 
-NOT_SCORED = object()  # `finish_client`: the metric has not been computed yet
-
-
 def finish_client(
     workload,
     task: ClientTask,
@@ -210,14 +206,13 @@ def finish_client(
     train_loss: float,
     kind: str,
     choices,
-    metric=NOT_SCORED,
 ) -> ClientResult:
     """Everything after local training (the model holds the trained client): evaluation, embedding statistics
     (+ DP noise), and the result. Shared by every engine so that they build identical results."""
     model = workload.model
     model.eval()
     fusion_weights = None
-    if metric is NOT_SCORED and task.fusion is not None:
+    if task.fusion is not None:
         from fedamole.fl.fdlora import adafusion
 
         fusion = task.fusion
@@ -229,8 +224,7 @@ def finish_client(
             int(task.batch_size or 1),
             seed,
         ).tolist()
-    if metric is NOT_SCORED:
-        metric = workload.evaluate(data.test, kind, choices) if task.evaluate else None
+    metric = workload.evaluate(data.test, kind, choices) if task.evaluate else None
     stats = None
     if task.stats:
         stats = embedding_stats(workload, data.embed or data.train)

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedamole.fl.client import client_update, finish_client, load_state, optimizer_weight_decay
+from fedamole.fl.client import finish_client, load_state, optimizer_weight_decay
 from fedamole.fl.cohort_eval import cohort_stats, evaluate_cohort
 from fedamole.fl.cohort_sizing import CohortSizer
 from fedamole.fl.cohort_stack import ClientStack
-from fedamole.fl.engine import Engine, client_seed, run_client_safely
+from fedamole.fl.engine import Engine, client_seed, update_client
 from fedamole.fl.protocol import ClientResult, ClientTask
 from fedamole.optim import StackedAdam, clip_grad_norm_per_client
 from fedamole.segments import SegmentPlan, use_segments
@@ -94,10 +94,9 @@ def _train(workload, stack: ClientStack, payloads, datas, seeds) -> tuple[list[l
             rows[s] = int(part["input_ids"].shape[0])
         batch, plan = workload.pack(workload.merge_batches(parts), SegmentPlan.from_counts(rows))
         with use_segments(model, stack.weights(), plan, extra=stack.extra_params()):
-            per_client = workload.client_losses(batch, plan)
-        mask = torch.tensor(active, dtype=per_client.dtype, device=per_client.device)
+            per_client = workload.client_losses(batch, plan)  # 0 for a client without rows: no gradient
         opt.zero_grad()
-        (per_client * mask).sum().backward()
+        per_client.sum().backward()
         if clip:
             clip_grad_norm_per_client(opt.params, float(clip), num)
         opt.step(torch.tensor(active))
@@ -123,23 +122,26 @@ def run_cohort(
         if p.fault == "diverge" and s not in crashed:
             stack.diverge(s, states[s], frozen)
             train_losses[s] = float("nan")
+    alone = {s for s, p in enumerate(payloads) if _finishes_alone(p)}
     live = [s for s in range(len(payloads)) if s not in crashed]
-    scored = [s for s in live if payloads[s].evaluate and not _finishes_alone(payloads[s])]
+    scored = [s for s in live if payloads[s].evaluate and s not in alone]
     metrics = dict(zip(scored, evaluate_cohort(workload, stack, [datas[s].test for s in scored], kind, choices)))
-    with_stats = [s for s in live if payloads[s].stats and not _finishes_alone(payloads[s])]
+    with_stats = [s for s in live if payloads[s].stats and s not in alone]
     stats = dict(zip(with_stats, cohort_stats(workload, stack, [datas[s].embed or datas[s].train for s in with_stats])))
     out = []
     for s, payload in enumerate(payloads):
         if s in crashed:
             out.append(ClientResult.failed(crashed[s]))
-        elif _finishes_alone(payload):
-            out.append(_finish_alone(workload, stack, payload, datas[s], seeds[s], s, train_losses[s], kind, choices))
+        elif s in alone:
+            load_state(model, stack.state(s, list(states[s]), states[s]))
+            torch.manual_seed(seeds[s])
+            out.append(finish_client(workload, payload, datas[s], states[s], seeds[s], train_losses[s], kind, choices))
         else:
             out.append(
                 ClientResult(
                     up=stack.state(s, payload.upload, states[s]),
                     private=stack.state(s, payload.keep, states[s]),
-                    metric=metrics.get(s) if payload.evaluate else None,
+                    metric=metrics.get(s),
                     stats=stats.get(s),
                     train_loss=train_losses[s],
                     num_train=len(datas[s].train),
@@ -147,14 +149,6 @@ def run_cohort(
                 )
             )
     return out
-
-
-def _finish_alone(workload, stack: ClientStack, payload, data, seed: int, index: int, train_loss: float, kind, choices):
-    """Load the trained client into the model and finish it there (`finish_client`)."""
-    state = _state(payload)
-    load_state(workload.model, {**state, **stack.state(index, list(state), state)})
-    torch.manual_seed(seed)
-    return finish_client(workload, payload, data, state, seed, train_loss, kind, choices)
 
 
 def _shape(task: ClientTask) -> tuple:
@@ -187,8 +181,13 @@ class CohortEngine(Engine):
         self.cohort_size = size
         self.sizer = CohortSizer(self.options.get("max_memory"), self.options.get("cohort_tokens"))
         self._workload = None
-        # Per run: how many clients ran in cohorts, the cohort sizes, and why a cohort fell back to the sequential path.
-        self.report: dict = {"cohorts": 0, "cohort_clients": 0, "fallbacks": [], "sizes": []}
+        self.report = self._new_report()
+
+    @staticmethod
+    def _new_report() -> dict:
+        """Per run: how many clients ran in cohorts, the cohort sizes, and why a cohort fell back to the sequential
+        path."""
+        return {"cohorts": 0, "cohort_clients": 0, "fallbacks": [], "sizes": []}
 
     @property
     def workload(self):
@@ -197,11 +196,11 @@ class CohortEngine(Engine):
         return self._workload
 
     def cohorts(
-        self, payloads: Sequence[ClientTask], clients: Sequence[int] | None = None
+        self, payloads: Sequence[ClientTask], clients: Sequence[int] | None = None, data: Sequence | None = None
     ) -> tuple[list[list[int]], list[int]]:
         """(cohorts of positions in ``payloads`` run together, positions that take the sequential path); payload i is
-        client ``clients[i]``'s (default: client i)."""
-        data = self._datas(payloads, clients)
+        client ``clients[i]``'s (default: client i), whose data is ``data[i]`` when given."""
+        data = self._datas(payloads, clients) if data is None else data
         groups: dict[tuple, list[int]] = {}
         alone = []
         for i, p in enumerate(payloads):
@@ -239,8 +238,8 @@ class CohortEngine(Engine):
         sc, wl = self.scenario, self.workload
         data = self._datas(payloads, clients)
         seeds = [client_seed(self.seed, round_idx, c) for c in clients]
-        self.report = {"cohorts": 0, "cohort_clients": 0, "fallbacks": [], "sizes": []}
-        cohorts, _ = self.cohorts(payloads, clients)
+        self.report = self._new_report()
+        cohorts, _ = self.cohorts(payloads, clients, data)
         done: dict[int, dict] = {}
         for members in tqdm(cohorts, desc=f"round {round_idx} cohorts", leave=False, disable=not self.progress):
             try:
@@ -265,13 +264,7 @@ class CohortEngine(Engine):
             if i in done:
                 out.append(done.pop(i))
             else:
-                out.append(
-                    run_client_safely(
-                        lambda i=i, payload=payload: client_update(
-                            wl, payload, data[i], seeds[i], kind=sc.kind, choices=sc.choices
-                        )
-                    )
-                )
+                out.append(update_client(self, payload, clients[i], round_idx))
         # The global RNG where the sequential engine leaves it after its last client (dropout 0: nothing drawn).
         ran = [i for i, p in enumerate(payloads) if p.fault != "dropout"]
         if ran:

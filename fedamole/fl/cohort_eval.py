@@ -141,7 +141,7 @@ def cohort_stats(
 
 
 def _client_stats(stack: ClientStack, sums: dict, counts: Tensor, client: int) -> EmbeddingStats:
-    out: dict[str, dict[str, Tensor]] = {"t": {}, "e": {}}
+    out = EmbeddingStats(t={}, e={})
     n = max(float(counts[client]), 1.0)
     for name, module in stack.modules.items():
         total = sums[name]
@@ -151,8 +151,8 @@ def _client_stats(stack: ClientStack, sums: dict, counts: Tensor, client: int) -
         kinds = stack.mole[name]
         if module.config.router == "embedding":
             k = int(stack.active[name][client].sum())
-            out["t"][name] = (kinds["router"][client].detach().float() @ x_bar).cpu()
-            out["e"][name] = (kinds["lora_a"][client, :k].detach().float() @ x_bar).cpu()
+            out.t[name] = (kinds["router"][client].detach().float() @ x_bar).cpu()
+            out.e[name] = (kinds["lora_a"][client, :k].detach().float() @ x_bar).cpu()
         else:
-            out["t"][name] = x_bar.cpu()
-    return EmbeddingStats(t=out["t"], e=out["e"])
+            out.t[name] = x_bar.cpu()
+    return out

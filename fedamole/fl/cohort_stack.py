@@ -48,45 +48,28 @@ class ClientStack:
         self.modules = fedamole.mole_modules(model)
         self.num_clients = num = len(states)
 
-        def stacked(t: Tensor) -> Tensor:
-            return t.detach().expand(num, *t.shape).clone()
+        # Trained: what the states name, unless its kind is frozen.
+        trainable = {key for key in (states[0] if states else {}) if kind_of(key, self.modules)[1] not in frozen}
+
+        def stacked(t: Tensor, key: str | None = None) -> Tensor:
+            value = t.detach().expand(num, *t.shape).clone()
+            return value if key is None else nn.Parameter(value, requires_grad=key in trainable)
 
         with torch.no_grad():
             self.mole = {
-                name: {k: stacked(getattr(m, k)) for k in MOLE_KINDS if getattr(m, k) is not None}
+                name: {k: stacked(getattr(m, k), f"{name}.{k}") for k in MOLE_KINDS if getattr(m, k) is not None}
                 for name, m in self.modules.items()
             }
             self.active = {name: stacked(m.active_experts) for name, m in self.modules.items()}
             self.extra = {
-                e: {k: stacked(p) for k, p in model.get_submodule(e).named_parameters()}
+                e: {k: stacked(p, f"{e}.{k}") for k, p in model.get_submodule(e).named_parameters()}
                 for e in getattr(model, "fedamole_extra_trainable", [])
             }
-        self.extra_by_key = {f"{e}.{k}": t for e, ps in self.extra.items() for k, t in ps.items()}
-        for s, state in enumerate(states):
-            load_into(self.client(s), state)
-        # Trained: what the states name, unless its kind is frozen.
-        trainable = {key for key in (states[0] if states else {}) if kind_of(key, self.modules)[1] not in frozen}
-        self.mole = {
-            mod: {k: nn.Parameter(t, requires_grad=f"{mod}.{k}" in trainable) for k, t in kinds.items()}
-            for mod, kinds in self.mole.items()
-        }
-        self.extra = {
-            e: {k: nn.Parameter(t, requires_grad=f"{e}.{k}" in trainable) for k, t in ps.items()}
-            for e, ps in self.extra.items()
-        }
-        self.extra_by_key = {f"{e}.{k}": t for e, ps in self.extra.items() for k, t in ps.items()}
-
-    def client(self, client: int) -> AdapterTensors:
-        """Client ``client``'s tensors, as `fedamole.fl.adapter_tensors` reads and writes them."""
-        return _ClientSlice(self, client)
-
-    def trainable(self) -> list[nn.Parameter]:
-        """The Parameters the cohort trains, in a fixed order."""
-        out = [p for kinds in self.mole.values() for p in kinds.values() if p.requires_grad]
-        return out + [p for ps in self.extra.values() for p in ps.values() if p.requires_grad]
-
-    def weights(self) -> dict[str, ClientWeights]:
-        return {
+            self.extra_by_key = {f"{e}.{k}": t for e, ps in self.extra.items() for k, t in ps.items()}
+            for s, state in enumerate(states):
+                load_into(self.client(s), state)
+        # What `use_segments` reads, built once: the Parameters above, updated in place by the optimiser.
+        self._weights = {
             mod: ClientWeights(
                 kinds["lora_a"],
                 kinds["lora_b"],
@@ -98,8 +81,20 @@ class ClientStack:
             for mod, kinds in self.mole.items()
         }
 
+    def client(self, client: int) -> AdapterTensors:
+        """Client ``client``'s tensors, as `fedamole.fl.adapter_tensors` reads and writes them."""
+        return _ClientSlice(self, client)
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The Parameters the cohort trains, in a fixed order."""
+        out = [p for kinds in self.mole.values() for p in kinds.values() if p.requires_grad]
+        return out + [p for ps in self.extra.values() for p in ps.values() if p.requires_grad]
+
+    def weights(self) -> dict[str, ClientWeights]:
+        return self._weights
+
     def extra_params(self) -> dict[str, dict[str, Tensor]]:
-        return {e: dict(ps) for e, ps in self.extra.items()}
+        return self.extra
 
     def state(self, client: int, keys: Sequence[str], like: dict[str, Tensor]) -> dict[str, Tensor]:
         """Client ``client``'s tensors named by ``keys`` as CPU copies, slot tensors cut to their size in ``like``

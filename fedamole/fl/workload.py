@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from fedamole.data.prompts import prompt_ids
 from fedamole.data.scenarios import Example
 from fedamole.metrics import ROUGE_IMPLEMENTATIONS, accuracy_from_losses, rouge_l
-from fedamole.packing import attention_bias, pack_rows
+from fedamole.packing import attention_bias, pack_rows, sequence_sums
 from fedamole.routing import record_routing
 from fedamole.segments import SegmentPlan
 
@@ -277,10 +277,7 @@ class CausalLMWorkload(_Base):
         losses, valid = self._token_losses(batch)
         if "sequence_ids" not in batch:
             return (losses * valid).sum(1), valid.sum(1)
-        seq = batch["sequence_ids"][:, 1:].reshape(-1).clamp(min=0)  # the sequence of each predicted label
-        num = int(batch["sequence_ids"].max()) + 1
-        sums = losses.new_zeros(num).index_add_(0, seq, (losses * valid).reshape(-1))
-        return sums, losses.new_zeros(num).index_add_(0, seq, valid.reshape(-1).to(losses.dtype))
+        return sequence_sums(losses, valid, batch["sequence_ids"][:, 1:])  # [:, 1:]: the sequence of each label
 
     def sequence_scores(self, batch: dict) -> Tensor:
         """Mean response-token loss of every sequence [sequences] (what the packing probe compares)."""
@@ -377,13 +374,7 @@ class MeanPoolClassifier(nn.Module):
         if sequence_ids is None:
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
             return self.classifier((hidden * m).sum(1) / m.sum(1).clamp(min=1))
-        seq = sequence_ids.reshape(-1)
-        real = seq >= 0
-        num = int(seq.max()) + 1
-        sums = hidden.new_zeros(num, hidden.shape[-1]).index_add_(
-            0, seq[real], hidden.reshape(-1, hidden.shape[-1])[real]
-        )
-        counts = hidden.new_zeros(num).index_add_(0, seq[real], hidden.new_ones(int(real.sum())))
+        sums, counts = sequence_sums(hidden, sequence_ids >= 0, sequence_ids)
         return self.classifier(sums / counts.clamp(min=1)[:, None])
 
 
