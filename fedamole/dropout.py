@@ -1,4 +1,4 @@
-"""`FastDropout`: an `nn.Dropout` whose CPU mask is ~8x cheaper (`fedamole_kernels.dropout`), and a helper that
+"""`FastDropout`: an `nn.Dropout` whose CPU mask is 7.7x cheaper (`fedamole_kernels.dropout`), and a helper that
 puts it in place of a model's dropout modules.
 
     n = use_fast_dropout(model)      # every nn.Dropout of the model (same p), in place; returns how many
@@ -65,7 +65,8 @@ ATTENTION_NAME = "fedamole_sdpa"  # transformers attention implementation: sdpa,
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' sdpa attention, except in training with dropout on CPU: softmax(q k^T * scale + mask) V with
     the probabilities dropped by `fedamole_kernels.dropout.dropout` (sdpa's math path, which training with dropout
-    takes on CPU anyway, spends 9.3 ms per MiniLM layer and step in `bernoulli_` for its [rows, 12, 48, 48] draw)."""
+    takes on CPU anyway, spends 8.0 ms per MiniLM layer and step in `bernoulli_` for its [46, 12, 48, 48] mask where
+    this draw takes 1.0 ms: `benchmarks/bench_dropout.py`)."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     plain = dropout == 0.0 or not module.training or query.device.type != "cpu"

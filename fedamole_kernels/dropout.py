@@ -1,15 +1,17 @@
-"""Dropout with a cheap mask on CPU: the same op as `torch.nn.functional.dropout`, its random draws ~8x faster.
+"""Dropout with a cheap mask on CPU: the same op as `torch.nn.functional.dropout`, its random draws 7.7x faster.
 
     keep = keep_mask(x.shape, p)                  # bool, P(keep) = 1 - p_eff with |p_eff - p| <= 2**-17
     out = x * keep * (1 / (1 - p_eff))            # = dropout(x, p, training=True)
 
 Why: on CPU, `torch.nn.functional.dropout` draws one Bernoulli per element with torch's Mersenne Twister
-(`aten::bernoulli_`): 8.8 ms for a [2200, 384] fp32 tensor on a 2-core AMD EPYC, 17 % of a MiniLM training step of
-the simulation's cohort engine (31 dropout calls per step), more than the frozen backbone's forward matmuls take per
-call. Here 16 random bits per element come from numpy's PCG64 (``random_raw``: four elements per 64-bit draw) and
-one comparison: 1.1 ms for the same tensor. The keep probability is realised to 2**-16 (p = 0.1 gives
-p_eff = 6554 / 65536 = 0.100006), as FlashAttention realises it to 2**-8; the scale uses p_eff, so the expectation
-of the output is exactly x.
+(`aten::bernoulli_`): 5.1 ms for the mask of a [2200, 384] fp32 tensor on a 2-core AMD EPYC, and 17.6 % of the
+simulation's MiniLM cohort training steps (31 dropout calls per step; `benchmarks/profile_cohort_step.py`, results
+`profile-cohort-step-2026-12-07*.txt`). Here 16 random bits per element come from numpy's PCG64 (``random_raw``:
+four elements per 64-bit draw) and one comparison: 0.67 ms for the same mask; the whole dropout is 3.6x faster
+forward and 2.1x forward+backward (`benchmarks/bench_dropout.py`, `dropout-2026-12-07.json`, load 0.5).
+
+The keep probability is realised to 2**-16 (p = 0.1 gives p_eff = 6554 / 65536 = 0.100006), as FlashAttention
+realises it to 2**-8; the scale uses p_eff, so the expectation of the output is exactly x.
 
 Each call draws its 64-bit seed from torch's default CPU generator, so `torch.manual_seed` makes the masks
 reproducible (and a checkpointed RNG state resumes them). Elsewhere (CUDA, where torch's Philox dropout is fast;
@@ -80,9 +82,9 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
 
 
 class _ScaleByMask(torch.autograd.Function):
-    """x * keep * scale, saving only the bool mask (a byte per element, as torch's dropout): [2200, 384] fp32 takes
-    1.7 ms forward+backward on 2 cores, where x * (keep.to(x.dtype) * scale) takes 1.25 ms but saves 4 bytes per
-    element (58 MB more per 2,000-token MiniLM cohort step, 25 dropout sites)."""
+    """x * keep * scale, saving only the bool mask (a byte per element, as torch's dropout): the plain product
+    x * (keep.to(x.dtype) * scale) is a little faster but saves 4 bytes per element (at 25 dropout sites of a
+    2,000-token MiniLM cohort step, [2000, 384] each: 58 MB more)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:
