@@ -67,7 +67,7 @@ def main() -> int:
     seeds = [client_seed(cfg.seed, 1, c) for c in range(args.clients)]
 
     def steps() -> float:
-        stack = ClientStack(workload.model, [{**t.private, **t.down} for t in tasks], set(tasks[0].frozen))
+        stack = ClientStack(workload.model, [t.state for t in tasks], set(tasks[0].frozen))
         start = time.perf_counter()
         _train(workload, stack, tasks, datas, seeds)
         return time.perf_counter() - start

@@ -22,7 +22,7 @@ from fedamole.adapter_state import EXTRA_KIND, kind_of
 from fedamole.data.scenarios import ClientData
 from fedamole.fl.adapter_tensors import ModelTensors, extract_from, load_into, poison
 from fedamole.fl.dp import dp_noise, privatize_stats
-from fedamole.fl.protocol import ClientResult, ClientTask, EmbeddingStats
+from fedamole.fl.protocol import OPTIMIZERS, ClientResult, ClientTask, EmbeddingStats
 
 
 class SimulatedClientCrash(RuntimeError):
@@ -47,7 +47,7 @@ ADAMW_WEIGHT_DECAY = 0.01  # PyTorch's AdamW default, which FDLoRA's authors kep
 
 def optimizer_weight_decay(optimizer: str) -> float:
     """Local optimiser of a task -> its decoupled weight decay: "adam" 0 (Adam), "adamw" 0.01 (AdamW)."""
-    if optimizer not in ("adam", "adamw"):
+    if optimizer not in OPTIMIZERS:
         raise ValueError(f"ClientTask.optimizer must be 'adam' or 'adamw', got {optimizer!r}")
     return ADAMW_WEIGHT_DECAY if optimizer == "adamw" else 0.0
 
@@ -153,7 +153,7 @@ def client_update(
     if task.fault == "dropout":
         return ClientResult.dropped()
     model = workload.model
-    state = {**task.private, **task.down}
+    state = task.state
     load_state(model, state)
     torch.manual_seed(seed)
     steps = int(task.steps or 0)

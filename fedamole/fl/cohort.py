@@ -45,10 +45,6 @@ from fedamole.segments import SegmentPlan, use_segments
 __all__ = ["CohortEngine", "run_cohort"]
 
 
-def _state(task: ClientTask) -> dict:
-    return {**task.private, **task.down}
-
-
 def _finishes_alone(task: ClientTask) -> bool:
     """FDLoRA's fusion and DP noise work on the client alone in the model (per-example forwards, a search)."""
     return task.fusion is not None or (task.stats and task.dp_eta is not None)
@@ -113,7 +109,7 @@ def run_cohort(
 
     All payloads must share state keys, frozen kinds, batch size, max_grad_norm and optimiser."""
     model = workload.model
-    states = [_state(p) for p in payloads]
+    states = [p.state for p in payloads]
     frozen = set(payloads[0].frozen)
     stack = ClientStack(model, states, frozen)
     losses, crashed = _train(workload, stack, payloads, datas, seeds)
@@ -154,7 +150,7 @@ def run_cohort(
 def _shape(task: ClientTask) -> tuple:
     """Clients whose tasks have the same shape can share a cohort."""
     return (
-        tuple(sorted(_state(task))),
+        tuple(sorted(task.state)),
         tuple(sorted(task.frozen)),
         int(task.batch_size or 1),
         task.max_grad_norm or None,

@@ -17,7 +17,7 @@ from torch import Tensor
 
 import fedamole
 from fedamole.adapter_state import MOLE_KINDS, slot_kinds, state_key
-from fedamole.config import MoLEConfig
+from fedamole.config import ROUTERS, MoLEConfig
 from fedamole.fl.aggregation import expert_mean, mean_tensors, random_scores
 from fedamole.fl.algorithm import Algorithm, extra_state
 from fedamole.fl.protocol import DP_MECHANISMS, ClientResult, ClientTask
@@ -62,7 +62,7 @@ class FedAMoLE(Algorithm):
     ) -> None:
         if assignment not in ASSIGNMENTS:
             raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
-        if router not in ("embedding", "linear"):
+        if router not in ROUTERS:
             raise ValueError(f"router must be 'embedding' or 'linear', got {router!r}")
         if dp_eta is not None and (not math.isfinite(dp_eta) or dp_eta <= 0):
             raise ValueError(f"dp_eta must be None or a finite number > 0, got {dp_eta!r}")

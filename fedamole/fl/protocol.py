@@ -148,11 +148,16 @@ class ClientTask:
     fault: str | None = None
     router: str = "embedding"
 
+    @property
+    def state(self) -> dict[str, Tensor]:
+        """The client's whole starting state: what it kept (``private``) overlaid by what the server sent."""
+        return {**self.private, **self.down}
+
     def __post_init__(self) -> None:
         _check_state("down", self.down)
         _check_state("private", self.private)
         _check_expert_ids(self.expert_ids)
-        known = {**self.private, **self.down}
+        known = self.state
         upload = tuple(self.down) if self.upload is None else _keys("upload", self.upload, known)
         object.__setattr__(self, "upload", upload)
         object.__setattr__(self, "keep", _keys("keep", self.keep, known))

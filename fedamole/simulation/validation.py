@@ -134,7 +134,7 @@ def _check_ids(claimed, assigned) -> list[str]:
 
 def _stat_shapes(payload: ClientTask) -> dict[str, tuple[tuple, tuple | None]]:
     """Per module sent, the expected (shape of t, shape of e or None) of its embedding statistics."""
-    down = {**payload.private, **payload.down}
+    down = payload.state
     linear = payload.router == "linear"
     out = {}
     for module, ids in (payload.expert_ids or {}).items():
@@ -209,7 +209,7 @@ def _problems(upload, payload: ClientTask, max_norm: float | None) -> list[str]:
         return problems
     if upload.status != OK:
         return [f"upload has status {upload.status!r}, not {OK!r}"]
-    templates = {**payload.private, **payload.down}
+    templates = payload.state
     problems += _check_state("up", upload.up, payload.upload, templates, max_norm)
     problems += _check_state("private", upload.private, payload.keep, templates, max_norm)
     problems += _check_ids(upload.expert_ids, payload.expert_ids)
@@ -249,7 +249,7 @@ def check_round(
     live = [c for c, u in enumerate(uploads) if u is not None]
     changes: dict[str, dict[int, float]] = {}
     for c in live:
-        templates = {**payloads[c].private, **payloads[c].down}
+        templates = payloads[c].state
         for key, value in uploads[c].up.items():
             base = templates.get(key)
             changes.setdefault(key, {})[c] = _rms(value if base is None else value.float() - base.float())
