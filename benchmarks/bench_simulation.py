@@ -54,6 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sim_flops  # noqa: E402
+from implementations import load_average  # noqa: E402
 from sim_report import plot, targets, write_csv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,28 +138,25 @@ def _git() -> dict:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
-def _load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
-
-
 def settle(max_load: float, timeout: float) -> list[float]:
     """Wait up to ``timeout`` seconds for the 1-minute load average to fall to ``max_load``; returns the loads."""
     deadline = time.monotonic() + timeout
     while os.getloadavg()[0] > max_load and time.monotonic() < deadline:
         time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
-    return _load()
+    return load_average()
 
 
 def run_simulate(w: Workload, engine: str, seed: int, work: Path, extra: dict | None = None) -> dict:
     """One `fedamole simulate` subprocess: wall time, its peak RSS and the summary's figures."""
     run = Path(tempfile.mkdtemp(prefix=f"{w.preset}-{w.clients}-{engine}-", dir=work))  # simulate refuses old --out
     cfg, out = run / "config.yaml", run / "out"
-    cfg.write_text(json.dumps({**w.overrides(), **(extra or {})}) + "\n")  # JSON is YAML
+    config_yaml = json.dumps({**w.overrides(), **(extra or {})})  # JSON is YAML
+    cfg.write_text(config_yaml + "\n")
     args = ["simulate", "--config", str(cfg), "--preset", w.preset, "--clients", str(w.clients)]
     args += ["--rounds", str(w.rounds), "--engine", engine, "--seed", str(seed), "--no-progress", "--out", str(out)]
     if w.local_steps is not None:
         args += ["--local-steps", str(w.local_steps)]
-    load_before = _load()
+    load_before = load_average()
     t0 = time.perf_counter()
     with open(run / "output.txt", "w+") as log:  # a file, not a pipe: nothing reads a pipe while we wait
         proc = subprocess.Popen([*_command(), *args], stdout=log, stderr=subprocess.STDOUT)
@@ -178,15 +176,15 @@ def run_simulate(w: Workload, engine: str, seed: int, work: Path, extra: dict | 
         if key in summary:
             row[key] = summary[key]
     row.update(peak_rss_mib=round(usage.ru_maxrss / 1024, 1), final_mean=summary.get("final_mean"))
-    row.update(load_before=load_before, load_after=_load(), command="fedamole " + " ".join(args))
-    row["config_yaml"] = cfg.read_text().strip()
+    row.update(load_before=load_before, load_after=load_average(), command="fedamole " + " ".join(args))
+    row["config_yaml"] = config_yaml
     return row
 
 
 def with_flops(row: dict, flops: sim_flops.RoundFlops, peak: float, threads: int, initial: bool) -> dict:
     """``row`` plus its round's real-token FLOPs, achieved FLOP/s, fraction of ``peak`` and distance to its floor."""
     achieved = flops.total / row["round_s"]
-    command = row["rounds"] * flops.total + (flops.initial_evaluation if initial else 0.0)
+    command = row["rounds"] * flops.total + (flops.evaluation if initial else 0.0)  # the initial round evaluates
     row.update(threads=threads, round_gflop=round(flops.total / 1e9, 3))
     row.update(round_gflop_training=round(flops.training / 1e9, 3), round_gflop_eval=round(flops.evaluation / 1e9, 3))
     row.update(round_gflop_stats=round(flops.statistics / 1e9, 3), active_experts=round(flops.active_experts, 3))
@@ -277,7 +275,10 @@ def _flops_and_threads(workloads: list[Workload]) -> tuple[dict, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
     workloads = _workloads(args)
     device, date = _device(), datetime.date.today().isoformat()
     full = not (args.workloads or args.clients or args.quick)
@@ -285,8 +286,6 @@ def main(argv: list[str] | None = None) -> int:
     flops, threads = _flops_and_threads(workloads)
     peaks = {t: sim_flops.matmul_peak(t) for t in sorted(set(threads.values()))}
     print(json.dumps({"matmul_peak_gflops": {t: round(p / 1e9, 2) for t, p in peaks.items()}}), flush=True)
-    if args.repeat < 1:
-        raise SystemExit(f"--repeat must be >= 1, got {args.repeat}")
     runs, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for w in workloads:

@@ -303,10 +303,6 @@ class RoundFlops:
     def total(self) -> float:
         return self.training + self.evaluation + self.statistics
 
-    @property
-    def initial_evaluation(self) -> float:
-        return self.evaluation
-
 
 def mean_active_experts(cfg, algo) -> float:
     """Mean experts a client holds: each of the N_e pool experts goes to exactly k_c clients (SPEC §3)."""
