@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 import fedamole
-from fedamole.adapter_state import MOLE_KINDS, is_slot_kind, kind_of, slot_kinds, split_key
+from fedamole.adapter_state import EXTRA_KIND, is_slot_kind, kind_of, slot_kinds, split_key
 
 __all__ = ["AdapterTensors", "ModelTensors", "load_into", "extract_from", "poison"]
 
@@ -39,8 +39,8 @@ class AdapterTensors:
 
     def locate(self, key: str) -> tuple[Tensor, bool]:
         """(the tensor behind ``key``, whether it is a slot tensor); ValueError for a key that names nothing."""
-        module, kind = split_key(key)
-        if module in self.modules and kind in MOLE_KINDS:
+        module, kind = kind_of(key, self.modules)
+        if kind != EXTRA_KIND:
             return self.mole(module, kind), is_slot_kind(kind, self.modules[module].config.router)
         tensor = self.extra(key)
         if tensor is None:

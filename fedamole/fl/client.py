@@ -20,7 +20,7 @@ from torch import Tensor
 import fedamole
 from fedamole.adapter_state import EXTRA_KIND, kind_of
 from fedamole.data.scenarios import ClientData
-from fedamole.fl.adapter_tensors import ModelTensors, extract_from, load_into, poison
+from fedamole.fl.adapter_tensors import AdapterTensors, ModelTensors, extract_from, load_into, poison
 from fedamole.fl.dp import dp_noise, privatize_stats
 from fedamole.fl.protocol import OPTIMIZERS, ClientResult, ClientTask, EmbeddingStats
 
@@ -230,9 +230,24 @@ def finish_client(
         stats = embedding_stats(workload, data.embed or data.train)
         if task.dp_eta is not None:
             stats = privatize_stats(workload, stats, data.embed or data.train, task.dp_mechanism, task.dp_eta, seed + 1)
+    return client_result(task, data, ModelTensors(model), state, metric, stats, train_loss, fusion_weights)
+
+
+def client_result(
+    task: ClientTask,
+    data: ClientData,
+    tensors: AdapterTensors,
+    state: dict[str, Tensor],
+    metric: float | None,
+    stats: EmbeddingStats | None,
+    train_loss: float,
+    fusion_weights: list[float] | None = None,
+) -> ClientResult:
+    """A trained client's result: its upload and private state cut from ``tensors`` (the model, or its slice of a
+    cohort's stack) as ``state`` shapes them, with the metric, statistics and training loss given."""
     return ClientResult(
-        up=extract_state(model, task.upload, state),
-        private=extract_state(model, task.keep, state),
+        up=extract_from(tensors, task.upload, state),
+        private=extract_from(tensors, task.keep, state),
         metric=metric,
         stats=stats,
         train_loss=train_loss,

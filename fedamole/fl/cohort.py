@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedamole.fl.client import finish_client, load_state, optimizer_weight_decay
+from fedamole.fl.client import client_result, finish_client, load_state, optimizer_weight_decay
 from fedamole.fl.cohort_eval import cohort_stats, evaluate_cohort
 from fedamole.fl.cohort_sizing import CohortSizer
 from fedamole.fl.cohort_stack import ClientStack
@@ -133,17 +133,10 @@ def run_cohort(
             torch.manual_seed(seeds[s])
             out.append(finish_client(workload, payload, datas[s], states[s], seeds[s], train_losses[s], kind, choices))
         else:
-            out.append(
-                ClientResult(
-                    up=stack.state(s, payload.upload, states[s]),
-                    private=stack.state(s, payload.keep, states[s]),
-                    metric=metrics.get(s),
-                    stats=stats.get(s),
-                    train_loss=train_losses[s],
-                    num_train=len(datas[s].train),
-                    expert_ids={k: np.asarray(v).copy() for k, v in (payload.expert_ids or {}).items()} or None,
-                )
+            result = client_result(
+                payload, datas[s], stack.client(s), states[s], metrics.get(s), stats.get(s), train_losses[s]
             )
+            out.append(result)
     return out
 
 
