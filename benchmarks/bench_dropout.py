@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_layer_overhead import commit, interleaved_medians  # noqa: E402
+from bench_common import commit  # noqa: E402
+from bench_layer_overhead import interleaved_medians  # noqa: E402
 from implementations import load_average  # noqa: E402
 
 from fedamole_kernels.dropout import dropout, keep_mask  # noqa: E402
@@ -64,7 +65,7 @@ def main() -> int:
             rows.append({"shape": list(shape), "case": f"speed-up {what}", "ratio": round(ratio, 2)})
     result = {
         "date": started.isoformat(timespec="seconds"),
-        "commit": commit(),
+        "commit": commit(Path(__file__).resolve().parents[1]),
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": args.threads,

@@ -35,7 +35,6 @@ import datetime as dt
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_common import commit  # noqa: E402
 from implementations import IMPLEMENTATIONS, Built, Shapes, load_average  # noqa: E402
 
 from fedamole_kernels.backends import available_backends, get_backend  # noqa: E402
@@ -54,21 +54,6 @@ from fedamole_kernels.problem import MoLEProblem  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("fwd-nograd", "fwd", "fwd+bwd")
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal")
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 IMPLEMENTATION = {"linear": "base", "peft": "peft", "mole": "mole", "mole-ref": "mole-ref"}  # provider -> table
@@ -277,7 +262,7 @@ def write_results(args, started, load_before, repeat, rows, overhead, counts) ->
     meta = {
         "date": started.isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "commit": commit(),
+        "commit": commit(ROOT),
         "threads": torch.get_num_threads(),
         "load_average_before": load_before,
         "load_average_after": load_average(),

@@ -47,6 +47,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import commit, load_average  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MARKER = "BENCH_STARTUP_JSON "
@@ -174,12 +178,6 @@ SIMULATE_ARGS = {
 }
 
 
-def load_average() -> list[float]:
-    """The 1/5/15-minute load averages, as `uptime` shows them."""
-    path = Path("/proc/loadavg")
-    return [float(v) for v in path.read_text().split()[:3]] if path.exists() else []
-
-
 def wait_for_load(limit: float, max_wait: float) -> list[float]:
     """Sleeps (up to `max_wait` seconds) until the 1-minute load average is below `limit`; returns the last one."""
     deadline = time.monotonic() + max_wait
@@ -188,15 +186,6 @@ def wait_for_load(limit: float, max_wait: float) -> list[float]:
         time.sleep(5)
         load = load_average()
     return load
-
-
-def commit(repo: Path) -> str:
-    try:
-        run = lambda *cmd: subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = run("git", "status", "--porcelain", "--untracked-files=no")
-        return run("git", "rev-parse", "HEAD") + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run_child(code: str, argv: list[str], repo: Path, env: dict, timeout: float) -> dict:

@@ -24,9 +24,9 @@ import collections
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+from bench_common import load_average  # noqa: F401 - re-exported: the benchmarks import it from here
 from torch import nn
 
 from fedamole_kernels import available_backends, mole_lora
@@ -295,10 +295,3 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         Implementation("authors_loop", _ALWAYS, build_authors_loop),
     )
 }
-
-
-def load_average() -> list[float]:
-    """The 1/5/15-minute load averages (`uptime`), recorded with every timing: figures taken above ~1.5 on these
-    shared 2-core machines can be off by 2x and are not published."""
-    path = Path("/proc/loadavg")
-    return [float(v) for v in path.read_text().split()[:3]] if path.exists() else []
